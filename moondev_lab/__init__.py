@@ -1,0 +1,53 @@
+"""moondev_lab: a Jupyter-centric research and backtest workbench.
+
+>>> import moondev_lab as ml
+>>> pool = ml.DataPool()                       # doctest: +SKIP
+>>> df = pool.get("BTC/USD", "15m")            # zero-copy, memory-mapped  # doctest: +SKIP
+
+In a notebook, ``%load_ext moondev_lab`` adds ``%memwatch`` and friends.
+
+Public names are imported lazily so that ``import moondev_lab`` stays cheap
+(sandbox workers and the CLI import it on every start).
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # data layer
+    "DataPool": "moondev_lab.data",
+    "Store": "moondev_lab.data",
+    "DataValidationError": "moondev_lab.data",
+    "default_pool": "moondev_lab.data",
+    # models
+    "ModelFactory": "moondev_lab.models",
+    "OfflineModel": "moondev_lab.models",
+    # sandbox
+    "SandboxPool": "moondev_lab.sandbox",
+    # RBI loop
+    "run_rbi": "moondev_lab.rbi",
+    "Ledger": "moondev_lab.ledger",
+}
+
+__all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moondev_lab' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext moondev_lab``: register the memory magics."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)
