@@ -1,0 +1,39 @@
+"""Shared fixtures: every test gets its own MOONDEV_LAB_HOME, and nothing reaches the internet."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BTC_CSV = SHARED_DATA / "BTC-USD-15m.csv" if (SHARED_DATA / "BTC-USD-15m.csv").exists() else REPO / "data" / "BTC-USD-15m.csv"
+IDEAS_CSV = SHARED_DATA / "strategy_ideas.csv"
+
+
+@pytest.fixture(autouse=True)
+def lab_home(tmp_path_factory, monkeypatch) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    home.chmod(0o755)  # sandbox workers may run as an unprivileged uid
+    monkeypatch.setenv("MOONDEV_LAB_HOME", str(home))
+    for var in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_internet():
+    """Fail loudly if anything tries to connect beyond the loopback."""
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+            raise OSError(f"test tried to reach {address!r}: tests must stay on 127.0.0.1")
+        return real(self, address)
+
+    socket.socket.connect = guarded
+    yield
+    socket.socket.connect = real
