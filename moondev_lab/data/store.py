@@ -135,14 +135,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator:
+    """Write to a per-writer temp file; on success fsync it, rename it over ``path``, fsync the dir.
+
+    A writer killed at any point leaves either the old ``path`` or the new
+    one, plus at worst a temp file that the next writer removes.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o644)  # readable by sandbox workers running as another uid
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -350,7 +356,8 @@ class Store:
 
     def _commit(self, d: Path, man: Manifest) -> Manifest:
         man = Manifest(**{**asdict(man), "updated": pd.Timestamp.now(tz="UTC").isoformat()})
-        _atomic_write_bytes(d / "manifest.json", json.dumps(asdict(man), indent=1).encode())
+        with _atomic_file(d / "manifest.json") as f:
+            f.write(json.dumps(asdict(man), indent=1).encode())
         return man
 
     def _write_full(self, d: Path, source: str, symbol: str, timeframe: str,
@@ -364,19 +371,8 @@ class Store:
             arrays.append(pa.array(padded, type=typ))
         batch = pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
         final = d / f"data-{generation:06d}.arrow"
-        tmp = d / f".{final.name}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                with pa.ipc.new_file(f, SCHEMA) as writer:
-                    writer.write_batch(batch)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        _fsync_dir(d)
+        with _atomic_file(final) as f, pa.ipc.new_file(f, SCHEMA) as writer:
+            writer.write_batch(batch)
         checksum = {name: zlib.crc32(np.ascontiguousarray(cols[name]).data) for name in _ALL}
         man = self._commit(d, Manifest(source, symbol, timeframe, final.name, n, capacity,
                                        int(cols["ts"][0]), int(cols["ts"][-1]), checksum, generation))

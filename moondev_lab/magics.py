@@ -1,0 +1,208 @@
+"""IPython magics for memory: ``%load_ext moondev_lab``.
+
+* ``%memwatch on|off|report|status`` -- per-cell ledger (exact peak RSS,
+  GC, grown variables); ``--limit 4GB [--interrupt]`` soft budget,
+  ``--autotrace``, ``--widget`` live panel, ``-o`` returns the result.
+* ``%%memwatch [--trace]`` -- profile one cell; ``--trace`` adds
+  tracemalloc's top allocation sites.
+* ``%%leakcheck -n 5`` -- run the cell N times and fit the growth.
+* ``%gcstats``, ``%objcount [N]``, ``%datapool``.
+
+Magics never rewrite the cell source: the ledger uses pre/post-run events,
+and cell magics hand the cell text to IPython unchanged.
+
+Example session::
+
+    %load_ext moondev_lab
+    %memwatch on --limit 8GB --interrupt
+    df = pool.get("BTC/USD", "15m")      # -> [memwatch 3] Δrss +1.2 MiB · peak +3.4 MiB ...
+    %memwatch report
+"""
+from __future__ import annotations
+
+from IPython.core.magic import Magics, line_cell_magic, line_magic, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display, publish_display_data
+
+from .memory import (LEDGER_MIME, MemWatch, dashboard, diff_object_counts, format_bytes, gc_stats,
+                     leak_check, object_counts, parse_size)
+
+_OUTPUT = argument("-o", "--output", action="store_true", dest="output",
+                   help="return the result object (as %%timeit -o does)")
+
+
+@magics_class
+class MemoryMagics(Magics):
+    """The memory magics; one instance per shell holds the :class:`MemWatch`."""
+
+    def __init__(self, shell) -> None:
+        super().__init__(shell)
+        self.watch = MemWatch(shell)
+        self.dashboard = None
+        self._last_counts = None
+
+    # ------------------------------------------------------------ %memwatch
+    @magic_arguments()
+    @argument("action", nargs="?", default=None, choices=["on", "off", "report", "status"],
+              help="on: start the per-cell ledger; off: stop; report: ledger table and timeline")
+    @argument("--limit", default=None, help="soft RSS budget such as 4GB or 500MiB ('off' removes it)")
+    @argument("--interrupt", action="store_true", help="with --limit: interrupt a cell that crosses it")
+    @argument("--autotrace", action="store_true",
+              help="after a cell crosses a threshold, trace the next cell's allocations")
+    @argument("--no-actions", action="store_true", help="do not run pressure actions on alerts")
+    @argument("--widget", action="store_true", help="show the live memory panel")
+    @argument("--trace", action="store_true", help="(cell mode) add tracemalloc's top allocation sites")
+    @_OUTPUT
+    @line_cell_magic
+    def memwatch(self, line: str, cell: str | None = None):
+        """Exact per-cell memory: ledger, soft limit, one-cell profile."""
+        args = parse_argstring(self.memwatch, line)
+        w = self.watch
+        if cell is not None:
+            rec = w.profile_cell(cell, trace=args.trace)
+            publish_display_data(rec.mimebundle())
+            return rec if args.output else None
+
+        if args.action == "off":
+            w.off()
+            print(w.status())
+            return None
+        if args.action == "report":
+            df = w.ledger.to_frame()
+            if not args.output:
+                cols = ["execution_count", "kind", "delta_mib", "peak_above_start_mib", "end_mib", "wall_s",
+                        "gc_collections", "gc_pause_ms", "grown", "alerts", "limit_exceeded"]
+                display(df[[c for c in cols if c in df.columns]] if len(df) else df)
+            if len(df):
+                import matplotlib.pyplot as plt
+
+                ax = w.ledger.plot()
+                display(ax.figure)
+                plt.close(ax.figure)
+            return df if args.output else None
+
+        turned_on = args.action == "on" or args.limit is not None or args.autotrace
+        if args.limit is not None:
+            limit = None if args.limit.lower() in ("off", "none", "0") else parse_size(args.limit)
+            w.set_limit(limit, interrupt=args.interrupt)
+        elif args.interrupt and w.limit:
+            w.set_limit(w.limit, interrupt=True)
+        if args.autotrace:
+            w.autotrace = True
+        if args.no_actions:
+            w.actions = False
+        if turned_on:
+            w.on()
+        if args.widget:
+            if self.dashboard is not None:
+                self.dashboard.stop()
+            self.dashboard = dashboard()
+        if turned_on or args.action == "status" or not args.widget:
+            print(w.status())
+        return w if args.output else None
+
+    # ------------------------------------------------------------ %%leakcheck
+    @magic_arguments()
+    @argument("-n", type=int, default=5, help="how many times to run the cell (default 5)")
+    @argument("--warmup", type=int, default=1, help="runs excluded from the fit (default 1)")
+    @argument("--min", type=str, default="1KiB", help="growth per run that counts as a leak (default 1KiB)")
+    @_OUTPUT
+    @cell_magic
+    def leakcheck(self, line: str, cell: str):
+        """Run the cell N times; report heap growth per run, top lines and types."""
+        args = parse_argstring(self.leakcheck, line)
+        # Same path as a normal cell: IPython's transforms (for %magics inside)
+        # and its compiler cache, so tracemalloc can show the cell's source lines.
+        source = self.shell.transform_cell(cell)
+        filename = self.shell.compile.cache(source, self.shell.execution_count, raw_code=cell)
+        code = compile(source, filename, "exec")
+        ns = self.shell.user_ns
+        report = leak_check(lambda: exec(code, ns), n=args.n, warmup=args.warmup,
+                            min_growth=parse_size(args.min))
+        display(report)
+        return report if args.output else None
+
+    # ------------------------------------------------------------ stats
+    @magic_arguments()
+    @_OUTPUT
+    @line_magic
+    def gcstats(self, line: str):
+        """Garbage collector state, per-generation stats and timed pauses."""
+        args = parse_argstring(self.gcstats, line)
+        stats = gc_stats()
+        display(stats)
+        return stats if args.output else None
+
+    @magic_arguments()
+    @argument("top", nargs="?", type=int, default=20, help="how many types to show (default 20)")
+    @_OUTPUT
+    @line_magic
+    def objcount(self, line: str):
+        """Live gc-tracked objects by type, with the change since the last %objcount."""
+        import pandas as pd
+
+        args = parse_argstring(self.objcount, line)
+        counts = object_counts()
+        rows = [(name, c) for name, c in diff_object_counts({}, counts, top=args.top)]
+        change = dict(diff_object_counts(self._last_counts, counts, top=len(counts))) if self._last_counts else {}
+        self._last_counts = counts
+        df = pd.DataFrame({"type": [r[0] for r in rows], "count": [r[1] for r in rows],
+                           "change": [change.get(r[0], 0) for r in rows]})
+        print(f"{sum(counts.values()):,} gc-tracked objects in {len(counts):,} types")
+        if not args.output:
+            display(df)
+        return df if args.output else None
+
+    @magic_arguments()
+    @_OUTPUT
+    @line_magic
+    def datapool(self, line: str):
+        """Stats of the process-wide DataPool (entries, bytes, hits)."""
+        args = parse_argstring(self.datapool, line)
+        try:
+            from .data import default_pool
+        except ImportError as exc:
+            print(f"%datapool: the data layer is not available ({exc}).")
+            return None
+        stats = default_pool().stats()
+        display(stats)
+        return stats if args.output else None
+
+
+_loaded: dict[int, MemoryMagics] = {}
+
+
+def load_ipython_extension(ip) -> None:
+    """Register the magics on ``ip`` (``%load_ext moondev_lab``)."""
+    if id(ip) in _loaded:
+        return
+    magics = MemoryMagics(ip)
+    ip.register_magics(magics)
+    _loaded[id(ip)] = magics
+
+
+def unload_ipython_extension(ip) -> None:
+    """Stop the ledger, the watchdog and the panel; remove the magics."""
+    magics = _loaded.pop(id(ip), None)
+    if magics is None:
+        return
+    magics.watch.off()
+    if magics.dashboard is not None:
+        magics.dashboard.stop()
+    for kind, names in magics.magics.items():
+        for name in names:
+            ip.magics_manager.magics[kind].pop(name, None)
+
+
+def get_memwatch(ip=None) -> MemWatch | None:
+    """The :class:`MemWatch` of a shell that loaded the extension (for scripts)."""
+    if ip is None:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+    m = _loaded.get(id(ip))
+    return m.watch if m else None
+
+
+__all__ = ["MemoryMagics", "load_ipython_extension", "unload_ipython_extension", "get_memwatch",
+           "LEDGER_MIME", "format_bytes"]

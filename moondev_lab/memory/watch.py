@@ -1,0 +1,263 @@
+"""The engine behind ``%memwatch``: an always-on, near-free per-cell ledger.
+
+It hooks IPython's ``pre_run_cell``/``post_run_cell`` events, so the cell
+source is never touched. Before a cell: reset the kernel's peak RSS. After:
+read it, read the GC window, see which variables changed, compare to the
+monitor's thresholds, and publish one display output carrying both a
+readable line and the machine-readable record (see :mod:`.cell_ledger`).
+
+>>> from IPython.core.interactiveshell import InteractiveShell   # doctest: +SKIP
+>>> w = MemWatch(InteractiveShell.instance()).on()               # doctest: +SKIP
+>>> w.ledger.to_frame()                                          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+import tracemalloc
+
+from ._peak import PeakMeter, cgroup_memory, format_bytes
+from .cell_ledger import CellLedger, CellRecord
+from .gc_tools import gc_watcher
+from .leaks import VariableTracker, take_snapshot, top_allocations
+from .monitor import Monitor, cache_entries
+
+_clock = time.perf_counter
+
+
+class _Watchdog:
+    """Polls RSS while a cell runs; flags (and optionally interrupts) at the limit.
+
+    A cell that starts above the limit is stopped only if it grows by
+    another 10% of the limit, so the user can still free memory.
+    ``_thread.interrupt_main()`` raises ``KeyboardInterrupt`` in the main
+    thread at its next bytecode, exactly like the Jupyter stop button, so the
+    kernel survives. A cell stuck inside one long C call is interrupted when
+    that call returns.
+    """
+
+    def __init__(self, rss, limit: int, interrupt: bool, interval: float = 0.01) -> None:
+        self.rss, self.limit, self.interrupt, self.interval = rss, limit, interrupt, interval
+        self.fired = False
+        self.max_seen = 0
+        self.trigger = limit
+        self._armed = threading.Event()
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="moondev-memwatch-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._armed.wait(0.5)
+            if not self._armed.is_set() or self.fired:
+                continue
+            rss = self.rss()
+            if rss > self.max_seen:
+                self.max_seen = rss
+            if rss > self.trigger:
+                with self._lock:
+                    if self._armed.is_set() and not self.fired:
+                        self.fired = True
+                        if self.interrupt:
+                            _thread.interrupt_main()
+            time.sleep(self.interval)
+
+    def arm(self) -> None:
+        # A cell that starts above the limit (say, right after an interrupted
+        # one) may still run ``del x``: it is stopped only if it grows by
+        # another 10% of the limit.
+        start = self.rss()
+        self.trigger = self.limit if start < self.limit else start + self.limit // 10
+        self.fired, self.max_seen = False, 0
+        self._armed.set()
+
+    def disarm(self) -> bool:
+        with self._lock:
+            self._armed.clear()
+            return self.fired
+
+    def close(self) -> None:
+        self._stop = True
+        self._armed.clear()
+
+
+class MemWatch:
+    """Per-cell memory ledger for an IPython shell.
+
+    Options (attributes): ``limit`` (bytes, soft budget), ``interrupt``
+    (stop a cell that crosses ``limit``), ``autotrace`` (turn tracemalloc on
+    for the next cell after a threshold alert), ``actions`` (run the
+    monitor's pressure actions on memory alerts), ``publish`` (emit the
+    display output; the ledger is kept either way).
+    """
+
+    def __init__(self, shell, monitor: Monitor | None = None, method: str = "auto") -> None:
+        self.shell = shell
+        self.meter = PeakMeter(method)
+        self.gc = gc_watcher(install=False)
+        self.monitor = monitor or Monitor(watcher=self.gc)
+        self.ledger = CellLedger()
+        self.vars = VariableTracker()
+        self.limit: int | None = None
+        self.interrupt = False
+        self.autotrace = False
+        self.actions = True
+        self.publish = True
+        self.active = False
+        self._watchdog: _Watchdog | None = None
+        self._depth = 0
+        self._t0 = 0.0
+        self._cell_id = None
+        self._source: str | None = None
+        self._trace_next = False
+        self._tracing = False
+        self._cache_n, self._cache_t = 0, float("-inf")
+        limit = cgroup_memory().limit
+        self.cgroup_limit = limit
+
+    # ------------------------------------------------------------ switching
+    def on(self) -> "MemWatch":
+        if not self.active:
+            self.gc.install()
+            self.vars.update(self.shell.user_ns)  # baseline: don't report old variables
+            self.shell.events.register("pre_run_cell", self.pre_cell)
+            self.shell.events.register("post_run_cell", self.post_cell)
+            self.active = True
+        return self
+
+    def off(self) -> None:
+        if self.active:
+            for name, cb in (("pre_run_cell", self.pre_cell), ("post_run_cell", self.post_cell)):
+                try:
+                    self.shell.events.unregister(name, cb)
+                except ValueError:
+                    pass
+            self.gc.uninstall()
+            self.active = False
+        self.set_limit(None)
+        self._depth = 0
+
+    def set_limit(self, limit: int | None, interrupt: bool = False) -> None:
+        """Soft RSS budget in bytes (``None`` removes it)."""
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
+        self.limit, self.interrupt = limit, bool(interrupt and limit)
+        if limit:
+            self._watchdog = _Watchdog(self.meter.rss, limit, self.interrupt)
+
+    # ------------------------------------------------------------ events
+    def pre_cell(self, info=None) -> None:
+        self._depth += 1
+        if self._depth > 1:  # a nested run_cell (e.g. %%memwatch): the outer cell measures
+            return
+        self._cell_id = getattr(info, "cell_id", None)
+        self._source = getattr(info, "raw_cell", None)
+        self.gc.window()
+        if self._trace_next and not tracemalloc.is_tracing():
+            tracemalloc.start()
+            self._tracing = True
+        if self._watchdog is not None:
+            self._watchdog.arm()
+        self._t0 = _clock()
+        self.meter.start()
+
+    def post_cell(self, result=None) -> None:
+        if self._depth == 0:  # switched on inside this cell: nothing to close
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        wall = _clock() - self._t0
+        reading = self.meter.stop()
+        exceeded = self._watchdog.disarm() if self._watchdog is not None else False
+        gcw = self.gc.window()
+        grown = self.vars.update(self.shell.user_ns, source=self._source)
+        now = time.monotonic()
+        if now - self._cache_t > 1.0:  # cache sizes change slowly; the registry walk is not free
+            self._cache_n, self._cache_t = cache_entries(), now
+        metrics = {"rss": reading.peak_rss, "gc_per_minute": self.gc.full_per_minute(now),
+                   "gc_pause_ms": gcw["max_pause_ms"], "cache_entries": self._cache_n}
+        traced_peak, top_sites = None, []
+        if tracemalloc.is_tracing():
+            metrics["traced_heap"], traced_peak = tracemalloc.get_traced_memory()
+            if self._tracing:
+                top_sites = [str(g) for g in top_allocations(take_snapshot(), top=5)]
+                tracemalloc.stop()
+                self._tracing = False
+        _, alerts = self.monitor.evaluate(metrics)
+        actions = self.monitor.maybe_relieve(alerts) if (alerts and self.actions) else []
+        if self.limit and reading.peak_rss > self.limit:
+            exceeded = True
+        self._trace_next = self.autotrace and bool(alerts or exceeded)
+        rec = CellRecord(
+            execution_count=getattr(result, "execution_count", None), cell_id=self._cell_id,
+            start_rss=reading.start_rss, end_rss=reading.end_rss, peak_rss=reading.peak_rss,
+            exact=reading.exact, wall_s=wall, gc_collections=gcw["collections"],
+            gc_pause_ms=gcw["pause_ms"], gc_max_pause_ms=gcw["max_pause_ms"],
+            grown=[(g.name, g.delta) for g in grown], alerts=[a.text for a in alerts],
+            actions=[str(a) for a in actions], limit=self.limit, limit_exceeded=exceeded,
+            cgroup_limit=self.cgroup_limit, top_allocations=top_sites, traced_peak=traced_peak)
+        if self._trace_next:
+            rec.alerts.append("autotrace: tracemalloc is on for the next cell")
+        self.ledger.append(rec)
+        if self.publish:
+            self._publish(rec)
+
+    def _publish(self, rec: CellRecord) -> None:
+        from IPython.display import publish_display_data
+
+        publish_display_data(rec.mimebundle())
+
+    # ------------------------------------------------------------ one cell
+    def profile_cell(self, cell: str, trace: bool = False, top: int = 10) -> CellRecord:
+        """Run ``cell`` in the shell (source untouched) and measure it alone."""
+        started_tracing = trace and not tracemalloc.is_tracing()
+        if started_tracing:
+            tracemalloc.start()
+        if trace:
+            tracemalloc.reset_peak()
+        meter = PeakMeter()
+        gc0 = (list(self.gc.collections), self.gc.pause_ns)
+        installed = self.gc.installed
+        self.gc.install()
+        try:
+            t0 = _clock()
+            meter.start()
+            # The nested run_cell replaces the displayhook's result; keep the
+            # outer one so `%%memwatch -o` can still return its value.
+            outer = self.shell.displayhook.exec_result
+            try:
+                result = self.shell.run_cell(cell, store_history=False)
+            finally:
+                self.shell.displayhook.exec_result = outer
+            reading = meter.stop()
+            wall = _clock() - t0
+            traced_peak, sites = None, []
+            if trace:
+                traced_peak = tracemalloc.get_traced_memory()[1]
+                sites = [str(g) for g in top_allocations(take_snapshot(), top=top)]
+        finally:
+            meter.close()
+            if started_tracing:
+                tracemalloc.stop()
+            if not installed:
+                self.gc.uninstall()
+        cols = [a - b for a, b in zip(self.gc.collections, gc0[0])]
+        pause = (self.gc.pause_ns - gc0[1]) / 1e6
+        grown = self.vars.update(self.shell.user_ns, source=cell)
+        return CellRecord(
+            execution_count=getattr(result, "execution_count", None), cell_id=None,
+            start_rss=reading.start_rss, end_rss=reading.end_rss, peak_rss=reading.peak_rss,
+            exact=reading.exact, wall_s=wall, gc_collections=cols, gc_pause_ms=pause,
+            gc_max_pause_ms=0.0, grown=[(g.name, g.delta) for g in grown],
+            cgroup_limit=self.cgroup_limit, top_allocations=sites, traced_peak=traced_peak, kind="profile")
+
+    def status(self) -> str:
+        state = "on" if self.active else "off"
+        limit = (f", soft limit {format_bytes(self.limit)}" + (" (interrupts)" if self.interrupt else "")
+                 if self.limit else "")
+        method = "exact (clear_refs)" if self.meter.exact else "approximate (sampling)"
+        return f"memwatch {state}: {len(self.ledger)} cells recorded, peak {method}{limit}"

@@ -1,0 +1,298 @@
+"""The memory library: exact peaks, fallback, cgroups, monitor, leaks, GC, health."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import resource
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moondev_lab import _registry
+from moondev_lab.memory import (Monitor, PeakMeter, VariableTracker, cgroup_memory, deep_size,
+                                diff_object_counts, exact_peak_supported, format_bytes, gc_stats,
+                                gc_watcher, health_check, leak_check, object_counts, parse_size,
+                                snapshot_diff, take_snapshot)
+from moondev_lab.memory import _peak
+
+MIB = 2**20
+needs_exact = pytest.mark.skipif(not exact_peak_supported(), reason="/proc/self/clear_refs not writable here")
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOONDEV_LAB_HOME", str(tmp_path / "home"))
+    # RSS counts resident pages: heap memory freed by earlier tests but kept by
+    # glibc would be reused without raising RSS. Hand it back to the OS first.
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def _transient(mib: int, hold_s: float) -> None:
+    a = np.ones(mib * MIB // 8)  # np.ones touches every page: it is resident
+    time.sleep(hold_s)
+    del a
+
+
+# ------------------------------------------------------------ exact peaks
+@needs_exact
+def test_exact_peak_catches_a_27ms_transient_within_2_percent():
+    meter = PeakMeter()
+    errors = []
+    for _ in range(5):
+        meter.start()
+        _transient(100, 0.027)
+        r = meter.stop()
+        assert r.exact and r.method == "clear_refs"
+        errors.append(abs(r.peak_above_start - 100 * MIB) / (100 * MIB))
+        assert abs(r.delta) < 5 * MIB  # freed again
+    meter.close()
+    assert max(errors) < 0.02, errors
+
+
+@needs_exact
+def test_nested_meters_keep_the_outer_peak():
+    outer, inner = PeakMeter(), PeakMeter()
+    outer.start()
+    _transient(60, 0)
+    inner.start()  # resets the process-wide mark; the outer meter must not lose its 60 MiB
+    _transient(20, 0)
+    r_in, r_out = inner.stop(), outer.stop()
+    assert r_in.peak_above_start < 40 * MIB
+    assert r_out.peak_above_start > 58 * MIB
+
+
+@needs_exact
+def test_reset_also_resets_ru_maxrss_as_documented():
+    _transient(150, 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter = PeakMeter()
+    start = meter.start()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter.close()
+    assert before - after > 100 * MIB
+    assert after < start + 8 * MIB
+
+
+def test_forced_sampling_fallback_is_labelled_approximate():
+    meter = PeakMeter("sampling")
+    meter.start()
+    _transient(100, 0.25)  # long enough for a 2 ms sampler to see it
+    r = meter.stop()
+    meter.close()
+    assert r.exact is False and r.method == "sampling"
+    assert "approximate" in repr(r)
+    assert r.peak_above_start > 90 * MIB
+
+
+def test_auto_falls_back_when_clear_refs_is_unavailable(monkeypatch):
+    monkeypatch.setattr(_peak, "_CLEAR_REFS", "/nonexistent/clear_refs")
+    meter = PeakMeter()
+    assert meter.method == "sampling" and not meter.exact
+    with pytest.raises(OSError):
+        PeakMeter("clear_refs")
+    monkeypatch.setenv("MOONDEV_LAB_PEAK", "sampling")
+    monkeypatch.setattr(_peak, "_CLEAR_REFS", "/proc/self/clear_refs")
+    assert PeakMeter().method == "sampling"
+
+
+# ------------------------------------------------------------ cgroups
+def _fake_cgroup(tmp_path, version: int, limit: str, usage: str):
+    mnt = tmp_path / ("cg2" if version == 2 else "cg1mem")
+    d = mnt / "kernels" / "k1"
+    d.mkdir(parents=True)
+    if version == 2:
+        (d / "memory.max").write_text(limit + "\n")
+        (d / "memory.current").write_text(usage + "\n")
+        (mnt / "kernels" / "memory.max").write_text("max\n")
+        mountinfo = f"41 23 0:38 / {mnt} rw,relatime - cgroup2 cgroup2 rw\n"
+        proc = "0::/kernels/k1\n"
+    else:
+        (d / "memory.limit_in_bytes").write_text(limit + "\n")
+        (d / "memory.usage_in_bytes").write_text(usage + "\n")
+        (mnt / "kernels" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+        mountinfo = f"35 31 0:32 / {mnt} rw,relatime - cgroup cgroup rw,memory\n"
+        proc = "4:memory:/kernels/k1\n1:cpu:/\n"
+    return proc, mountinfo
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_limit_v1_and_v2(tmp_path, version):
+    proc, mountinfo = _fake_cgroup(tmp_path, version, str(4 * 2**30), str(2**30))
+    cg = cgroup_memory(proc, mountinfo)
+    assert (cg.version, cg.limit, cg.usage) == (version, 4 * 2**30, 2**30)
+    assert cg.headroom == 3 * 2**30
+
+
+def test_cgroup_unlimited_and_real_system(tmp_path):
+    proc, mountinfo = _fake_cgroup(tmp_path, 2, "max", "12345")
+    cg = cgroup_memory(proc, mountinfo)
+    assert cg.limit is None and cg.usage == 12345
+    real = cgroup_memory()  # this VM: cgroup v1, no limit
+    assert real.limit is None or real.limit > 0
+
+
+def test_sizes_round_trip():
+    assert parse_size("4GB") == 4 * 2**30 and parse_size("512 MiB") == 512 * MIB
+    assert parse_size("1.5g") == int(1.5 * 2**30)
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+    assert format_bytes(3 * MIB) == "3.0 MiB" and format_bytes(-2048, signed=True) == "-2.0 KiB"
+
+
+# ------------------------------------------------------------ monitor
+class _BytesCache:
+    """A real little cache implementing the registry protocol."""
+
+    def __init__(self, n: int) -> None:
+        self.data = {i: bytearray(100_000) for i in range(n)}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def evict_unused(self) -> int:
+        freed = sum(len(v) for v in self.data.values())
+        self.data.clear()
+        return freed
+
+
+class _WorkerPool:
+    def __init__(self, n: int) -> None:
+        self.workers = list(range(n))
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def shrink(self) -> int:
+        n = len(self.workers) - 1
+        del self.workers[1:]
+        return n
+
+
+def test_thresholds_fire_pressure_actions_and_log_them(caplog):
+    cache, pool = _BytesCache(20), _WorkerPool(4)
+    _registry.register_cache(cache)
+    _registry.register_pool(pool)
+    m = Monitor(cooldown_s=60)
+    m.set_threshold("rss", normal="1KB", alert="2KB")
+    with caplog.at_level(logging.WARNING, logger="moondev_lab.memory"):
+        report = m.check(objects=False)
+    assert [a.metric for a in report.alerts] == ["rss"]
+    names = [a.name for a in report.actions]
+    assert names == ["evict caches", "gc.collect", "shrink pools"]
+    evicted = report.actions[0]
+    assert evicted.freed >= 20 * 100_000 and evicted.unit == "bytes"
+    assert report.actions[2].freed >= 3 and len(pool) == 1
+    assert len(cache) == 0
+    assert any("evict caches: freed" in r.getMessage() for r in caplog.records)
+    # within the cooldown the actions do not run again
+    assert m.check(objects=False).actions == []
+    assert len(m.action_log) == 3
+
+
+def test_cache_entries_metric_and_gc_alerts_do_not_trigger_actions():
+    cache = _BytesCache(12)
+    _registry.register_cache(cache)
+    m = Monitor(cooldown_s=0)
+    m.set_threshold("cache_entries", normal=5, alert=10)
+    m.set_threshold("gc_per_minute", normal=0, alert=-1)  # any rate alerts
+    levels, alerts = m.evaluate(m.sample(objects=False))
+    assert levels["cache_entries"] == "alert" and {a.metric for a in alerts} >= {"cache_entries", "gc_per_minute"}
+    gc_only = [a for a in alerts if a.metric == "gc_per_minute"]
+    assert m.maybe_relieve(gc_only) == []
+    assert [r.name for r in m.maybe_relieve(alerts)][0] == "evict caches"
+    assert len(cache) == 0
+
+
+def test_objects_metric_counts_unfrozen_objects():
+    m = Monitor()
+    m.set_threshold("objects", normal=1, alert=2)
+    report = m.check(objects=True, run_actions=False)
+    assert report.metrics["objects"] > 2 and report.levels["objects"] == "alert"
+    assert "objects" in str(report)
+
+
+def test_gc_watcher_counts_full_collections_and_pauses():
+    w = gc_watcher()
+    w.window()
+    junk = [[i] for i in range(20_000)]
+    for _ in range(3):
+        gc.collect()
+    win = w.window()
+    del junk
+    assert win["collections"][2] >= 3 and win["pause_ms"] > 0
+    assert w.full_per_minute() >= 3
+    stats = gc_stats()
+    assert stats.thresholds == gc.get_threshold() and "pause total" in str(stats)
+
+
+# ------------------------------------------------------------ leaks
+def test_leak_check_tells_a_leak_from_a_stable_function_and_from_warm_up():
+    store: list = []
+    leaking = leak_check(lambda: store.append(bytearray(200_000)), n=5)
+    assert leaking.leaking and 190_000 < leaking.growth_per_iter < 215_000
+    assert any("store.append" in g.where for g in leaking.top_lines)
+
+    cache: dict = {}
+
+    def warm_up_then_stable():
+        cache.setdefault("table", bytearray(3_000_000))  # allocated once
+        return sum(range(100))
+
+    warm = leak_check(warm_up_then_stable, n=5)
+    assert not warm.leaking and "warm-up" in warm.verdict
+    assert warm.increments[0] > 2_900_000
+    assert not leak_check(lambda: [0] * 1000, n=4).leaking
+    with pytest.raises(ValueError):
+        leak_check(lambda: None, n=2)
+
+
+def test_snapshot_diff_and_object_counts():
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = take_snapshot()
+        keep = [bytearray(80_000) for _ in range(3)]  # noqa: F841
+        growth = snapshot_diff(before, take_snapshot())
+    finally:
+        tracemalloc.stop()
+    assert growth[0].size_diff >= 240_000 and "bytearray(80_000)" in growth[0].where
+
+    c0 = object_counts()
+    keep2 = [[i] for i in range(3000)]  # noqa: F841  (lists are gc-tracked; {"k": 1} is not)
+    diff = dict(diff_object_counts(c0, object_counts()))
+    assert diff["list"] >= 3000
+
+
+def test_variable_tracker_uses_nbytes_and_bounded_deep_size():
+    t = VariableTracker()
+    ns = {"small": 1}
+    t.update(ns)
+    ns["arr"] = np.zeros(1_000_000)
+    ns["df"] = pd.DataFrame({"a": np.zeros(100_000), "b": np.ones(100_000)})
+    grown = {g.name: g.delta for g in t.update(ns, source="arr = ...; df = ...")}
+    assert grown["arr"] == 8_000_000
+    assert 1_600_000 <= grown["df"] <= 1_700_000
+    ns["lst"] = [bytearray(10_000) for _ in range(10)]
+    assert t.update(ns, source="lst = ...")[0].name == "lst"
+    ns["lst"].append(bytearray(50_000))  # same object, new length: re-measured
+    assert t.update(ns, source="print()")[0].delta > 50_000
+    assert deep_size(list(range(100_000)), max_objects=100) < deep_size(list(range(100_000)))
+
+
+# ------------------------------------------------------------ health
+def test_health_check_reports_every_area(tmp_path):
+    report = health_check()
+    d = report.to_dict()
+    assert set(d["checks"]) == {"memory", "cgroup limit", "cpu", "disk", "store", "peak memory"}
+    assert d["ok"] == report.ok and isinstance(report.ok, bool)
+    assert str(tmp_path / "home" / "store") == report["store"].value
+    assert "will be created" in report["store"].detail
+    (tmp_path / "home" / "store").mkdir(parents=True)
+    assert health_check()["store"].detail == "readable and writable"
+    assert "<table>" in report._repr_html_() and "store" in str(report)
+    assert not health_check(min_free_memory=1 << 60).ok
