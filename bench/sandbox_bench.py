@@ -1,0 +1,258 @@
+"""Sandbox pool vs the usual ways, side by side: dispatch, stability, grids.
+
+    .venv/bin/python bench/sandbox_bench.py            # full: 1,000-run stability
+    .venv/bin/python bench/sandbox_bench.py --quick    # 200-run stability, fewer repeats
+
+* dispatch:  one small backtest through the warm pool vs a cold ``python strategy.py``
+             subprocess that reads the CSV and runs ``Backtest`` (goal >= 20x).
+* stability: RSS of the parent and of the pool over N backtests (goal <= 5% growth after warm-up).
+* grids:     a 100-combination SMA-cross grid on the 31k-bar BTC data, ``SandboxPool.optimize``
+             vs ``Backtest.optimize``; identical best params and stats; goals: >= same speed,
+             <= 0.7x peak PSS of the whole process tree (each side runs in its own fresh
+             process, sampled from /proc/PID/smaps_rollup every 20 ms).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CSV = REPO / "data" / "BTC-USD-15m.csv"
+
+SMA_CROSS = '''
+from backtesting import Strategy
+from backtesting.lib import crossover
+import talib
+
+class SmaCross(Strategy):
+    n1 = 10
+    n2 = 30
+
+    def init(self):
+        self.a = self.I(talib.SMA, self.data.Close, self.n1)
+        self.b = self.I(talib.SMA, self.data.Close, self.n2)
+
+    def next(self):
+        if crossover(self.a, self.b):
+            self.buy()
+        elif crossover(self.b, self.a):
+            self.position.close()
+'''
+COLD_SCRIPT = SMA_CROSS + '''
+import pandas as pd
+from backtesting import Backtest
+data = pd.read_csv({csv!r})
+data.columns = data.columns.str.strip().str.lower()
+data = data.drop(columns=[c for c in data.columns if 'unnamed' in c])
+data = data.rename(columns={{'open': 'Open', 'high': 'High', 'low': 'Low', 'close': 'Close', 'volume': 'Volume'}})
+data['datetime'] = pd.to_datetime(data['datetime'], utc=True)
+data = data.set_index('datetime').loc['2023-03-01':'2023-03-02']
+print(Backtest(data, SmaCross, cash=1_000_000, commission=0.001, finalize_trades=True).run()['Return [%]'])
+'''
+GRID = {"n1": list(range(5, 55, 5)), "n2": list(range(60, 160, 10))}  # 10 x 10 = 100 combinations
+
+
+def _pss_tree_mb(pid: int) -> float:
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total / 1024
+
+
+def _rss_mb(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+# ------------------------------------------------------------------------- dispatch
+def bench_dispatch(home: str, repeats: int) -> dict:
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    ref = DataRef(start="2023-03-01", end="2023-03-02", root=str(Path(home) / "store"))
+    with SandboxPool(2) as pool:
+        pool.run(SMA_CROSS, ref)  # start the template and a worker
+        warm = []
+        for _ in range(repeats * 4):
+            t = time.perf_counter()
+            res = pool.run(SMA_CROSS, ref)
+            warm.append(time.perf_counter() - t)
+            assert res.ok, res.error
+    with tempfile.TemporaryDirectory() as d:
+        script = Path(d) / "strategy.py"
+        script.write_text(COLD_SCRIPT.format(csv=str(CSV)))
+        cold = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+            cold.append(time.perf_counter() - t)
+    warm_s, cold_s = statistics.median(warm), statistics.median(cold)
+    print(f"\n== dispatch: one backtest of 193 bars (median) ==")
+    print(f"  warm pool      {warm_s * 1000:8.1f} ms  (min {min(warm) * 1000:.1f}, max {max(warm) * 1000:.1f}, n={len(warm)})")
+    print(f"  cold process   {cold_s * 1000:8.1f} ms  (min {min(cold) * 1000:.1f}, max {max(cold) * 1000:.1f}, n={len(cold)})")
+    print(f"  ratio          {cold_s / warm_s:8.1f}x faster   (goal >= 20x)   [cold stdout: {out.stdout.strip()}]")
+    return {"warm_ms": warm_s * 1000, "cold_ms": cold_s * 1000, "ratio": cold_s / warm_s}
+
+
+# ------------------------------------------------------------------------ stability
+def bench_stability(home: str, n: int) -> dict:
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    code = "from backtesting import Strategy\nclass Hold(Strategy):\n    def init(self): pass\n" \
+           "    def next(self):\n        if not self.position: self.buy()\n"
+    ref = DataRef(start="2023-03-01", end="2023-03-02", root=str(Path(home) / "store"))
+    me = os.getpid()
+    samples = []
+    t0 = time.perf_counter()
+    with SandboxPool(2) as pool:
+        done = 0
+        batch = 50
+        while done < n:
+            results = list(pool.map([code] * batch, ref))
+            assert all(r.ok for r in results), [r.error for r in results if not r.ok][:1]
+            done += batch
+            samples.append((done, _rss_mb([me]), _rss_mb(pool.pids()), _pss_tree_mb(me)))
+        recycles = pool.stats().recycles
+    elapsed = time.perf_counter() - t0
+    warm_i = max(0, len(samples) // 10 - 1)  # after the first 10% of runs
+    _, p0, w0, t0_ = samples[warm_i]
+    _, p1, w1, t1 = samples[-1]
+    print(f"\n== stability: {n} backtests, 2 workers, {elapsed:.1f} s ({n / elapsed:.0f} runs/s), {recycles} recycles ==")
+    print(f"  parent RSS     {p0:7.1f} -> {p1:7.1f} MiB  growth {100 * (p1 - p0) / p0:+.2f}%  (after {samples[warm_i][0]} runs)")
+    print(f"  pool RSS       {w0:7.1f} -> {w1:7.1f} MiB  growth {100 * (w1 - w0) / w0:+.2f}%  (template + workers)")
+    print(f"  tree PSS       {t0_:7.1f} -> {t1:7.1f} MiB  growth {100 * (t1 - t0_) / t0_:+.2f}%")
+    print(f"  max pool RSS over the run {max(s[2] for s in samples[warm_i:]):.1f} MiB   (goal <= 5% growth)")
+    return {"parent_growth_pct": 100 * (p1 - p0) / p0, "pool_growth_pct": 100 * (w1 - w0) / w0}
+
+
+# ---------------------------------------------------------------------------- grids
+def _grid_side(side: str, home: str) -> None:
+    """Runs in a fresh process; prints one JSON line."""
+    warnings.simplefilter("ignore")
+    store = str(Path(home) / "store")
+    if side == "pool":
+        from moondev_lab.sandbox import DataRef, SandboxPool
+
+        t_start = time.perf_counter()
+        with SandboxPool(2) as pool:
+            pool.run(SMA_CROSS, DataRef(start="2023-03-01", end="2023-03-02", root=store))  # warm
+            t = time.perf_counter()
+            res = pool.optimize(SMA_CROSS, GRID, DataRef(root=store), maximize="Return [%]")
+            elapsed = time.perf_counter() - t
+            assert res.result.ok and not res.errors, (res.result.error, res.errors)
+            stats = res.stats
+        total = time.perf_counter() - t_start
+    else:
+        from backtesting import Backtest
+
+        from moondev_lab.data import DataPool
+        from moondev_lab.sandbox.harness import BacktestSettings, silence_progress, stats_to_dict
+
+        silence_progress()
+        d = tempfile.mkdtemp()
+        (Path(d) / "sma_cross_bench.py").write_text(SMA_CROSS)
+        spec = importlib.util.spec_from_file_location("sma_cross_bench", Path(d) / "sma_cross_bench.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["sma_cross_bench"] = mod
+        spec.loader.exec_module(mod)
+        frame = DataPool(store).get("BTC/USD", "15m")
+        t_start = t = time.perf_counter()
+        bt = Backtest(frame, mod.SmaCross, **BacktestSettings().kwargs())
+        stats = stats_to_dict(bt.optimize(**GRID, maximize="Return [%]"))
+        elapsed = total = time.perf_counter() - t
+    print(json.dumps({"elapsed": elapsed, "total": total, "stats": stats}))
+
+
+def bench_grids(home: str) -> dict:
+    out = {}
+    for side in ("baseline", "pool"):
+        env = dict(os.environ, MOONDEV_LAB_HOME=home)
+        proc = subprocess.Popen([sys.executable, __file__, "--_grid-side", side, "--home", home],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        peak = 0.0
+        sampler_done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not sampler_done.is_set():
+                peak = max(peak, _pss_tree_mb(proc.pid))
+                time.sleep(0.02)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        stdout, _ = proc.communicate()
+        sampler_done.set()
+        th.join()
+        if proc.returncode != 0:
+            raise SystemExit(f"grid side {side} failed")
+        out[side] = {**json.loads(stdout.strip().splitlines()[-1]), "peak_pss_mb": peak}
+    a, b = out["baseline"], out["pool"]
+    same_params = a["stats"]["_strategy"] == b["stats"]["_strategy"]
+    diffs = [k for k, v in a["stats"].items()
+             if not (v == b["stats"].get(k) or (isinstance(v, float) and math.isnan(v) and math.isnan(b["stats"][k])))]
+    print(f"\n== grids: {len(GRID['n1']) * len(GRID['n2'])} SMA-cross combinations on 31,066 bars, 2 processes each ==")
+    print(f"  Backtest.optimize   {a['elapsed']:6.2f} s   peak tree PSS {a['peak_pss_mb']:7.1f} MiB")
+    print(f"  SandboxPool.optimize{b['elapsed']:6.2f} s   peak tree PSS {b['peak_pss_mb']:7.1f} MiB"
+          f"   ({b['total']:.2f} s including pool start)")
+    print(f"  speed ratio         {a['elapsed'] / b['elapsed']:6.2f}x   (goal >= 1.0x)")
+    print(f"  memory ratio        {b['peak_pss_mb'] / a['peak_pss_mb']:6.2f}x   (goal <= 0.7x)")
+    print(f"  best params         {b['stats']['_strategy']} vs {a['stats']['_strategy']}   same: {same_params}")
+    print(f"  stats identical     {not diffs}  ({len(a['stats'])} fields{'; differ: ' + ', '.join(diffs) if diffs else ''})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="200 stability runs and fewer dispatch repeats")
+    ap.add_argument("--only", choices=["dispatch", "stability", "grids"])
+    ap.add_argument("--_grid-side", dest="grid_side", help=argparse.SUPPRESS)
+    ap.add_argument("--home", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.grid_side:
+        _grid_side(args.grid_side, args.home)
+        return
+    with tempfile.TemporaryDirectory(prefix="sandbox_bench_") as home:
+        os.environ["MOONDEV_LAB_HOME"] = home
+        from moondev_lab.data import DataPool
+
+        DataPool(Path(home) / "store").get("BTC/USD", "15m")  # import the bundled sample once
+        print(f"sandbox bench: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+        if args.only in (None, "dispatch"):
+            bench_dispatch(home, 5 if args.quick else 10)
+        if args.only in (None, "stability"):
+            bench_stability(home, 200 if args.quick else 1000)
+        if args.only in (None, "grids"):
+            bench_grids(home)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Length-prefixed messages over a stream socket (parent <-> warm worker)."""
+from __future__ import annotations
+
+import socket
+import struct
+
+_HEADER = struct.Struct("!Q")
+MAX_MESSAGE = 256 * 2**20
+
+
+def send_msg(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def recv_msg(sock: socket.socket) -> bytes | None:
+    """One message, or None when the peer closed the connection."""
+    header = _recv_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_MESSAGE:
+        raise ConnectionError(f"message of {size} bytes exceeds the {MAX_MESSAGE} byte limit")
+    return _recv_exactly(sock, size)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)

@@ -1,0 +1,524 @@
+"""SandboxPool: warm, recycled worker processes that run strategies in sandboxes.
+
+>>> from moondev_lab.sandbox import SandboxPool, DataRef
+>>> with SandboxPool() as pool:                                         # doctest: +SKIP
+...     res = pool.run(code, DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-31"))
+...     res.ok, res.stats["Return [%]"], len(res.trades)
+...     best = pool.optimize(code, {"n1": [5, 10], "n2": [20, 40]}, DataRef("BTC/USD", "15m"))
+
+See :mod:`moondev_lab.sandbox._worker` for the process layout.
+"""
+from __future__ import annotations
+
+import atexit
+import html
+import itertools
+import json
+import math
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import psutil
+
+from .. import _registry, config
+from . import _limits
+from ._limits import Limits
+from ._wire import recv_msg, send_msg
+from .errors import ErrorKind, SandboxError, SandboxPoolClosed
+from .settings import BacktestSettings
+
+#: Rough footprint of one worker plus its task child, used to size the pool.
+WORKER_BUDGET_MB = 400
+_GRACE_S = 15.0  # on top of a task's timeout before the parent gives up on a worker
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Which market data a task runs on; workers open it from the store by memory-mapping.
+
+    ``root`` defaults to the store of the *calling* process (``$MOONDEV_LAB_HOME``).
+    """
+
+    symbol: str = "BTC/USD"
+    timeframe: str = "15m"
+    source: str | None = None
+    start: str | None = None
+    end: str | None = None
+    root: str | None = None
+
+    def resolved(self) -> dict:
+        d = asdict(self)
+        d["root"] = str(self.root or config.store_dir())
+        for key in ("start", "end"):
+            d[key] = None if d[key] is None else str(d[key])
+        return d
+
+
+@dataclass
+class BacktestResult:
+    """What one sandboxed run returns. ``ok`` is False when ``error`` is set.
+
+    ``stats`` is backtesting.py's stats as a dict (floats keep NaN; times are ISO
+    strings; ``_strategy`` holds the parameters). ``equity`` is the equity curve
+    downsampled to at most 2,000 points (``time``, ``equity``, ``drawdown_pct``).
+    """
+
+    ok: bool
+    stats: dict = field(default_factory=dict)
+    trades: list = field(default_factory=list)
+    equity: list = field(default_factory=list)
+    error: SandboxError | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_s: float = 0.0
+    worker_pid: int | None = None
+    strategy: str | None = None
+    size_adjustments: int = 0
+    skipped_orders: int = 0
+
+    @classmethod
+    def _from_reply(cls, reply: dict) -> "BacktestResult":
+        payload = reply.get("payload") or {}
+        error = reply.get("error")
+        return cls(ok=error is None and bool(payload.get("ok")),
+                   stats=payload.get("stats") or {}, trades=payload.get("trades") or [],
+                   equity=payload.get("equity") or [],
+                   error=SandboxError.from_dict(error) if error else None,
+                   stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""),
+                   stdout_truncated=bool(reply.get("stdout_truncated")),
+                   stderr_truncated=bool(reply.get("stderr_truncated")),
+                   duration_s=float(reply.get("duration_s") or 0.0), worker_pid=reply.get("worker_pid"),
+                   strategy=payload.get("strategy"), size_adjustments=int(payload.get("size_adjustments", 0)),
+                   skipped_orders=int(payload.get("skipped_orders", 0)))
+
+    @classmethod
+    def _failure(cls, kind: ErrorKind, type_: str, message: str, **kw) -> "BacktestResult":
+        return cls(ok=False, error=SandboxError(kind, type_, message), **kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["error"] = self.error.to_dict() if self.error else None
+        return d
+
+    def stats_series(self):
+        """``stats`` as a pandas Series (imports pandas)."""
+        import pandas as pd
+
+        return pd.Series(self.stats, dtype=object)
+
+    def __repr__(self) -> str:
+        if not self.ok:
+            return f"BacktestResult(error={self.error}, duration={self.duration_s:.2f}s)"
+        keys = ("Return [%]", "Sharpe Ratio", "Max. Drawdown [%]", "# Trades")
+        shown = ", ".join(f"{k}={self.stats.get(k)!r}" for k in keys if k in self.stats)
+        return f"BacktestResult({self.strategy}: {shown}, duration={self.duration_s:.2f}s)"
+
+    def _repr_html_(self) -> str:
+        if not self.ok:
+            return f"<b>Backtest failed</b>: <code>{html.escape(str(self.error))}</code>"
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(repr(v))}</td></tr>"
+                       for k, v in self.stats.items() if not k.startswith("_"))
+        return f"<table><caption>{html.escape(str(self.strategy))}</caption>{rows}</table>"
+
+
+@dataclass
+class OptimizeResult:
+    """Best parameters of a grid, the full run at them, and every combination's score."""
+
+    best_params: dict
+    result: BacktestResult
+    heatmap: list[tuple[dict, float | None]]
+    errors: list[SandboxError]
+    duration_s: float
+
+    @property
+    def stats(self) -> dict:
+        return self.result.stats
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    workers: int
+    busy: int
+    size: int
+    tasks: int
+    failures: int
+    recycles: int
+    worker_rss_mb: dict
+    template_rss_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _WorkerHandle:
+    def __init__(self, pid: int, sock: socket.socket, slot: int):
+        self.pid, self.sock, self.slot = pid, sock, slot
+        self.tasks_done = 0
+        self.rss = 0
+
+    def request(self, task: dict, timeout: float) -> dict:
+        self.sock.settimeout(timeout)
+        send_msg(self.sock, pickle.dumps(task))
+        raw = recv_msg(self.sock)
+        if raw is None:
+            raise ConnectionError("the worker closed its connection")
+        reply = json.loads(raw)
+        self.tasks_done = reply.get("tasks_done", self.tasks_done + 1)
+        self.rss = reply.get("worker_rss", 0)
+        return reply
+
+    def stop(self, force: bool = False) -> None:
+        try:
+            self.sock.close()  # the worker cleans up and exits on EOF
+        finally:
+            if force:
+                try:
+                    os.kill(self.pid, 9)
+                except ProcessLookupError:
+                    pass
+
+
+def default_size(memory_budget_mb: float | None = None) -> int:
+    """Workers for this machine: one per CPU, 2..16, capped by the memory budget."""
+    if memory_budget_mb is None:
+        memory_budget_mb = psutil.virtual_memory().available / 2**20 / 2
+    by_memory = int(memory_budget_mb // WORKER_BUDGET_MB)
+    return max(2, min(16, os.cpu_count() or 2, by_memory))
+
+
+class SandboxPool:
+    """A thread-safe pool of warm, sandboxing worker processes.
+
+    Parameters: ``size`` workers (default from CPUs and memory), recycled after
+    ``max_tasks_per_worker`` tasks or when a worker's RSS passes ``max_rss_mb``.
+    ``limits`` and ``settings`` are defaults for every task.
+    """
+
+    def __init__(self, size: int | None = None, *, max_tasks_per_worker: int = 200,
+                 max_rss_mb: float = 1024, memory_budget_mb: float | None = None,
+                 limits: Limits | None = None, settings: BacktestSettings | None = None,
+                 prewarm: bool = False, python: str | None = None):
+        self.size = int(size) if size else default_size(memory_budget_mb)
+        if not 1 <= self.size <= 64:
+            raise ValueError(f"size must be between 1 and 64, not {self.size}")
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_rss_mb = max_rss_mb
+        self.limits = limits or Limits()
+        self.settings = settings or BacktestSettings()
+        self.prewarm = prewarm
+        self._python = python or sys.executable
+        self._cond = threading.Condition()
+        self._idle: list[_WorkerHandle] = []
+        self._busy: set[_WorkerHandle] = set()
+        self._free_slots = list(range(self.size))[::-1]
+        self._spawn_lock = threading.Lock()
+        self._template: subprocess.Popen | None = None
+        self._ctrl: socket.socket | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._retired: list[int] = []  # stopped workers still cleaning up (waited for at close)
+        self._tasks = self._failures = self._recycles = 0
+        self._start_template()
+        _registry.register_pool(self)
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start_template(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = _limits.scrubbed_env()
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = pkg_root  # the worker imports this very moondev_lab
+        self._template = subprocess.Popen(
+            [self._python, "-m", "moondev_lab.sandbox._worker", str(child.fileno())],
+            pass_fds=[child.fileno()], env=env, cwd="/", stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        child.close()
+        self._ctrl = parent
+        self._template_ready = False
+
+    def _spawn(self, slot: int) -> _WorkerHandle:
+        with self._spawn_lock:
+            if self._template is None or self._template.poll() is not None:
+                self._start_template()
+            if not self._template_ready:
+                self._ctrl.settimeout(120)
+                if recv_msg(self._ctrl) is None:
+                    raise RuntimeError("the sandbox template process failed to start "
+                                       f"(exit code {self._template.poll()})")
+                self._template_ready = True
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            request = {"slot": slot, "config": {"base_uid": self.limits.uid or _limits.BASE_UID,
+                                                  "prewarm": self.prewarm}}
+            socket.send_fds(self._ctrl, [json.dumps(request).encode()], [theirs.fileno()])
+            theirs.close()
+            self._ctrl.settimeout(30)
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = self._ctrl.recv(256)
+                if not chunk:
+                    raise RuntimeError("the sandbox template process died")
+                line += chunk
+            return _WorkerHandle(json.loads(line)["pid"], ours, slot)
+
+    def close(self) -> None:
+        """Stop every worker and the template. Safe to call twice."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            workers = self._idle + list(self._busy)
+            self._idle, self._busy = [], set()
+            self._cond.notify_all()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        for w in workers:
+            w.stop()
+        _wait_gone([w.pid for w in workers] + self._retired, 2.0)  # let them remove their temp dirs and cgroups
+        for w in workers:
+            w.stop(force=True)
+        if self._ctrl is not None:
+            self._ctrl.close()
+        if self._template is not None:
+            self._template.kill()
+            self._template.wait()
+        _live_pools.discard(self)
+
+    def __enter__(self) -> "SandboxPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._idle) + len(self._busy)
+
+    def shrink(self) -> int:
+        """Stop every idle worker (memory pressure); they restart on demand."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+            for w in idle:
+                self._free_slots.append(w.slot)
+        for w in idle:
+            w.stop()
+        with self._cond:
+            self._retired += [w.pid for w in idle]
+        return len(idle)
+
+    # ------------------------------------------------------------- acquire/release
+    def _acquire(self) -> _WorkerHandle:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise SandboxPoolClosed("the sandbox pool is closed")
+                if self._idle:
+                    w = self._idle.pop(0)  # round-robin: gives each worker's standby child time to pre-warm
+                    self._busy.add(w)
+                    return w
+                if self._free_slots:
+                    slot = self._free_slots.pop()
+                    break
+                self._cond.wait()
+        try:
+            w = self._spawn(slot)
+        except BaseException:
+            with self._cond:
+                self._free_slots.append(slot)
+                self._cond.notify()
+            raise
+        with self._cond:
+            self._busy.add(w)
+        return w
+
+    def _release(self, w: _WorkerHandle, broken: bool = False) -> None:
+        recycle = (broken or w.tasks_done >= self.max_tasks_per_worker
+                   or w.rss > self.max_rss_mb * 2**20)
+        with self._cond:
+            self._busy.discard(w)
+            if self._closed:
+                recycle = True
+            elif recycle:
+                self._free_slots.append(w.slot)
+                self._recycles += not broken
+            else:
+                self._idle.append(w)
+            self._cond.notify()
+        if recycle:
+            w.stop(force=broken)
+            with self._cond:
+                self._retired = [p for p in self._retired if Path(f"/proc/{p}").exists()] + [w.pid]
+
+    def _request(self, task: dict) -> dict:
+        w = self._acquire()
+        try:
+            reply = w.request(task, task["timeout"] + _GRACE_S)
+        except (OSError, ConnectionError, ValueError) as exc:
+            self._release(w, broken=True)
+            with self._cond:
+                self._failures += 1
+            return {"error": {"kind": ErrorKind.WORKER_CRASHED.value, "type": type(exc).__name__,
+                              "message": f"worker {w.pid} failed and was replaced: {exc}"},
+                    "worker_pid": w.pid}
+        self._release(w)
+        with self._cond:
+            self._tasks += 1
+            self._failures += reply.get("error") is not None
+        return reply
+
+    # ----------------------------------------------------------------- the API
+    def _task(self, op: str, code: str, data: DataRef, timeout: float, limits: Limits | None,
+              settings: BacktestSettings | None, **extra) -> dict:
+        if not isinstance(code, str):
+            raise TypeError("code must be a str of Python source")
+        limits = (limits or self.limits).with_timeout(timeout)
+        return {"op": op, "code": code, "data": (data or DataRef()).resolved(), "timeout": float(timeout),
+                "limits": asdict(limits), "settings": asdict(settings or self.settings), **extra}
+
+    def run(self, code: str, data: DataRef | None = None, params: dict | None = None, *,
+            timeout: float = 60, limits: Limits | None = None,
+            settings: BacktestSettings | None = None) -> BacktestResult:
+        """Run ``code`` (a Strategy, an LLM reply, or a whole script) on ``data`` in a sandbox."""
+        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}))
+        return BacktestResult._from_reply(self._request(task))
+
+    def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
+               **kwargs) -> "Future[BacktestResult]":
+        """Like :meth:`run`, but returns a Future at once; many can run concurrently."""
+        with self._cond:
+            if self._closed:
+                raise SandboxPoolClosed("the sandbox pool is closed")
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.size, thread_name_prefix="sandbox")
+        return self._executor.submit(self.run, code, data, params, **kwargs)
+
+    def map(self, codes: Iterable[str], data: DataRef | None = None, **kwargs) -> Iterator[BacktestResult]:
+        """Run many codes on the same data across the pool; results in input order."""
+        futures = [self.submit(code, data, **kwargs) for code in codes]
+        for f in futures:
+            yield f.result()
+
+    def optimize(self, code: str, grid: dict[str, list], data: DataRef | None = None, *,
+                 maximize: str = "SQN", constraint: Callable[[dict], bool] | None = None,
+                 timeout: float = 60, limits: Limits | None = None,
+                 settings: BacktestSettings | None = None, chunks_per_worker: int = 2) -> OptimizeResult:
+        """Grid search across the workers, scored like ``Backtest.optimize(method="grid")``.
+
+        Same admissible combinations (product order, ``constraint``), same scoring
+        (runs without trades are skipped, NaN ignored), same tie-break (first best),
+        and the returned stats come from a fresh run at the best parameters, so
+        they equal ``Backtest.optimize``'s. ``timeout`` is per combination.
+        ``maximize`` must be a stats key (callables cannot cross into the sandbox).
+        """
+        started = time.perf_counter()
+        if not isinstance(maximize, str):
+            raise TypeError("maximize must be the name of a stats field, e.g. 'Return [%]'")
+        if not grid:
+            raise ValueError("Need some strategy parameters to optimize")
+        names = list(grid)
+        values = [v if isinstance(v, (list, tuple, range)) else [v] for v in grid.values()]
+        combos = [dict(zip(names, combo)) for combo in itertools.product(*values)]
+        if constraint is not None:
+            combos = [c for c in combos if constraint(_AttrDict(c))]
+        if not combos:
+            raise ValueError("No admissible parameter combinations to test")
+        n_chunks = min(len(combos), self.size * max(1, chunks_per_worker))
+        step = math.ceil(len(combos) / n_chunks)
+        chunks = [combos[i:i + step] for i in range(0, len(combos), step)]
+        with self._cond:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.size, thread_name_prefix="sandbox")
+        futures = [self._executor.submit(self._request, self._task(
+            "grid", code, data, timeout * len(chunk), limits, settings, combos=chunk, maximize=maximize))
+            for chunk in chunks]
+        scores: list = []
+        errors: list[SandboxError] = []
+        for chunk, fut in zip(chunks, futures):
+            reply = fut.result()
+            if reply.get("error"):
+                errors.append(SandboxError.from_dict(reply["error"]))
+                scores += [None] * len(chunk)
+            else:
+                scores += reply["payload"]["values"]
+        if errors and len(errors) == len(chunks):
+            result = BacktestResult(ok=False, error=errors[0])
+            return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
+        valid = [(i, s) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+        best_i = max(valid, key=lambda t: t[1])[0] if valid else 0  # max() keeps the first of ties
+        best = combos[best_i]
+        result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
+        return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
+
+    # ----------------------------------------------------------------- inspection
+    def stats(self) -> PoolStats:
+        with self._cond:
+            workers = self._idle + list(self._busy)
+            busy = len(self._busy)
+            stats = (self._tasks, self._failures, self._recycles)
+        try:
+            template_rss = psutil.Process(self._template.pid).memory_info().rss / 2**20
+        except (psutil.Error, AttributeError):
+            template_rss = 0.0
+        return PoolStats(len(workers), busy, self.size, *stats,
+                         {w.pid: round(w.rss / 2**20, 1) for w in workers}, round(template_rss, 1))
+
+    def pids(self) -> list[int]:
+        """Process ids of the template and live workers (for memory accounting)."""
+        with self._cond:
+            workers = self._idle + list(self._busy)
+        return ([self._template.pid] if self._template else []) + [w.pid for w in workers]
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"SandboxPool(size={self.size}, workers={s.workers}, busy={s.busy}, tasks={s.tasks}, "
+                f"failures={s.failures}, recycles={s.recycles}{', closed' if self._closed else ''})")
+
+
+class _AttrDict(dict):
+    def __getattr__(self, item):
+        try:
+            return self[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)]
+        if pids:
+            time.sleep(0.02)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+_live_pools: "weakref.WeakSet[SandboxPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_live_pools):
+        pool.close()

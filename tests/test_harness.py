@@ -1,0 +1,149 @@
+"""The backtest harness, in-process: result shape, sizing, pandas_ta, wild code."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from backtesting import Backtest
+
+from moondev_lab.config import BUNDLED_DATA_DIR
+from moondev_lab.sandbox.harness import (BacktestSettings, alias_pandas_ta, equity_points, execute,
+                                          extract_code, normalise_size, silence_progress)
+
+SMA_CROSS = '''
+from backtesting import Strategy
+from backtesting.lib import crossover
+import talib
+
+class SmaCross(Strategy):
+    n1 = 10
+    n2 = 30
+
+    def init(self):
+        self.a = self.I(talib.SMA, self.data.Close, self.n1)
+        self.b = self.I(talib.SMA, self.data.Close, self.n2)
+
+    def next(self):
+        if crossover(self.a, self.b):
+            self.buy(size=2.6)          # fractional units: invalid for backtesting.py
+        elif crossover(self.b, self.a):
+            self.position.close()
+'''
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    """Two weeks of the real bundled BTC 15m candles, shaped like the data pool's frames."""
+    raw = pd.read_csv(BUNDLED_DATA_DIR / "BTC-USD-15m.csv")
+    raw.columns = raw.columns.str.strip()
+    raw = raw.drop(columns=[c for c in raw.columns if not c or c.startswith("Unnamed")])
+    raw.index = pd.DatetimeIndex(pd.to_datetime(raw.pop("datetime"), utc=True), name="ts")
+    raw.columns = [c.title() for c in raw.columns]
+    return raw.loc["2023-03-01":"2023-03-14"]
+
+
+def test_run_matches_plain_backtesting_and_normalises_size(frame):
+    payload = execute({"op": "run", "code": SMA_CROSS}, frame)
+    assert payload["ok"], payload.get("error")
+    # The same strategy with the size the harness chose (2.6 -> 2 whole units).
+    ns: dict = {}
+    exec(SMA_CROSS.replace("size=2.6", "size=2"), ns)
+    silence_progress()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Backtest(frame, ns["SmaCross"], **BacktestSettings().kwargs()).run()
+    assert payload["size_adjustments"] > 0
+    assert payload["stats"]["Return [%]"] == pytest.approx(ref["Return [%]"], rel=1e-12)
+    assert payload["stats"]["# Trades"] == ref["# Trades"] == len(payload["trades"])
+    assert payload["stats"]["_strategy"] == {"n1": 10, "n2": 30}
+    assert payload["stats"]["Start"] == ref["Start"].isoformat()
+    assert payload["stats"]["Duration"] == ref["Duration"].isoformat()
+    assert payload["trades"][0]["Size"] == 2
+    assert payload["equity"][-1]["equity"] == pytest.approx(ref["Equity Final [$]"])
+
+
+def test_no_trades_keeps_nan(frame):
+    code = "from backtesting import Strategy\nclass Idle(Strategy):\n    def init(self): pass\n    def next(self): pass\n"
+    stats = execute({"op": "run", "code": code}, frame)["stats"]
+    assert stats["# Trades"] == 0
+    assert math.isnan(stats["Win Rate [%]"]) and math.isnan(stats["Sharpe Ratio"])
+
+
+@pytest.mark.parametrize("size, expected", [(0.5, 0.5), (3.7, 3.0), (1.0, 1.0), (-0.25, 0.25), (-4.2, 4.0),
+                                            (0, None), (float("nan"), None), (float("inf"), None),
+                                            (np.float64(12.99), 12.0)])
+def test_normalise_size(size, expected):
+    assert normalise_size(size) == expected
+
+
+def test_pandas_ta_alias_supports_typical_calls():
+    alias_pandas_ta()
+    import pandas_ta
+
+    close = pd.Series(np.sin(np.arange(200) / 5) * 10 + 100)
+    rsi = pandas_ta.rsi(close, length=14)
+    assert 0 < rsi.iloc[-1] < 100
+    df = pd.DataFrame({"close": close, "high": close + 1, "low": close - 1, "open": close})
+    assert df.ta.rsi().iloc[-1] == pytest.approx(rsi.iloc[-1])
+    assert df.ta.atr(length=14).notna().sum() > 150
+
+
+def test_extract_code_from_llm_reply():
+    reply = "<think>plan the thing</think>Sure! Here it is:\n```python\nimport talib\nx = 1\n```\nEnjoy."
+    assert extract_code(reply).strip() == "import talib\nx = 1"
+    assert extract_code("x = 2\n").strip() == "x = 2"
+
+
+def test_wild_script_reads_missing_csv_and_uses_harness_settings(frame):
+    wild = '''
+import pandas as pd
+from backtesting import Backtest, Strategy
+data = pd.read_csv('/Users/someone/data/BTC-USD-15m.csv')
+data.columns = data.columns.str.strip().str.lower()
+data = data.drop(columns=[c for c in data.columns if 'unnamed' in c])
+data = data.rename(columns={'open': 'Open', 'high': 'High', 'low': 'Low', 'close': 'Close', 'volume': 'Volume'})
+data['datetime'] = pd.to_datetime(data['datetime'])
+data = data.set_index('datetime')
+data['Mid'] = (data['High'] + data['Low']) / 2
+
+class MidBreak(Strategy):
+    def init(self):
+        pass
+    def next(self):
+        if not self.position and self.data.Close[-1] > self.data.Mid[-1]:
+            self.buy(size=0.5)
+        elif self.position and self.data.Close[-1] < self.data.Mid[-1]:
+            self.position.close()
+
+bt = Backtest(data, MidBreak, cash=10_000, commission=0.0)
+print(bt.run())
+bt.plot()
+'''
+    payload = execute({"op": "run", "code": wild}, frame)
+    assert payload["ok"], payload.get("error")
+    assert payload["csv_redirects"] == ["/Users/someone/data/BTC-USD-15m.csv"]
+    assert payload["stats"]["Start"] == frame.index[0].isoformat()
+    assert payload["stats"]["# Trades"] > 0
+    assert payload["stats"]["Commissions [$]"] > 0          # the harness's commission, not 0.0
+    assert payload["equity"][0]["equity"] == pytest.approx(1_000_000)
+
+
+def test_equity_downsampled_to_cap():
+    idx = pd.date_range("2023-01-01", periods=10_000, freq="15min", tz="UTC")
+    curve = pd.DataFrame({"Equity": np.arange(10_000.0), "DrawdownPct": 0.0}, index=idx)
+    pts = equity_points(curve, 2000)
+    assert len(pts) == 2000
+    assert pts[0]["equity"] == 0 and pts[-1]["equity"] == 9999
+    assert pts[-1]["time"] == idx[-1].isoformat()
+
+
+def test_errors_are_classified(frame):
+    assert execute({"op": "run", "code": "def f(:"}, frame)["error"]["kind"] == "syntax_error"
+    assert execute({"op": "run", "code": "x = 1"}, frame)["error"]["kind"] == "no_strategy"
+    assert execute({"op": "run", "code": "import not_a_real_module_xyz"}, frame)["error"]["kind"] == "import_error"
+    bad = SMA_CROSS.replace("self.position.close()", "raise ValueError('boom')")
+    err = execute({"op": "run", "code": bad}, frame)["error"]
+    assert (err["kind"], err["type"], err["message"]) == ("strategy_error", "ValueError", "boom")

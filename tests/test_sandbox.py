@@ -1,0 +1,148 @@
+"""SandboxPool: warm workers, structured results, concurrency, recycling, grids."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import warnings
+
+import psutil
+import pytest
+from backtesting import Backtest
+
+from moondev_lab import _registry
+from moondev_lab.data import DataPool
+from moondev_lab.sandbox import BacktestSettings, DataRef, ErrorKind, SandboxPool, run_file
+from moondev_lab.sandbox.harness import silence_progress, stats_to_dict
+
+SMA_CROSS = '''
+from backtesting import Strategy
+from backtesting.lib import crossover
+import talib
+
+class SmaCross(Strategy):
+    n1 = 10
+    n2 = 30
+
+    def init(self):
+        self.a = self.I(talib.SMA, self.data.Close, self.n1)
+        self.b = self.I(talib.SMA, self.data.Close, self.n2)
+
+    def next(self):
+        if crossover(self.a, self.b):
+            self.buy()
+        elif crossover(self.b, self.a):
+            self.position.close()
+'''
+IDLE = "from backtesting import Strategy\nclass Idle(Strategy):\n    def init(self): pass\n    def next(self): pass\n"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("home") / "store"
+    DataPool(root).get("BTC/USD", "15m")  # imports the bundled sample
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(2, max_tasks_per_worker=4) as p:
+        yield p
+
+
+def ref(store: str, days: int = 7) -> DataRef:
+    return DataRef("BTC/USD", "15m", start="2023-03-01", end=f"2023-03-{1 + days:02d}", root=store)
+
+
+def test_run_returns_structured_result(pool, store):
+    res = pool.run(SMA_CROSS, ref(store), params={"n1": 5})
+    assert res.ok, res.error
+    assert res.strategy == "SmaCross"
+    assert res.stats["_strategy"] == {"n1": 5, "n2": 30}
+    assert res.stats["Start"] == "2023-03-01T00:00:00+00:00"
+    assert isinstance(res.stats["Return [%]"], float)
+    assert res.stats["# Trades"] == len(res.trades) > 0
+    assert {"EntryTime", "ExitTime", "PnL", "Size"} <= set(res.trades[0])
+    assert 0 < len(res.equity) <= 2000
+    assert res.worker_pid in pool.pids()
+
+
+def test_nan_stats_survive_the_pipe(pool, store):
+    res = pool.run(IDLE, ref(store, 1))
+    assert res.ok and res.stats["# Trades"] == 0
+    assert math.isnan(res.stats["Sharpe Ratio"]) and math.isnan(res.stats["Win Rate [%]"])
+
+
+def test_concurrent_submit_and_map(pool, store):
+    futures = [pool.submit(SMA_CROSS, ref(store, 2), params={"n1": n}) for n in (4, 6, 8)]
+    results = [f.result() for f in futures] + list(pool.map([IDLE, SMA_CROSS], ref(store, 2)))
+    assert all(r.ok for r in results)
+    assert [r.stats["_strategy"]["n1"] for r in results[:3]] == [4, 6, 8]
+
+
+def test_workers_are_recycled_after_max_tasks(store):
+    with SandboxPool(1, max_tasks_per_worker=2) as p:
+        pids = [p.run(IDLE, ref(store, 1)).worker_pid for _ in range(5)]
+        assert len(set(pids)) == 3              # 2 + 2 + 1 tasks
+        assert p.stats().recycles == 2
+    with SandboxPool(1, max_rss_mb=1) as p:    # every worker is over 1 MiB: recycled each time
+        pids = [p.run(IDLE, ref(store, 1)).worker_pid for _ in range(2)]
+        assert pids[0] != pids[1]
+
+
+def test_optimize_matches_backtest_optimize(pool, store, tmp_path):
+    grid = {"n1": [5, 10, 15], "n2": [20, 40]}
+    ours = pool.optimize(SMA_CROSS, grid, ref(store, 14), maximize="Return [%]",
+                         constraint=lambda p: p.n1 < p.n2)
+    assert ours.result.ok and not ours.errors
+    # backtesting.py's own optimizer needs an importable strategy class
+    path = tmp_path / "sma_cross_mod.py"
+    path.write_text(SMA_CROSS)
+    spec = importlib.util.spec_from_file_location("sma_cross_mod", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sma_cross_mod"] = mod
+    spec.loader.exec_module(mod)
+    silence_progress()
+    frame = DataPool(store).get("BTC/USD", "15m", start="2023-03-01", end="2023-03-15")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = Backtest(frame, mod.SmaCross, **BacktestSettings().kwargs()).optimize(
+            **grid, maximize="Return [%]", constraint=lambda p: p.n1 < p.n2)
+    expected = stats_to_dict(theirs)
+    assert ours.best_params == expected["_strategy"]
+    assert ours.stats.keys() == expected.keys()
+    for key, value in expected.items():
+        got = ours.stats[key]
+        assert got == value or (isinstance(value, float) and math.isnan(value) and math.isnan(got)), key
+    assert len(ours.heatmap) == 6
+
+
+def test_pool_is_registered_and_shrinks(store):
+    with SandboxPool(2) as p:
+        assert p in _registry.pools()
+        list(p.map([IDLE, IDLE], ref(store, 1)))
+        assert len(p) == 2
+        assert p.shrink() == 2 and len(p) == 0
+        assert p.run(IDLE, ref(store, 1)).ok       # workers restart on demand
+
+
+def test_close_leaves_no_processes(store):
+    p = SandboxPool(2)
+    list(p.map([IDLE, IDLE], ref(store, 1)))
+    pids = p.pids()
+    assert len(pids) == 3
+    p.close()
+    p.close()
+    alive = [pid for pid in pids if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+
+
+def test_data_error_and_run_file(pool, store, tmp_path):
+    bad = pool.run(IDLE, DataRef("NOPE/USD", "15m", root=store))
+    assert not bad.ok and bad.error.kind == ErrorKind.DATA_ERROR
+    reply = tmp_path / "reply.md"
+    reply.write_text("Here you go:\n```python\n" + SMA_CROSS + "```\n")
+    res = run_file(reply, ref(store, 2), pool=pool)
+    assert res.ok and res.strategy == "SmaCross"
