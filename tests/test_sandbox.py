@@ -146,3 +146,12 @@ def test_data_error_and_run_file(pool, store, tmp_path):
     reply.write_text("Here you go:\n```python\n" + SMA_CROSS + "```\n")
     res = run_file(reply, ref(store, 2), pool=pool)
     assert res.ok and res.strategy == "SmaCross"
+
+
+def test_plot_html_comes_back_only_when_asked(pool, store):
+    plain = pool.run(SMA_CROSS, ref(store))
+    assert plain.ok and plain.plot_html is None
+    res = pool.run(SMA_CROSS, ref(store), plot=True)
+    assert res.ok and res.plot_error is None
+    assert res.plot_html.lstrip().startswith("<!DOCTYPE html>") and "Bokeh" in res.plot_html
+    assert res.stats == plain.stats  # plotting does not change the run

@@ -248,6 +248,8 @@ class _Capture:
         self.size_adjustments = 0
         self.skipped_orders = 0
         self.csv_redirects: list[str] = []
+        self.last_backtest = None  # the Backtest behind the last run, for plotting
+        self.real_plot = None
 
 
 @contextlib.contextmanager
@@ -288,6 +290,8 @@ def _patched(capture: _Capture):
                 return orig_read_csv(io.StringIO(_as_sample_csv(capture.frame)), *args, **kwargs)
         return orig_read_csv(filepath_or_buffer, *args, **kwargs)
 
+    capture.real_plot = orig_backtest.plot  # user code gets a no-op plot(); the harness the real one
+
     class HarnessBacktest(orig_backtest):
         """``Backtest`` for code that builds its own: pooled data, harness money settings."""
 
@@ -298,6 +302,7 @@ def _patched(capture: _Capture):
         def run(self, **kwargs):
             stats = super().run(**kwargs)
             capture.runs.append(stats)
+            capture.last_backtest = self
             return stats
 
         def optimize(self, **kwargs):
@@ -402,6 +407,8 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
                 strategy = find_strategy(module.__dict__, module.__name__)
                 stats = harness_backtest(frame, strategy).run(**(task.get("params") or {}))
                 payload = _run_payload(stats, task)
+            if task.get("plot") and task.get("op") != "grid":
+                payload.update(_plot_html(capture))
         payload["ok"] = True
     except BaseException as exc:  # noqa: BLE001 - classify everything, including SystemExit
         payload = {"ok": False, "error": classify(exc, _limits.violations)}
@@ -416,6 +423,22 @@ def _run_payload(stats: pd.Series, task: dict) -> dict:
             "trades": trades_to_records(stats["_trades"]),
             "equity": equity_points(stats["_equity_curve"], task.get("equity_points", EQUITY_POINTS)),
             "strategy": type(stats["_strategy"]).__name__}
+
+
+def _plot_html(capture: _Capture) -> dict:
+    """backtesting.py's own interactive HTML plot of the last run, written in the task's temp dir.
+
+    A failing plot never fails the run: the error is reported beside the stats.
+    """
+    bt, stats = capture.last_backtest, capture.runs[-1] if capture.runs else None
+    if bt is None or stats is None:
+        return {"plot_error": "no run to plot"}
+    path = Path.cwd() / "plot.html"
+    try:
+        capture.real_plot(bt, results=stats, filename=str(path), open_browser=False)
+        return {"plot_html": path.read_text()}
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return {"plot_error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def _run_grid(task: dict, module, frame, harness_backtest) -> dict:

@@ -87,6 +87,8 @@ class BacktestResult:
     strategy: str | None = None
     size_adjustments: int = 0
     skipped_orders: int = 0
+    plot_html: str | None = None  # backtesting.py's HTML plot, when run(..., plot=True)
+    plot_error: str | None = None
 
     @classmethod
     def _from_reply(cls, reply: dict) -> "BacktestResult":
@@ -101,7 +103,8 @@ class BacktestResult:
                    stderr_truncated=bool(reply.get("stderr_truncated")),
                    duration_s=float(reply.get("duration_s") or 0.0), worker_pid=reply.get("worker_pid"),
                    strategy=payload.get("strategy"), size_adjustments=int(payload.get("size_adjustments", 0)),
-                   skipped_orders=int(payload.get("skipped_orders", 0)))
+                   skipped_orders=int(payload.get("skipped_orders", 0)),
+                   plot_html=payload.get("plot_html"), plot_error=payload.get("plot_error"))
 
     @classmethod
     def _failure(cls, kind: ErrorKind, type_: str, message: str, **kw) -> "BacktestResult":
@@ -395,9 +398,12 @@ class SandboxPool:
 
     def run(self, code: str, data: DataRef | None = None, params: dict | None = None, *,
             timeout: float = 60, limits: Limits | None = None,
-            settings: BacktestSettings | None = None) -> BacktestResult:
-        """Run ``code`` (a Strategy, an LLM reply, or a whole script) on ``data`` in a sandbox."""
-        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}))
+            settings: BacktestSettings | None = None, plot: bool = False) -> BacktestResult:
+        """Run ``code`` (a Strategy, an LLM reply, or a whole script) on ``data`` in a sandbox.
+
+        ``plot=True`` also returns backtesting.py's HTML plot in ``.plot_html``.
+        """
+        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot)
         return BacktestResult._from_reply(self._request(task))
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
