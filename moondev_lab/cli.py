@@ -88,21 +88,102 @@ def cmd_data_info(a: argparse.Namespace) -> int:
     return 0
 
 
-# ----- demo ---------------------------------------------------------------------------
+# ----- rbi / backtest / doctor ------------------------------------------------------
+DEMO_IDEAS = [
+    "Buy when RSI(14) < 30, sell when RSI > 70, 2% stop",
+    "20/50 SMA crossover, long only, 3% take profit",
+    "Bollinger band (20, 2) mean reversion: buy at the lower band, exit at the middle band",
+    "MACD signal line cross with a 1.5 ATR stop",
+    "20-bar Donchian breakout when volume is above 1.5x its 20-bar average",
+]
+
+
+def read_ideas(path: str) -> list[str]:
+    """Ideas from a text file (one per line) or a CSV with an ``idea`` column."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() == ".csv":
+        import pandas as pd
+
+        df = pd.read_csv(p)
+        if "idea" not in df.columns:
+            raise ValueError(f"{p}: a CSV of ideas needs an 'idea' column; found {list(df.columns)}")
+        return [str(i) for i in df["idea"].dropna()]
+    return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _rbi_report(report, as_json: bool, board=None) -> None:
+    if as_json:
+        _print_json(report.to_json())
+        return
+    print(report)
+    if board is not None and len(board):
+        print("\nleaderboard (out-of-sample, held-out last 30% of the data):")
+        print(board.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+
+
+def _rbi_config(a: argparse.Namespace):
+    from .rbi import RBIConfig
+
+    return RBIConfig(symbol=a.symbol, timeframe=a.timeframe, source=a.source, max_debug=a.max_debug,
+                     max_optimize=a.max_optimize)
+
+
+def cmd_rbi(a: argparse.Namespace) -> int:
+    from .ledger import Ledger
+    from .rbi import run_rbi
+
+    ideas = ([a.idea] if a.idea else []) + (read_ideas(a.ideas) if a.ideas else [])
+    if not ideas:
+        raise ValueError("give an idea in quotes, or --ideas FILE")
+    ledger = Ledger()
+    report = run_rbi(ideas, model=a.model, cfg=_rbi_config(a), ledger=ledger, parallel=a.parallel,
+                     progress=not a.json)
+    _rbi_report(report, a.json, ledger.leaderboard(limit=10))
+    return 0 if any(r.status == "ok" for r in report.results) else 1
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .data import DataPool, ensure_sample
+    from . import config
+    from .data import ensure_sample
+    from .ledger import Ledger
+    from .rbi import run_rbi
 
     m = ensure_sample()
-    pool = DataPool()
-    df = pool.get(m.symbol, m.timeframe)
+    if not a.json:
+        print(f"store: {config.store_dir()}\nseries: {m.symbol} {m.timeframe}, {m.rows} candles {m.first} .. {m.last}")
+        print(f"running the RBI loop offline on {len(DEMO_IDEAS)} example ideas ...")
+    demo_ledger = config.home() / "demo" / "ledger.sqlite"
+    for f in demo_ledger.parent.glob("ledger.sqlite*"):
+        f.unlink()  # the demo always runs the loop afresh
+    ledger = Ledger(demo_ledger)
+    report = run_rbi(DEMO_IDEAS, model="offline", cfg=_rbi_config(a), ledger=ledger, progress=not a.json)
+    _rbi_report(report, a.json, ledger.leaderboard(limit=10))
+    return 0 if any(r.status == "ok" for r in report.results) else 1
+
+
+def cmd_backtest(a: argparse.Namespace) -> int:
+    from .sandbox import DataRef, run_file
+
+    res = run_file(a.path, DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end),
+                   timeout=a.timeout)
     if a.json:
-        _print_json({"series": m.summary(), "pool": pool.stats().to_dict()})
-        return 0
-    print(f"store: {pool.store.root}")
-    print(f"series: {m.symbol} {m.timeframe}, {m.rows} candles {m.first} .. {m.last}")
-    print(df.tail(3).to_string())
-    print(pool.stats())
-    return 0
+        _print_json(res.to_dict())
+    else:
+        print(res)
+    return 0 if res.ok else 1
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from .memory import health_check
+
+    report = health_check()
+    if a.json:
+        _print_json(report.to_dict())
+    else:
+        print(report)
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +220,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--source")
     sp.add_argument("--verify", action="store_true", help="recompute checksums")
 
-    add(sub, "demo", cmd_demo, "run the main job offline on the bundled data")
+    def data_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--symbol", default="BTC/USD")
+        sp.add_argument("--timeframe", default="15m")
+        sp.add_argument("--source")
+
+    def loop_args(sp: argparse.ArgumentParser) -> None:
+        data_args(sp)
+        sp.add_argument("--max-debug", type=int, default=3, help="debug-loop iterations")
+        sp.add_argument("--max-optimize", type=int, default=2, help="optimize-loop iterations")
+
+    sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
+    sp.add_argument("idea", nargs="?", help="an idea in quotes")
+    sp.add_argument("--ideas", help="a file of ideas: one per line, or a CSV with an 'idea' column")
+    sp.add_argument("--model", default="auto", help="offline, auto (Claude if ANTHROPIC_API_KEY is set) or a Claude model")
+    sp.add_argument("--parallel", type=int, help="ideas in flight at once")
+    loop_args(sp)
+    sp = add(sub, "backtest", cmd_backtest, "run a strategy file in the sandbox on pooled data")
+    sp.add_argument("path")
+    data_args(sp)
+    sp.add_argument("--start")
+    sp.add_argument("--end")
+    sp.add_argument("--timeout", type=float, default=120.0)
+    add(sub, "doctor", cmd_doctor, "health check: memory, CPU, disk, cgroup limit, store")
+    loop_args(add(sub, "demo", cmd_demo, "run the RBI loop offline on the bundled data, ending with a leaderboard"))
     return p
 
 

@@ -61,7 +61,10 @@ def template_main(ctrl_fd: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     send_msg(ctrl, b'{"ready": true}')
     while os.getppid() == parent:
-        msg, fds, _flags, _addr = socket.recv_fds(ctrl, 4096, 1)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctrl, 4096, 1)
+        except ConnectionError:  # the pool closed its end: a normal shutdown
+            return
         if not msg:
             return
         request = json.loads(msg)
