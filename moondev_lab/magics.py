@@ -187,6 +187,7 @@ def unload_ipython_extension(ip) -> None:
     if magics is None:
         return
     magics.watch.off()
+    magics.watch.meter.close()  # ends a sampling thread, if the fallback was in use
     if magics.dashboard is not None:
         magics.dashboard.stop()
     for kind, names in magics.magics.items():

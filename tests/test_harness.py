@@ -147,3 +147,10 @@ def test_errors_are_classified(frame):
     bad = SMA_CROSS.replace("self.position.close()", "raise ValueError('boom')")
     err = execute({"op": "run", "code": bad}, frame)["error"]
     assert (err["kind"], err["type"], err["message"]) == ("strategy_error", "ValueError", "boom")
+
+
+def test_prose_without_code_is_classified_no_strategy():
+    from moondev_lab.sandbox.harness import execute
+
+    payload = execute({"op": "run", "code": "I would buy low and sell high, good luck!"}, None)
+    assert payload["ok"] is False and payload["error"]["kind"] == "no_strategy"

@@ -160,6 +160,7 @@ def test_fallback_ledger_is_marked_approximate(ip):
         _, cap = run(ip, "a = np.ones(50 * 2**20 // 8); time.sleep(0.2); del a")
     finally:
         w.off()
+        w.meter.close()
     (rec,) = ledger_records(cap)
     assert rec["exact"] is False and "(approx.)" in cap.outputs[-1].data["text/plain"]
     assert rec["peak_above_start"] > 45 * MIB

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import mmap
 import resource
 import time
 
@@ -32,9 +33,15 @@ def _home(tmp_path, monkeypatch):
 
 
 def _transient(mib: int, hold_s: float) -> None:
-    a = np.ones(mib * MIB // 8)  # np.ones touches every page: it is resident
+    # An anonymous mapping of its own, so that freeing it always returns the pages:
+    # malloc may otherwise serve (and keep) a large array from a free heap chunk
+    # left by earlier tests, and RSS would not move.
+    buf = mmap.mmap(-1, mib * MIB)
+    a = np.frombuffer(buf, dtype=np.uint8)
+    a[:] = 1  # touch every page: it is resident
     time.sleep(hold_s)
     del a
+    buf.close()
 
 
 # ------------------------------------------------------------ exact peaks
@@ -178,6 +185,8 @@ def test_thresholds_fire_pressure_actions_and_log_them(caplog):
     _registry.register_pool(pool)
     m = Monitor(cooldown_s=60)
     m.set_threshold("rss", normal="1KB", alert="2KB")
+    for metric in ("gc_per_minute", "gc_pause_ms"):  # other tests' collections count too
+        m.set_threshold(metric, normal=10**6, alert=10**7)
     with caplog.at_level(logging.WARNING, logger="moondev_lab.memory"):
         report = m.check(objects=False)
     assert [a.metric for a in report.alerts] == ["rss"]
@@ -296,3 +305,14 @@ def test_health_check_reports_every_area(tmp_path):
     assert health_check()["store"].detail == "readable and writable"
     assert "<table>" in report._repr_html_() and "store" in str(report)
     assert not health_check(min_free_memory=1 << 60).ok
+
+
+def test_closing_a_sampling_meter_ends_its_thread():
+    import threading
+
+    meter = PeakMeter("sampling")
+    meter.start()
+    meter.stop()
+    assert any(t.name == "moondev-peak-sampler" for t in threading.enumerate())
+    meter.close()
+    assert not any(t.name == "moondev-peak-sampler" for t in threading.enumerate())

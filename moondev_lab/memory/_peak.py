@@ -207,6 +207,7 @@ class _SamplingPeak:
         self._armed = threading.Event()
         self._peak = 0
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def rss(self) -> int:
         return self._proc.memory_info().rss
@@ -214,12 +215,15 @@ class _SamplingPeak:
     def _run(self) -> None:
         while True:
             self._armed.wait()
+            if self._closed:  # close() wakes the thread so that it ends, never lingers
+                return
             rss = self._proc.memory_info().rss
             if rss > self._peak:
                 self._peak = rss
             time.sleep(self.interval)
 
     def reset(self) -> int:
+        self._closed = False
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="moondev-peak-sampler", daemon=True)
             self._thread.start()
@@ -237,6 +241,11 @@ class _SamplingPeak:
         self._armed.clear()
 
     def close(self) -> None:
+        self._closed = True
+        self._armed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1)
+        self._thread = None
         self._armed.clear()
 
 

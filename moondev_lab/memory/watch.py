@@ -136,6 +136,10 @@ class MemWatch:
                     pass
             self.gc.uninstall()
             self.active = False
+        if self._tracing:  # autotrace armed for a cell that will never come
+            tracemalloc.stop()
+            self._tracing = False
+        self._trace_next = False
         self.set_limit(None)
         self._depth = 0
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..codeextract import NoCodeFound, StrategyNotFound
 from .errors import ErrorKind, SandboxViolation
 from .settings import BacktestSettings
 
@@ -112,23 +113,10 @@ def silence_progress() -> None:
 
 # ----------------------------------------------------------------------- code handling
 def extract_code(text: str) -> str:
-    """Python source from a file or an LLM reply (prose, ``<think>``, fences)."""
-    try:
-        from moondev_lab.codeextract import extract_code as _extract
-    except ImportError:
-        return _extract_fenced(text)
+    """Python source from a file or an LLM reply (prose, ``<think>``, fences); see :mod:`moondev_lab.codeextract`."""
+    from moondev_lab.codeextract import extract_code as _extract
+
     return _extract(text)
-
-
-_THINK = re.compile(r"<think>.*?(</think>|\Z)", re.S | re.I)
-_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
-
-
-def _extract_fenced(text: str) -> str:
-    """Fallback until ``moondev_lab.codeextract`` exists: the longest fenced block, else all."""
-    text = _THINK.sub("", text)
-    blocks = [b for b in _FENCE.findall(text) if b.strip()]
-    return max(blocks, key=len) if blocks else text
 
 
 def find_strategy(namespace: dict, module_name: str):
@@ -462,7 +450,7 @@ def classify(exc: BaseException, violations=()) -> dict:
         kind = exc.kind
     elif isinstance(exc, SyntaxError):
         kind = ErrorKind.SYNTAX_ERROR
-    elif isinstance(exc, _NoStrategy):
+    elif isinstance(exc, (_NoStrategy, NoCodeFound, StrategyNotFound)):
         kind = ErrorKind.NO_STRATEGY
     elif isinstance(exc, ImportError):
         kind = ErrorKind.IMPORT_ERROR
