@@ -4,8 +4,10 @@
 
 Measures on one synthetic OHLCV series (default 10 M rows):
 
-1. time to a usable DataFrame, in a fresh process (min/max over runs) and
-   repeated in one process (steady state), with the memory it adds:
+1. time to a usable DataFrame, in a fresh process (min/max over runs; each
+   loader first loads a tiny file of its own format, so one-time library
+   initialisation is not counted for any of them) and repeated in one
+   process (steady state), with the memory it adds:
    VmRSS, RssAnon and the Rss of the data file's own mappings (smaps), since
    VmRSS also counts library code and pandas objects (notes/data-layer.md #3);
 2. the time of ``close.mean()`` right after loading (first touch of mapped
@@ -60,6 +62,11 @@ def _file_rss(marker: str) -> int:
     return total
 
 
+#: Where each loader's tiny warm-up file lives, next to the big one.
+TINY = {"csv": lambda p: p.replace("syn.csv", "tiny.csv"), "parquet": lambda p: p.replace("syn.parquet", "tiny.parquet"),
+        "pool": lambda p: p.replace("store", "tiny-store")}
+
+
 def _load(kind: str, path: str):
     import pandas as pd
 
@@ -81,6 +88,9 @@ def child(kind: str, path: str, repeat: int) -> None:
 
     if kind == "pool":
         import moondev_lab.data  # noqa: F401
+    # Same warm-up for every loader: one load of a tiny file of the same format, so that
+    # "fresh" times the first load of the big series, not one-time library initialisation.
+    _load(kind, TINY[kind](path))
     rss0, anon0, file0 = _status("VmRSS"), _status("RssAnon"), _file_rss(".arrow")
     t = time.perf_counter()
     df = _load(kind, path)
@@ -184,6 +194,10 @@ def make_data(rows: int, d: Path) -> dict:
     print(f"  store write {time.perf_counter() - t:.1f}s", flush=True)
     df.to_parquet(paths["parquet"])
     df.to_csv(paths["csv"])
+    tiny = df.iloc[:1000]
+    Store(d / "tiny-store").write(tiny, SYMBOL, TF)
+    tiny.to_parquet(d / "tiny.parquet")
+    tiny.to_csv(d / "tiny.csv")
     return {k: str(v) for k, v in paths.items()}
 
 
