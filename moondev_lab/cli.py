@@ -175,6 +175,39 @@ def cmd_backtest(a: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_batch(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .batch import run_notebooks
+
+    p = Path(a.params)
+    if p.suffix.lower() == ".csv":
+        import pandas as pd
+
+        params = pd.read_csv(p, dtype=str).to_dict("records")
+    else:
+        params = json.loads(p.read_text())
+    if not isinstance(params, list) or not all(isinstance(x, dict) for x in params):
+        raise ValueError(f"{p}: expected a JSON list of parameter objects, or a CSV with one run per row")
+    client = cluster = None
+    if a.dask_workers:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=a.dask_workers, threads_per_worker=a.parallel, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        report = run_notebooks(a.notebook, params, a.out, client=client, parallel=a.parallel, progress=not a.json)
+    finally:
+        if client is not None:
+            client.close()
+            cluster.close()
+    if a.json:
+        _print_json(report.table().to_dict("records"))
+    else:
+        print(report)
+    return 0 if report.ok else 1
+
+
 def cmd_doctor(a: argparse.Namespace) -> int:
     from .memory import health_check
 
@@ -242,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start")
     sp.add_argument("--end")
     sp.add_argument("--timeout", type=float, default=120.0)
+    sp = add(sub, "batch", cmd_batch, "run a notebook once per parameter set with papermill (memory ledger on)")
+    sp.add_argument("notebook")
+    sp.add_argument("--params", required=True, help="a JSON list of parameter objects, or a CSV with one run per row")
+    sp.add_argument("--out", help="folder for the executed notebooks")
+    sp.add_argument("--parallel", type=int, default=2, help="kernels at once (per Dask worker with --dask-workers)")
+    sp.add_argument("--dask-workers", type=int, default=0, help="run on a local Dask cluster of N workers")
     add(sub, "doctor", cmd_doctor, "health check: memory, CPU, disk, cgroup limit, store")
     loop_args(add(sub, "demo", cmd_demo, "run the RBI loop offline on the bundled data, ending with a leaderboard"))
     return p
