@@ -101,6 +101,18 @@ _OSC = {  # kind: (talib call, default n)
 }
 
 
+
+def _band(params: dict, pre: str, call: str, label: str, helper: str, mode: str) -> "KindCode":
+    """Upper/middle/lower band indicators: a breakout rides the band, a reversion fades it to the middle."""
+    init = [f"self.{pre}_{part} = self.I({call}, {i}, name='{label} {name}')"
+            for i, (part, name) in enumerate([("upper", "upper"), ("mid", "middle"), ("lower", "lower")])]
+    up, mid, lo = (f"self.{pre}_{x}[i]" for x in ("upper", "mid", "lower"))
+    if mode == "breakout":
+        return KindCode(params, init, f"close[i] > {up}", f"close[i] < {lo}", f"close[i] < {mid}", f"close[i] > {mid}",
+                        helpers=[helper])
+    return KindCode(params, init, f"close[i] < {lo}", f"close[i] > {up}", f"close[i] > {mid}", f"close[i] < {mid}",
+                    helpers=[helper])
+
 def _kind_code(sig: Signal) -> KindCode:
     k, p = sig.kind, sig.params
     if k in _OSC:
@@ -123,15 +135,8 @@ def _kind_code(sig: Signal) -> KindCode:
         return KindCode({"trend_n": p["n"]}, [f"self.trend = self.I(talib.{ma}, close, self.trend_n, name='{ma}')"],
                         "close[i] > self.trend[i]", "close[i] < self.trend[i]")
     if k == "bb":
-        params = {"bb_n": p["n"], "bb_k": p["k"]}
-        init = [f"self.bb_upper = self.I(bb_band, close, self.bb_n, self.bb_k, 0, name='BB upper')",
-                f"self.bb_mid = self.I(bb_band, close, self.bb_n, self.bb_k, 1, name='BB middle')",
-                f"self.bb_lower = self.I(bb_band, close, self.bb_n, self.bb_k, 2, name='BB lower')"]
-        if p["mode"] == "breakout":
-            return KindCode(params, init, "close[i] > self.bb_upper[i]", "close[i] < self.bb_lower[i]",
-                            "close[i] < self.bb_mid[i]", "close[i] > self.bb_mid[i]", helpers=["bb_band"])
-        return KindCode(params, init, "close[i] < self.bb_lower[i]", "close[i] > self.bb_upper[i]",
-                        "close[i] > self.bb_mid[i]", "close[i] < self.bb_mid[i]", helpers=["bb_band"])
+        return _band({"bb_n": p["n"], "bb_k": p["k"]}, "bb", "bb_band, close, self.bb_n, self.bb_k", "BB",
+                     "bb_band", p["mode"])
     if k == "bb_squeeze":
         if p.get("keltner"):
             return KindCode({"sq_n": p["n"], "sq_k": p["k"], "sq_kc_mult": p["kc_mult"], "sq_recent": p["recent"]},
@@ -150,15 +155,8 @@ def _kind_code(sig: Signal) -> KindCode:
                         ["self.bbw_rank = self.I(bb_width_rank, close, self.bbx_n, self.bbx_k, self.bbx_lookback, "
                          "name='BB width rank', overlay=False)"], cond, cond, symmetric=True, helpers=["bb_width_rank"])
     if k == "keltner":
-        params = {"kc_n": p["n"], "kc_mult": p["mult"]}
-        init = [f"self.kc_upper = self.I(keltner, high, low, close, self.kc_n, self.kc_mult, 0, name='KC upper')",
-                f"self.kc_mid = self.I(keltner, high, low, close, self.kc_n, self.kc_mult, 1, name='KC middle')",
-                f"self.kc_lower = self.I(keltner, high, low, close, self.kc_n, self.kc_mult, 2, name='KC lower')"]
-        if p["mode"] == "breakout":
-            return KindCode(params, init, "close[i] > self.kc_upper[i]", "close[i] < self.kc_lower[i]",
-                            "close[i] < self.kc_mid[i]", "close[i] > self.kc_mid[i]", helpers=["keltner"])
-        return KindCode(params, init, "close[i] < self.kc_lower[i]", "close[i] > self.kc_upper[i]",
-                        "close[i] > self.kc_mid[i]", "close[i] < self.kc_mid[i]", helpers=["keltner"])
+        return _band({"kc_n": p["n"], "kc_mult": p["mult"]}, "kc",
+                     "keltner, high, low, close, self.kc_n, self.kc_mult", "KC", "keltner", p["mode"])
     if k == "macd":
         params = {"macd_fast": p["fast"], "macd_slow": p["slow"], "macd_signal": p["signal"]}
         init = ["self.macd = self.I(lambda: talib.MACD(close, self.macd_fast, self.macd_slow, self.macd_signal)[0], "
