@@ -1,8 +1,12 @@
 """The backtest harness, in-process: result shape, sizing, pandas_ta, wild code."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +15,7 @@ from backtesting import Backtest
 
 from moondev_lab.config import BUNDLED_DATA_DIR
 from moondev_lab.sandbox.harness import (BacktestSettings, alias_pandas_ta, equity_points, execute,
-                                          extract_code, normalise_size, silence_progress)
+                                          extract_code, normalise_size, silence_progress, warm_up)
 
 SMA_CROSS = '''
 from backtesting import Strategy
@@ -154,3 +158,67 @@ def test_prose_without_code_is_classified_no_strategy():
 
     payload = execute({"op": "run", "code": "I would buy low and sell high, good luck!"}, None)
     assert payload["ok"] is False and payload["error"]["kind"] == "no_strategy"
+
+
+def test_grid_chunk_returns_its_first_best_run_like_a_fresh_run(frame):
+    combos = [{"n1": 5, "n2": 20}, {"n1": 10, "n2": 30}, {"n1": 10, "n2": 30}, {"n1": 15, "n2": 40}]
+    chunk = execute({"op": "grid", "code": SMA_CROSS, "combos": combos, "maximize": "Return [%]"}, frame)
+    assert chunk["ok"], chunk.get("error")
+    values = chunk["values"]
+    assert len(values) == 4 and values[1] == values[2]  # a tie: the first one must win
+    best = max(range(4), key=lambda i: (values[i] is not None, values[i] if values[i] is not None else 0, -i))
+    assert chunk["best_index"] == best
+    fresh = execute({"op": "run", "code": SMA_CROSS, "params": combos[best]}, frame)
+    got = chunk["best"]
+    # The chunk's best run equals a fresh run at those parameters, field by field (NaN-aware).
+    assert json.dumps(got["stats"], sort_keys=True) == json.dumps(fresh["stats"], sort_keys=True)
+    assert got["trades"] == fresh["trades"] and got["equity"] == fresh["equity"]
+    assert (got["size_adjustments"], got["skipped_orders"]) == (fresh["size_adjustments"], fresh["skipped_orders"])
+    assert chunk["size_adjustments"] > got["size_adjustments"] > 0  # per-run counts, not the chunk's total
+
+
+def test_interrupted_warm_up_leaves_the_harness_intact(frame):
+    import backtesting
+    from backtesting import Strategy
+
+    before = (backtesting.Backtest, Strategy.buy, Strategy.sell, pd.read_csv)
+    polls = []
+
+    def stop_after_a_few_polls() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # stops inside the warm-up backtest's next()
+
+    warm_up(stop_after_a_few_polls)
+    assert len(polls) == 4  # it stopped at the first poll that said so, and polled no more
+    warm_up(lambda: True)  # a task already waiting: nothing runs
+    assert (backtesting.Backtest, Strategy.buy, Strategy.sell, pd.read_csv) == before
+    payload = execute({"op": "run", "code": SMA_CROSS}, frame)
+    assert payload["ok"] and payload["size_adjustments"] > 0
+
+
+def test_backtesting_imports_without_bokeh_until_the_first_plot(tmp_path):
+    script = f'''
+import sys, warnings
+warnings.simplefilter("ignore")
+from moondev_lab.sandbox import harness
+harness.prepare_imports()
+from backtesting import Backtest, Strategy
+from backtesting.lib import crossover, plot_heatmaps
+from backtesting.test import GOOG
+assert "bokeh" not in sys.modules, "bokeh imported eagerly"
+
+class Hold(Strategy):
+    def init(self): pass
+    def next(self):
+        if not self.position: self.buy()
+
+bt = Backtest(GOOG.iloc[:200], Hold, finalize_trades=True)
+bt.run()
+bt.plot(filename={str(tmp_path / "plot.html")!r}, open_browser=False)
+assert "bokeh" in sys.modules
+print("ok")
+'''
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "Bokeh" in (tmp_path / "plot.html").read_text()

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
+import time
 import warnings
 
 import psutil
@@ -116,6 +118,10 @@ def test_optimize_matches_backtest_optimize(pool, store, tmp_path):
         got = ours.stats[key]
         assert got == value or (isinstance(value, float) and math.isnan(value) and math.isnan(got)), key
     assert len(ours.heatmap) == 6
+    # The best run comes from its grid chunk (no extra run): it equals a fresh run there.
+    fresh = pool.run(SMA_CROSS, ref(store, 14), ours.best_params)
+    assert json.dumps(fresh.stats, sort_keys=True) == json.dumps(ours.stats, sort_keys=True)
+    assert fresh.trades == ours.result.trades and fresh.equity == ours.result.equity
 
 
 def test_pool_is_registered_and_shrinks(store):
@@ -155,3 +161,14 @@ def test_plot_html_comes_back_only_when_asked(pool, store):
     assert res.ok and res.plot_error is None
     assert res.plot_html.lstrip().startswith("<!DOCTYPE html>") and "Bokeh" in res.plot_html
     assert res.stats == plain.stats  # plotting does not change the run
+
+
+def test_prewarmed_standby_runs_the_task_at_normal_priority(pool, store):
+    # The next task child warms up under SCHED_IDLE while idle; the task itself must not.
+    code = SMA_CROSS + "\nimport os\nprint('policy', os.sched_getscheduler(0))\n"
+    assert pool.prewarm
+    for _ in range(2):
+        res = pool.run(code, ref(store, 1))
+        assert res.ok, res.error
+        assert f"policy {os.SCHED_OTHER}" in res.stdout
+        time.sleep(0.3)  # idle time: the worker's next standby warms up

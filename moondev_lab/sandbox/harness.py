@@ -20,12 +20,14 @@ import contextlib
 import errno
 import importlib
 import io
+import json
 import math
 import re
 import sys
 import traceback
 import types
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -46,6 +48,7 @@ def prepare_imports() -> None:
     Called once in the warm worker before any fork, so every task child starts
     with them imported (copy-on-write shared).
     """
+    defer_bokeh()
     import backtesting  # noqa: F401
     import backtesting.lib  # noqa: F401
     import talib  # noqa: F401
@@ -54,10 +57,60 @@ def prepare_imports() -> None:
     silence_progress()
 
 
+_PLOTTING = "backtesting._plotting"
+
+
+def defer_bokeh() -> None:
+    """Let ``import backtesting`` skip bokeh; it is imported on the first plot instead.
+
+    backtesting.py imports its bokeh plotting module eagerly: 0.5 s and ~22 MiB
+    of heap in every warm process, yet only ``plot=True`` runs need it. A stand-in
+    ``backtesting._plotting`` forwards every use to the real module, loading it
+    on first touch. Must run before backtesting is imported; otherwise a no-op.
+
+    >>> defer_bokeh(); import backtesting                     # doctest: +SKIP
+    >>> "bokeh" in sys.modules                                # doctest: +SKIP
+    False
+    """
+    if "backtesting" in sys.modules or _PLOTTING in sys.modules:
+        return
+    stub = types.ModuleType(_PLOTTING, "Stand-in that imports the real module (and bokeh) on first use.")
+
+    def real():
+        if sys.modules.get(_PLOTTING) is stub:
+            del sys.modules[_PLOTTING]
+            module = importlib.import_module(_PLOTTING)
+            import backtesting
+            import backtesting.backtesting as btmod
+            import backtesting.lib as lib
+
+            backtesting._plotting = module
+            btmod.plot, lib._plot_heatmaps = module.plot, module.plot_heatmaps
+        return sys.modules[_PLOTTING]
+
+    def forward(name: str):
+        def call(*args, **kwargs):
+            return getattr(real(), name)(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    for name in ("plot", "plot_heatmaps", "set_bokeh_output"):
+        setattr(stub, name, forward(name))
+    def getattr_(name: str):  # any other public name loads the real module
+        if name.startswith("__"):
+            raise AttributeError(name)  # the import system probes __path__ etc.
+        return getattr(real(), name)
+
+    stub.__getattr__ = getattr_
+    sys.modules[_PLOTTING] = stub
+
+
 _WARMUP = """
 from backtesting import Strategy
 from backtesting.lib import crossover
 import talib
+from moondev_lab.sandbox import harness as _harness
 
 class Warmup(Strategy):
     def init(self):
@@ -65,6 +118,8 @@ class Warmup(Strategy):
         self.slow = self.I(talib.SMA, self.data.Close, 20)
 
     def next(self):
+        if len(self.data) % 8 == 0 and _harness._warm_up_should_stop():
+            raise _harness.WarmUpInterrupted
         if crossover(self.fast, self.slow):
             self.buy(size=0.5, sl=self.data.Close[-1] * 0.9)
         elif crossover(self.slow, self.fast):
@@ -72,17 +127,42 @@ class Warmup(Strategy):
 """
 
 
-def warm_up() -> None:
-    """Run one tiny backtest so first-use work (lazy imports, caches) happens once, before forks.
+class WarmUpInterrupted(Exception):
+    """Raised inside the warm-up backtest when real work has arrived."""
 
-    Measured: it takes a fresh task child from ~45 ms to ~15 ms for a one-day backtest.
+
+def _never() -> bool:
+    return False
+
+
+_warm_up_should_stop: Callable[[], bool] = _never
+
+
+def warm_up(should_stop: Callable[[], bool] | None = None, *, grid: bool = True) -> None:
+    """Run one tiny backtest so first-use work (lazy imports, caches) happens before a task.
+
+    The template calls it once before any fork. A pool's standby task child calls
+    it again while idle, with ``should_stop`` polled every few bars: a fresh fork
+    pays ~20 ms of copy-on-write page faults on its first backtest, and the
+    standby pays them here, off the critical path, unless a task arrives first.
+
+    >>> warm_up()                                                # doctest: +SKIP
     """
-    idx = pd.date_range("2023-01-01", periods=300, freq="15min", tz="UTC", name="ts")
-    close = 100 + np.sin(np.arange(300) / 7) * 5
-    frame = pd.DataFrame({"Open": close, "High": close + 1, "Low": close - 1, "Close": close,
-                          "Volume": 1.0}, index=idx)
-    execute({"op": "run", "code": _WARMUP}, frame)
-    execute({"op": "grid", "code": _WARMUP, "combos": [{}], "maximize": "SQN"}, frame)
+    global _warm_up_should_stop
+    _warm_up_should_stop = should_stop or _never
+    try:
+        idx = pd.date_range("2023-01-01", periods=300, freq="15min", tz="UTC", name="ts")
+        close = 100 + np.sin(np.arange(300) / 7) * 5
+        frame = pd.DataFrame({"Open": close, "High": close + 1, "Low": close - 1, "Close": close,
+                              "Volume": 1.0}, index=idx)
+        if not _warm_up_should_stop():
+            json.dumps(execute({"op": "run", "code": _WARMUP}, frame), default=str)
+        if grid and not _warm_up_should_stop():
+            execute({"op": "grid", "code": _WARMUP, "combos": [{}], "maximize": "SQN"}, frame)
+    except WarmUpInterrupted:
+        pass
+    finally:
+        _warm_up_should_stop = _never
 
 
 def alias_pandas_ta() -> None:
@@ -232,7 +312,9 @@ class _Capture:
     def __init__(self, frame: pd.DataFrame, settings: BacktestSettings):
         self.frame = frame
         self.settings = settings
-        self.runs: list[pd.Series] = []
+        # Only the last run's stats are kept: a grid chunk runs dozens of backtests and keeping
+        # every stats Series (equity curve, trades, strategy) grew a 31k-bar chunk by ~1.7 MiB a run.
+        self.last_run: pd.Series | None = None
         self.size_adjustments = 0
         self.skipped_orders = 0
         self.csv_redirects: list[str] = []
@@ -289,7 +371,7 @@ def _patched(capture: _Capture):
 
         def run(self, **kwargs):
             stats = super().run(**kwargs)
-            capture.runs.append(stats)
+            capture.last_run = stats
             capture.last_backtest = self
             return stats
 
@@ -298,7 +380,7 @@ def _patched(capture: _Capture):
             with _in_process_optimize():
                 stats = super().optimize(**kwargs)
             result = stats[0] if isinstance(stats, tuple) else stats
-            capture.runs.append(result)
+            capture.last_run = result
             return stats
 
         def plot(self, *args, **kwargs):
@@ -388,9 +470,9 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
         with _patched(capture) as harness_backtest:
             exec(compiled, module.__dict__)
             if task.get("op") == "grid":
-                payload = _run_grid(task, module, frame, harness_backtest)
-            elif capture.runs and not task.get("params"):
-                payload = _run_payload(capture.runs[-1], task)
+                payload = _run_grid(task, module, frame, harness_backtest, capture)
+            elif capture.last_run is not None and not task.get("params"):
+                payload = _run_payload(capture.last_run, task)
             else:
                 strategy = find_strategy(module.__dict__, module.__name__)
                 stats = harness_backtest(frame, strategy).run(**(task.get("params") or {}))
@@ -398,6 +480,8 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
             if task.get("plot") and task.get("op") != "grid":
                 payload.update(_plot_html(capture))
         payload["ok"] = True
+    except WarmUpInterrupted:
+        raise  # a task is waiting: skip classifying (formatting a traceback costs milliseconds)
     except BaseException as exc:  # noqa: BLE001 - classify everything, including SystemExit
         payload = {"ok": False, "error": classify(exc, _limits.violations)}
     payload["size_adjustments"] = capture.size_adjustments
@@ -418,7 +502,7 @@ def _plot_html(capture: _Capture) -> dict:
 
     A failing plot never fails the run: the error is reported beside the stats.
     """
-    bt, stats = capture.last_backtest, capture.runs[-1] if capture.runs else None
+    bt, stats = capture.last_backtest, capture.last_run
     if bt is None or stats is None:
         return {"plot_error": "no run to plot"}
     path = Path.cwd() / "plot.html"
@@ -429,17 +513,36 @@ def _plot_html(capture: _Capture) -> dict:
         return {"plot_error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def _run_grid(task: dict, module, frame, harness_backtest) -> dict:
-    """One chunk of a parameter grid, scored exactly like ``Backtest.optimize`` does."""
+def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) -> dict:
+    """One chunk of a parameter grid, scored exactly like ``Backtest.optimize`` does.
+
+    All combinations run on one ``Backtest`` object in this one process. Besides
+    the scores, the full result (stats, trades, equity) of the chunk's best run
+    comes back, so the pool needs no extra run at the overall best parameters:
+    the first maximum of the whole grid is also the first maximum of its chunk.
+    """
     strategy = find_strategy(module.__dict__, module.__name__)
     bt = harness_backtest(frame, strategy)
     key = task.get("maximize", "SQN")
-    values = []
-    for params in task["combos"]:
+    values: list[float | None] = []
+    best_i, best_value, best_stats, best_sizing = 0, None, None, (0, 0)
+    for i, params in enumerate(task["combos"]):
+        sizing = (capture.size_adjustments, capture.skipped_orders)
         stats = bt.run(**params)
+        sizing = (capture.size_adjustments - sizing[0], capture.skipped_orders - sizing[1])
         # Backtest._mp_task drops runs without trades from the heatmap
-        values.append(float(stats[key]) if stats["# Trades"] else None)
-    return {"values": values, "strategy": strategy.__name__}
+        value = float(stats[key]) if stats["# Trades"] else None
+        values.append(value)
+        if best_stats is None:
+            best_stats, best_sizing = stats, sizing  # the pool falls back to the first combination
+        if value is not None and not math.isnan(value) and (best_value is None or value > best_value):
+            best_i, best_value, best_stats, best_sizing = i, value, stats, sizing  # ">": first of ties wins
+        del stats
+    best = None
+    if best_stats is not None:
+        best = {**_run_payload(best_stats, task), "ok": True,
+                "size_adjustments": best_sizing[0], "skipped_orders": best_sizing[1]}
+    return {"values": values, "strategy": strategy.__name__, "best_index": best_i, "best": best}
 
 
 def classify(exc: BaseException, violations=()) -> dict:

@@ -213,7 +213,7 @@ class SandboxPool:
     def __init__(self, size: int | None = None, *, max_tasks_per_worker: int = 200,
                  max_rss_mb: float = 1024, memory_budget_mb: float | None = None,
                  limits: Limits | None = None, settings: BacktestSettings | None = None,
-                 prewarm: bool = False, python: str | None = None):
+                 prewarm: bool = True, python: str | None = None):
         self.size = int(size) if size else default_size(memory_budget_mb)
         if not 1 <= self.size <= 64:
             raise ValueError(f"size must be between 1 and 64, not {self.size}")
@@ -457,20 +457,27 @@ class SandboxPool:
             for chunk in chunks]
         scores: list = []
         errors: list[SandboxError] = []
+        best_runs: dict[int, dict] = {}  # grid index -> the reply carrying its chunk's best run
         for chunk, fut in zip(chunks, futures):
             reply = fut.result()
             if reply.get("error"):
                 errors.append(SandboxError.from_dict(reply["error"]))
                 scores += [None] * len(chunk)
             else:
-                scores += reply["payload"]["values"]
+                payload = reply["payload"]
+                if payload.get("best"):
+                    best_runs[len(scores) + payload["best_index"]] = {**reply, "payload": payload["best"]}
+                scores += payload["values"]
         if errors and len(errors) == len(chunks):
             result = BacktestResult(ok=False, error=errors[0])
             return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
         valid = [(i, s) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
         best_i = max(valid, key=lambda t: t[1])[0] if valid else 0  # max() keeps the first of ties
         best = combos[best_i]
-        result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
+        if best_i in best_runs:  # the chunk already ran it: same stats as a fresh run, one run saved
+            result = BacktestResult._from_reply(best_runs[best_i])
+        else:
+            result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
         return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
 
     # ----------------------------------------------------------------- inspection
