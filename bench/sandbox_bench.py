@@ -33,25 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CSV = REPO / "data" / "BTC-USD-15m.csv"
 
-SMA_CROSS = '''
-from backtesting import Strategy
-from backtesting.lib import crossover
-import talib
-
-class SmaCross(Strategy):
-    n1 = 10
-    n2 = 30
-
-    def init(self):
-        self.a = self.I(talib.SMA, self.data.Close, self.n1)
-        self.b = self.I(talib.SMA, self.data.Close, self.n2)
-
-    def next(self):
-        if crossover(self.a, self.b):
-            self.buy()
-        elif crossover(self.b, self.a):
-            self.position.close()
-'''
+sys.path.insert(0, str(REPO / "tests"))
+from strategies import SMA_CROSS  # noqa: E402 - the sample strategy the tests use too
 COLD_SCRIPT = SMA_CROSS + '''
 import pandas as pd
 from backtesting import Backtest

@@ -5,24 +5,9 @@ import pytest
 
 from moondev_lab.codeextract import (CodeSyntaxError, NoCodeFound, StrategyNotFound, describe_data_use, extract_code,
                                      extract_strategy, find_strategy_classes, static_check)
+from strategies import sma_cross
 
-GOOD = """from backtesting import Strategy
-from backtesting.lib import crossover
-import talib
-
-
-class SmaCross(Strategy):
-    n1 = 10
-    n2 = 30
-
-    def init(self):
-        self.a = self.I(talib.SMA, self.data.Close, self.n1)
-        self.b = self.I(talib.SMA, self.data.Close, self.n2)
-
-    def next(self):
-        if crossover(self.a, self.b):
-            self.buy(size=0.5)
-"""
+GOOD = sma_cross("self.buy(size=0.5)")
 
 
 def test_think_blocks_are_stripped_closed_and_unclosed():

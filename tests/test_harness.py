@@ -16,26 +16,9 @@ from backtesting import Backtest
 from moondev_lab.config import BUNDLED_DATA_DIR
 from moondev_lab.sandbox.harness import (BacktestSettings, alias_pandas_ta, equity_points, execute,
                                           extract_code, normalise_size, silence_progress, warm_up)
+from strategies import sma_cross
 
-SMA_CROSS = '''
-from backtesting import Strategy
-from backtesting.lib import crossover
-import talib
-
-class SmaCross(Strategy):
-    n1 = 10
-    n2 = 30
-
-    def init(self):
-        self.a = self.I(talib.SMA, self.data.Close, self.n1)
-        self.b = self.I(talib.SMA, self.data.Close, self.n2)
-
-    def next(self):
-        if crossover(self.a, self.b):
-            self.buy(size=2.6)          # fractional units: invalid for backtesting.py
-        elif crossover(self.b, self.a):
-            self.position.close()
-'''
+SMA_CROSS = sma_cross("self.buy(size=2.6)          # fractional units: invalid for backtesting.py")
 
 
 @pytest.fixture(scope="module")

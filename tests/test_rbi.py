@@ -12,31 +12,11 @@ from moondev_lab.ledger import Ledger
 from moondev_lab.models import ModelFactory, OfflineModel
 from moondev_lab.rbi import RBI, RBIConfig, run_rbi
 from moondev_lab.sandbox import SandboxPool
+from strategies import sma_cross
 
 RSI_IDEA = "Buy when RSI(14) < 30, sell when RSI > 70, 2% stop"
 
-GOOD = '''Here is the strategy:
-
-```python
-from backtesting import Strategy
-from backtesting.lib import crossover
-import talib
-
-class SmaCross(Strategy):
-    n1 = 10
-    n2 = 30
-
-    def init(self):
-        self.fast = self.I(talib.SMA, self.data.Close, self.n1)
-        self.slow = self.I(talib.SMA, self.data.Close, self.n2)
-
-    def next(self):
-        if crossover(self.fast, self.slow):
-            self.buy(size=0.5)
-        elif crossover(self.slow, self.fast):
-            self.position.close()
-```
-'''
+GOOD = "Here is the strategy:\n\n```python\n" + sma_cross("self.buy(size=0.5)") + "```\n"
 BUGGY = GOOD.replace("self.data.Close, self.n2", "self.data.close, self.n2")  # AttributeError
 
 

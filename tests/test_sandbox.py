@@ -17,26 +17,9 @@ from moondev_lab import _registry
 from moondev_lab.data import DataPool
 from moondev_lab.sandbox import BacktestSettings, DataRef, ErrorKind, SandboxPool, run_file
 from moondev_lab.sandbox.harness import silence_progress, stats_to_dict
+from strategies import sma_cross
 
-SMA_CROSS = '''
-from backtesting import Strategy
-from backtesting.lib import crossover
-import talib
-
-class SmaCross(Strategy):
-    n1 = 10
-    n2 = 30
-
-    def init(self):
-        self.a = self.I(talib.SMA, self.data.Close, self.n1)
-        self.b = self.I(talib.SMA, self.data.Close, self.n2)
-
-    def next(self):
-        if crossover(self.a, self.b):
-            self.buy()
-        elif crossover(self.b, self.a):
-            self.position.close()
-'''
+SMA_CROSS = sma_cross()
 IDLE = "from backtesting import Strategy\nclass Idle(Strategy):\n    def init(self): pass\n    def next(self): pass\n"
 
 
