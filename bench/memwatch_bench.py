@@ -1,6 +1,7 @@
 """Per-cell memory tools side by side: %memwatch vs %memit vs ipython-memory-usage.
 
     .venv/bin/python bench/memwatch_bench.py [--rounds 9] [--trivial 300]
+    .venv/bin/python bench/memwatch_bench.py --only trivial [--trivial 3000]   # ~10 s
 
 Drives IPython's ``InteractiveShell.run_cell`` over five cells, in one process,
 interleaving the tools round by round so machine noise hits them alike:
@@ -19,6 +20,10 @@ baseline; per tool, the fraction of transient cells (2-4) whose reported peak
 is within 2% of the true peak (the allocation size); and the loop-cell ratio
 memwatch/baseline. Goals (issue #3): <= +0.1 ms per trivial cell, 100% of
 transients within 2%, loop cell <= 1.02x.
+
+``--only trivial`` runs just the trivial cell, none vs memwatch, in many
+interleaved blocks, and adds the hooks alone (``pre_cell`` + ``post_cell`` with
+publishing, called directly): a quick check of the per-cell overhead.
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9, help="rounds over every tool x cell (default 9)")
     ap.add_argument("--trivial", type=int, default=300, help="extra trivial cells for none/memwatch (default 300)")
+    ap.add_argument("--only", choices=["trivial"], default=None,
+                    help="trivial: only the trivial-cell overhead (none vs memwatch) and the hooks alone")
     args = ap.parse_args()
 
     from IPython.core.interactiveshell import InteractiveShell
@@ -112,7 +119,7 @@ def main() -> None:
     try:
         # Round 0 is a discarded warm-up: on a VM, first-touched guest pages
         # cost up to ~1 s per 500 MiB and would land on whichever tool ran first.
-        for r in range(-1, args.rounds):
+        for r in range(-1, args.rounds if args.only is None else -1):
             order = TOOLS[r % 4:] + TOOLS[:r % 4]
             for tool in order:
                 sys.stdout = io.StringIO()
@@ -131,16 +138,30 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} done" if r >= 0 else "warm-up done", file=sys.stderr)
         # many trivial cells for the per-cell overhead of the cheap paths
         trivial = {"none": [], "memwatch": []}
-        for block in range(6):
+        blocks = 6 if args.only is None else 20
+        added_per_block = []
+        for block in range(blocks):
             for tool in (("none", "memwatch") if block % 2 == 0 else ("memwatch", "none")):
                 sys.stdout = io.StringIO()
                 tool_on(tool)
-                for _ in range(args.trivial // 3):
+                for _ in range(args.trivial * 2 // blocks):
                     trivial[tool].append(run(tool, "trivial")[0])
                 tool_off(tool)
                 sys.stdout = real_stdout
+            n = args.trivial * 2 // blocks
+            added_per_block.append(statistics.median(trivial["memwatch"][-n:]) - statistics.median(trivial["none"][-n:]))
+        hooks = hooks_alone(ip, watch, n=5000) if args.only == "trivial" else None
     finally:
         sys.stdout = real_stdout
+
+    if args.only == "trivial":
+        tn, tm = statistics.median(trivial["none"]) * 1e3, statistics.median(trivial["memwatch"]) * 1e3
+        print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; trivial cell `x = 1`, "
+              f"{len(trivial['none'])} runs each, {blocks} interleaved blocks")
+        print(f"  none {tn * 1e3:.1f} µs, memwatch {tm * 1e3:.1f} µs: added {(tm - tn) * 1e3:+.1f} µs "
+              f"(median of per-block differences {statistics.median(added_per_block) * 1e6:+.1f} µs; goal <= +100 µs)")
+        print(f"  hooks alone (pre_cell + post_cell + publish, called directly): {hooks:.1f} µs")
+        return
 
     med = {k: statistics.median(v) * 1e3 for k, v in walls.items()}
     print(f"\nPython {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.rounds} rounds "
@@ -180,6 +201,30 @@ def main() -> None:
     loop_ratio = med["memwatch", "loop"] / med["none", "loop"]
     print(f"\nloop cell: memwatch/none = {loop_ratio:.3f}x (goal <= 1.02x); "
           f"memit {med['memit', 'loop'] / med['none', 'loop']:.3f}x, imu {med['imu', 'loop'] / med['none', 'loop']:.3f}x")
+
+
+def hooks_alone(ip, watch, n: int) -> float:
+    """Median µs of ``pre_cell`` + ``post_cell`` (publishing included) outside run_cell."""
+
+    class Info:
+        raw_cell, cell_id = "x = 1", None
+
+    class Result:
+        execution_count = 1
+
+    info, result, times = Info(), Result(), []
+    watch.on()
+    real_stdout, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            watch.pre_cell(info)
+            watch.post_cell(result)
+            times.append(time.perf_counter() - t0)
+    finally:
+        sys.stdout = real_stdout
+        watch.off()
+    return statistics.median(times) * 1e6
 
 
 if __name__ == "__main__":

@@ -134,6 +134,23 @@ def test_cell_threshold_alert_runs_pressure_actions_and_autotrace(ip):
     assert rec["traced_peak"] and "y = [bytearray(5000)" in rec["top_allocations"][0]
 
 
+def test_thresholds_changed_after_on_are_honoured_for_every_metric(ip):
+    run(ip, "%memwatch on --no-actions")
+    w = get_memwatch(ip)
+    w.monitor.set_threshold("gc_per_minute", normal=1e6, alert=2e6)  # the tests collect a lot
+    _, cap = run(ip, "x = 1")
+    assert ledger_records(cap)[0]["alerts"] == []
+    w.monitor.set_threshold("gc_per_minute", normal=1, alert=2)
+    w.monitor.set_threshold("gc_pause_ms", normal=-2, alert=-1)  # any pause alerts
+    _, cap = run(ip, "import gc\nfor _ in range(3): gc.collect()")
+    (rec,) = ledger_records(cap)
+    assert rec["gc_collections"][2] >= 3
+    assert any(a.startswith("gc_per_minute ") for a in rec["alerts"])
+    assert any(a.startswith("gc_pause_ms ") for a in rec["alerts"])
+    assert rec["actions"] == []  # GC alerts never run pressure actions
+    assert "⚠ gc_per_minute" in cap.outputs[-1].data["text/plain"]
+
+
 @needs_exact
 def test_limit_interrupt_stops_a_runaway_cell_in_process(ip):
     run(ip, "%memwatch on --limit 300MB --interrupt")

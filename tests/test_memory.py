@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from moondev_lab import _registry
-from moondev_lab.memory import (Monitor, PeakMeter, VariableTracker, cgroup_memory, deep_size,
+from moondev_lab.memory import (GCWatcher, Monitor, PeakMeter, VariableTracker, cgroup_memory, deep_size,
                                 diff_object_counts, exact_peak_supported, format_bytes, gc_stats,
                                 gc_watcher, health_check, leak_check, object_counts, parse_size,
                                 snapshot_diff, take_snapshot)
@@ -82,6 +82,83 @@ def test_reset_also_resets_ru_maxrss_as_documented():
     meter.close()
     assert before - after > 100 * MIB
     assert after < start + 8 * MIB
+
+
+@needs_exact
+def test_stop_with_reset_reads_end_rss_and_peak_without_proc():
+    """The per-cell fast path: getrusage + reset, no /proc read, same numbers as /proc."""
+    meter = PeakMeter()
+    backend = meter._backend
+    reads = []
+    real_read = backend._statm.read
+    backend._statm.read = lambda: reads.append(1) or real_read()
+    try:
+        for _ in range(3):
+            start = meter.start()
+            keep = mmap.mmap(-1, 20 * MIB)  # stays: RSS ends ~20 MiB higher
+            np.frombuffer(keep, dtype=np.uint8)[:] = 1
+            _transient(60, 0)
+            reads.clear()
+            s, end, peak = meter.stop_values(reset=True)
+            assert s == start and not reads  # no /proc read on the way out
+            truth = backend.rss()
+            assert abs(end - truth) < 2 * MIB
+            assert abs((end - start) - 20 * MIB) < 2 * MIB
+            assert abs((peak - start) - 80 * MIB) / (80 * MIB) < 0.02
+            # the mark is reset: ru_maxrss is the end RSS now, not the cell's peak
+            assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < peak - 40 * MIB
+            keep.close()
+    finally:
+        backend._statm.read = real_read
+        meter.close()
+
+
+@needs_exact
+def test_stop_with_reset_checks_proc_when_the_exec_floor_could_hide_rss():
+    meter = PeakMeter()
+    backend = meter._backend
+    meter.start()
+    backend._checked_at = 1 << 50  # pretend the floor was last checked far above us
+    _, end, _ = meter.stop_values(reset=True)
+    assert abs(end - backend.rss()) < 2 * MIB
+    backend._fast = False  # the floor is above RSS: /proc/self/status decides
+    meter.start()
+    _transient(30, 0)
+    s, end, peak = meter.stop_values(reset=True)
+    meter.close()
+    assert abs((peak - s) - 30 * MIB) / (30 * MIB) < 0.02 and abs(end - s) < 5 * MIB
+
+
+@needs_exact
+def test_a_reset_at_stop_hands_the_peak_to_meters_still_running():
+    outer, inner = PeakMeter(), PeakMeter()
+    outer.start()
+    inner.start()
+    _transient(60, 0)
+    inner.stop_values(reset=True)  # resets the process-wide mark
+    _transient(10, 0)
+    r_out = outer.stop()
+    outer.close(), inner.close()
+    assert r_out.peak_above_start > 58 * MIB
+
+
+@needs_exact
+def test_proc_files_are_read_through_libc_not_the_os_fallback(monkeypatch):
+    """The GIL-holding libc path must really work (a bad argument would make it fail
+    silently and fall back to os.pread, which releases the GIL)."""
+    meter = PeakMeter()
+    backend = meter._backend
+    expected = backend.rss()
+
+    def no_fallback(*args):
+        raise AssertionError("os.pread fallback used")
+
+    monkeypatch.setattr(_peak.os, "pread", no_fallback)
+    assert abs(backend.rss() - expected) < 8 * MIB
+    assert b"VmHWM:" in backend._status.read()
+    meter.start()
+    assert meter.stop().exact
+    meter.close()
 
 
 def test_forced_sampling_fallback_is_labelled_approximate():
@@ -238,6 +315,26 @@ def test_gc_watcher_counts_full_collections_and_pauses():
     assert stats.thresholds == gc.get_threshold() and "pause total" in str(stats)
 
 
+def test_gc_window_values_and_full_per_minute_above_match_the_slow_forms():
+    w = GCWatcher().install()
+    try:
+        w.window_values()
+        assert w.window_values() == ([0, 0, 0], 0.0, 0.0, 0)  # nothing ran in between
+        for _ in range(3):
+            gc.collect()
+        cols, pause_ms, max_pause_ms, _ = w.window_values()
+        assert cols[2] == 3 and pause_ms >= max_pause_ms > 0
+        assert w.window()["collections"] == [0, 0, 0]
+    finally:
+        w.uninstall()
+    w.full_times.clear()
+    w.full_times.extend([0.0, 10.0, 50.0, 55.0, 59.0])
+    for now in (59.0, 65.0, 112.0, 200.0):
+        for limit in (0, 1, 2.5, 3, 4, 10):
+            assert w.full_per_minute_above(limit, now) == (w.full_per_minute(now) > limit), (now, limit)
+    assert w.full_per_minute(65.0) == 4.0
+
+
 # ------------------------------------------------------------ leaks
 def test_leak_check_tells_a_leak_from_a_stable_function_and_from_warm_up():
     store: list = []
@@ -291,6 +388,24 @@ def test_variable_tracker_uses_nbytes_and_bounded_deep_size():
     ns["lst"].append(bytearray(50_000))  # same object, new length: re-measured
     assert t.update(ns, source="print()")[0].delta > 50_000
     assert deep_size(list(range(100_000)), max_objects=100) < deep_size(list(range(100_000)))
+
+
+def test_variable_tracker_fast_path_keeps_its_rules():
+    import math
+
+    t = VariableTracker()
+    ns = {"keep": [0] * 10, "n": 1}
+    t.update(ns)
+    assert t.update(ns, source="n = 1") == []  # same objects, same lengths: nothing to report
+    ns["keep"].extend([0] * 100_000)  # a known variable the cell does not mention
+    assert [g.name for g in t.update(ns, source="grow()")] == ["keep"]
+    ns["keep"] = math  # rebound to a module: skipped, not measured
+    ns["_hidden"] = np.zeros(100_000)
+    assert t.update(ns, source="keep = math; _hidden = np.zeros(100_000)") == []
+    del ns["keep"]
+    t.update(ns, source="del keep")
+    ns["keep"] = np.zeros(10_000)  # a new object under a forgotten name is new growth
+    assert t.update(ns, source="keep = np.zeros(10_000)")[0].delta == 80_000
 
 
 # ------------------------------------------------------------ health

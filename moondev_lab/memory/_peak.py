@@ -44,6 +44,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: ``MOONDEV_LAB_PEAK=sampling`` forces the fallback (useful to compare).
 _ENV_METHOD = "MOONDEV_LAB_PEAK"
 
+#: Tolerance of the getrusage() shortcut: the kernel's RSS counters are per-CPU
+#: and batched, so two ways of reading RSS can differ by this much anyway.
+_SLACK = _PAGE * 64
+
 #: cgroup v1 reports "no limit" as a huge page-aligned number.
 _NO_LIMIT = 1 << 60
 
@@ -89,42 +93,78 @@ class PeakReading(RssSpan):
                 f"delta {format_bytes(self.delta, signed=True)}, rss {format_bytes(self.end_rss)})")
 
 
-def _gil_holding_io():
-    """``pread``/``write`` that keep the GIL during the (microsecond) syscall.
+# libc's pread/write through PyDLL, which keeps the GIL (see _ProcFile).
+try:
+    import ctypes as _ctypes
+
+    _libc = _ctypes.PyDLL(None)
+    _c_pread, _c_write = _libc.pread, _libc.write
+    _c_pread.restype = _c_write.restype = _ctypes.c_ssize_t
+    _OFFSET0, _FIVE, _ONE = _ctypes.c_long(0), _ctypes.c_char_p(b"5"), _ctypes.c_size_t(1)
+    _string_at = _ctypes.string_at
+except (ImportError, OSError, AttributeError, TypeError):  # no ctypes or no libc: plain os calls
+    _libc = None
+
+
+class _ProcFile:
+    """One ``/proc`` file read (or written) by libc calls that keep the GIL.
 
     ``os.pread`` releases the GIL; in a kernel with busy helper threads
     (IPython's history saver, ipykernel's IO threads) getting it back can
     cost ~100 µs, which would be most of the per-cell budget. ctypes'
-    ``PyDLL`` calls C without releasing the GIL.
+    ``PyDLL`` calls C without releasing it. The call is made without
+    ``argtypes`` (their conversion costs ~0.8 µs), with a buffer and ctypes
+    arguments made once, so every argument must be a ctypes object: a bare
+    Python int would be passed as a 32-bit C int. The buffer is shared, so
+    a lock guards it; a thread that finds it busy (the memwatch watchdog)
+    falls back to ``os.pread``.
     """
-    try:
-        import ctypes
 
-        libc = ctypes.PyDLL(None)
-        c_pread, c_write = libc.pread, libc.write
-        c_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
-        c_pread.restype = ctypes.c_ssize_t
-        c_write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-        c_write.restype = ctypes.c_ssize_t
-    except (OSError, AttributeError, TypeError):
-        return os.pread, os.write
+    def __init__(self, path: str, flags: int, size: int = 128) -> None:
+        self.fd = os.open(path, flags)
+        self.size = size
+        self._lock = threading.Lock()
+        self._buf = _ctypes.create_string_buffer(size) if _libc is not None else None
+        self._addr = _ctypes.addressof(self._buf) if self._buf is not None else 0
+        self._n = _ctypes.c_size_t(size) if self._buf is not None else None
+        self._cfd = _ctypes.c_int(self.fd) if _libc is not None else None
 
-    string_at = ctypes.string_at
-    buf_types = {128: ctypes.c_char * 128, 8192: ctypes.c_char * 8192}
+    def read(self) -> bytes:
+        if self._buf is not None and self._lock.acquire(False):
+            try:
+                got = _c_pread(self._cfd, self._buf, self._n, _OFFSET0)
+                if got >= 0:
+                    return _string_at(self._addr, got)
+            finally:
+                self._lock.release()
+        return os.pread(self.fd, self.size, 0)
 
-    def pread(fd: int, n: int, offset: int) -> bytes:
-        buf = buf_types[n]()  # per call: the watchdog thread reads concurrently
-        got = c_pread(fd, buf, n, offset)
-        return string_at(buf, got) if got >= 0 else os.pread(fd, n, offset)
+    def write_five(self) -> None:
+        if _libc is None or _c_write(self._cfd, _FIVE, _ONE) < 0:
+            os.write(self.fd, b"5")
 
-    def write(fd: int, data: bytes) -> int:
-        got = c_write(fd, data, len(data))
-        return got if got >= 0 else os.write(fd, data)
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
-    return pread, write
+
+#: Bumped in a forked child: /proc/self resolved at open time, so files reopen.
+_fork_generation = 0
 
 
-_pread, _write = _gil_holding_io()
+def _after_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _statm_rss(data: bytes) -> int:
+    return int(data.split(None, 2)[1]) * _PAGE
 
 
 class _ProcPeak:
@@ -135,52 +175,80 @@ class _ProcPeak:
 
     def __init__(self) -> None:
         self._fast = False
+        self._checked_at = 0  # getrusage() at the last floor check (see reset)
         self._resets = 0
         self._open()
 
     def _open(self) -> None:
-        # /proc/self resolves at open time, so after a fork we must reopen.
-        self._pid = os.getpid()
-        self._clear = os.open(_CLEAR_REFS, os.O_WRONLY)
+        self._generation = _fork_generation
+        self._clear = _ProcFile(_CLEAR_REFS, os.O_WRONLY)
         try:
-            self._status = os.open(_STATUS, os.O_RDONLY)
-            self._statm = os.open(_STATM, os.O_RDONLY)
-            os.write(self._clear, b"5")
+            self._status = _ProcFile(_STATUS, os.O_RDONLY, 8192)
+            self._statm = _ProcFile(_STATM, os.O_RDONLY, 128)
+            os.write(self._clear.fd, b"5")
         except OSError:
-            os.close(self._clear)
+            self._clear.close()
             raise
 
-    def _check_pid(self) -> None:
-        if os.getpid() != self._pid:
-            self._open()
-
     def rss(self) -> int:
-        self._check_pid()
-        return int(_pread(self._statm, 128, 0).split()[1]) * _PAGE
+        if self._generation != _fork_generation:
+            self._open()
+        return _statm_rss(self._statm.read())
 
     def reset(self) -> int:
         """Reset the high-water mark; return the current RSS."""
-        self._check_pid()
-        _write(self._clear, b"5")
+        if self._generation != _fork_generation:
+            self._open()
+        self._clear.write_five()
         self._resets += 1
         if self._fast and self._resets & 31:
             # Right after a reset the high-water mark *is* the current RSS.
-            return _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
-        rss = int(_pread(self._statm, 128, 0).split()[1]) * _PAGE
+            rss = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+            if rss >= self._checked_at - _SLACK:  # else the exec floor may hide a drop: check now
+                return rss
+        rss = _statm_rss(self._statm.read())
         # getrusage() reads the same high-water mark in ~1 µs (parsing
         # /proc/self/status takes ~8 µs), but it is floored by the peak of the
         # image before exec(). Use it only while that floor is below us; we
         # re-check every 32 resets.
-        self._fast = _getrusage is not None and _getrusage(_RUSAGE_SELF).ru_maxrss * 1024 <= rss + _PAGE * 64
+        if _getrusage is not None:
+            ru = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+            self._fast = ru <= rss + _SLACK
+            self._checked_at = ru
         return rss
+
+    def read_and_reset(self) -> tuple[int, int]:
+        """(current RSS, peak since the last reset), leaving the mark reset.
+
+        The per-cell path: reading ``/proc`` right after an IPython cell costs
+        ~20 µs (the history thread is writing its database on the other CPU),
+        ``getrusage`` and the reset ~1 µs each. Right after a reset the
+        high-water mark is the current RSS, so ``getrusage`` gives both. If
+        RSS fell clearly below where the exec floor was last checked, the
+        floor could hide it, and ``/proc/self/statm`` decides.
+        """
+        if self._generation != _fork_generation:
+            self._open()
+        if not self._fast:
+            rss, peak = self.read()
+            self._clear.write_five()
+            return rss, peak
+        peak = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+        self._clear.write_five()
+        rss = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+        if rss < self._checked_at - _SLACK:
+            rss = _statm_rss(self._statm.read())
+        return rss, (peak if peak > rss else rss)
 
     def read(self) -> tuple[int, int]:
         """(current RSS, peak RSS since the last reset)."""
-        self._check_pid()
+        if self._generation != _fork_generation:
+            self._open()
         if self._fast:
-            rss = int(_pread(self._statm, 128, 0).split()[1]) * _PAGE
-            return rss, max(rss, _getrusage(_RUSAGE_SELF).ru_maxrss * 1024)
-        s = _pread(self._status, 8192, 0)
+            rss = _statm_rss(self._statm.read())
+            peak = _getrusage(_RUSAGE_SELF).ru_maxrss * 1024
+            return rss, (peak if peak > rss else rss)
+        s = self._status.read()
         i = s.index(b"VmHWM:")
         hwm = int(s[i + 6:s.index(b"kB", i)]) * 1024
         j = s.index(b"VmRSS:", i)
@@ -188,11 +256,8 @@ class _ProcPeak:
         return rss, max(hwm, rss)
 
     def close(self) -> None:
-        for fd in (self._clear, self._status, self._statm):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for f in (self._clear, self._status, self._statm):
+            f.close()
 
 
 class _SamplingPeak:
@@ -260,8 +325,19 @@ def _make_backend(method: str) -> _ProcPeak | _SamplingPeak:
     return _SamplingPeak()
 
 
-#: Exact meters between start() and stop(); see PeakMeter.start.
-_active: "weakref.WeakSet[PeakMeter]" = weakref.WeakSet()
+#: Exact meters between start() and stop(), by id; see PeakMeter.start. A
+#: plain dict of weak references made once per meter: a WeakSet would make a
+#: new weak reference on every start (this runs around every watched cell).
+_active: "dict[int, weakref.ref[PeakMeter]]" = {}
+
+
+def _forget(ref: "weakref.ref[PeakMeter]", key: int) -> None:
+    if _active.get(key) is ref:
+        del _active[key]
+
+
+def _running_meters() -> list["PeakMeter"]:
+    return [m for m in (r() for r in list(_active.values())) if m is not None]
 
 
 class PeakMeter:
@@ -279,6 +355,8 @@ class PeakMeter:
 
     def __init__(self, method: str = "auto") -> None:
         self._backend = _make_backend(method)
+        self._key = id(self)
+        self._ref = weakref.ref(self, lambda r, key=self._key: _forget(r, key))
         self._start = 0
         self._carried = 0
         self.reading: PeakReading | None = None
@@ -297,17 +375,18 @@ class PeakMeter:
 
     def start(self) -> int:
         """Reset the peak and remember the starting RSS (returned)."""
-        if _active and self.exact:
+        exact = self._backend.exact
+        if _active and exact:
             # The high-water mark is process-wide: hand the peak so far to the
             # meters already running, so nesting does not hide their peaks.
             peak = self._backend.read()[1]
-            for m in _active:
+            for m in _running_meters():
                 if peak > m._carried:
                     m._carried = peak
         self._carried = 0
         self._start = self._backend.reset()
-        if self.exact:
-            _active.add(self)
+        if exact:
+            _active[self._key] = self._ref
         return self._start
 
     def peek(self) -> PeakReading:
@@ -318,14 +397,34 @@ class PeakMeter:
 
     def stop(self) -> PeakReading:
         """Read the peak since :meth:`start`."""
-        self.reading = self.peek()
-        _active.discard(self)
-        if isinstance(self._backend, _SamplingPeak):
-            self._backend.pause()
+        start, rss, peak = self.stop_values()
+        self.reading = PeakReading(start, rss, peak, self._backend.exact, self._backend.method)
         return self.reading
 
+    def stop_values(self, reset: bool = False) -> tuple[int, int, int]:
+        """Like :meth:`stop`, as a plain ``(start, end, peak)`` tuple (the per-cell fast path).
+
+        ``reset=True`` also resets the high-water mark, which lets the exact
+        backend read the end RSS without ``/proc`` (see ``_ProcPeak.read_and_reset``).
+        Meters still running get the peak first, as in :meth:`start`.
+        """
+        backend = self._backend
+        if not backend.exact:
+            rss, peak = backend.read()
+            backend.pause()
+            return self._start, rss, (peak if peak > self._carried else self._carried)
+        _active.pop(self._key, None)
+        if reset:
+            rss, peak = backend.read_and_reset()
+            for m in _running_meters() if _active else ():
+                if peak > m._carried:
+                    m._carried = peak
+        else:
+            rss, peak = backend.read()
+        return self._start, rss, (peak if peak > self._carried else self._carried)
+
     def close(self) -> None:
-        _active.discard(self)
+        _active.pop(self._key, None)
         self._backend.close()
 
     def __enter__(self) -> "PeakMeter":
@@ -490,8 +589,12 @@ def format_bytes(n: float | None, signed: bool = False) -> str:
         return "n/a"
     sign = ("+" if n >= 0 else "-") if signed else ("-" if n < 0 else "")
     n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} TiB"  # pragma: no cover
+    # Unrolled (it runs a few times per watched cell); dividing by powers of
+    # two is exact, so this matches a divide-by-1024 loop digit for digit.
+    if n < 1024:
+        return f"{sign}{n:.0f} B"
+    if n < 1048576:
+        return f"{sign}{n / 1024:.1f} KiB"
+    if n < 1073741824:
+        return f"{sign}{n / 1048576:.1f} MiB"
+    return f"{sign}{n / 1073741824:.1f} GiB"

@@ -45,28 +45,30 @@ class CellRecord(RssSpan):
 
     def to_dict(self) -> dict:
         # Shallow and hand-made: dataclasses.asdict deep-copies (~150 µs per cell).
-        d = dict(self.__dict__)
-        d["gc_collections"] = list(self.gc_collections)
-        d["grown"] = [list(g) for g in self.grown]
-        d["delta"], d["peak_above_start"] = self.delta, self.peak_above_start
+        d = self.__dict__.copy()
+        d["gc_collections"] = self.gc_collections[:]
+        d["grown"] = [list(g) for g in self.grown] if self.grown else []
+        d["delta"] = self.end_rss - self.start_rss
+        d["peak_above_start"] = self.peak_above_start
         return d
 
     def line(self) -> str:
         """The compact one-line summary printed after a cell."""
-        label = "" if self.exact else "~"
-        parts = [f"Δrss {format_bytes(self.delta, signed=True)}",
-                 f"peak +{label}{format_bytes(self.peak_above_start)}"
-                 + ("" if self.exact else " (approx.)"),
-                 f"rss {format_bytes(self.end_rss)}"]
-        if self.cgroup_limit:
-            parts[-1] += f" ({self.peak_rss / self.cgroup_limit:.0%} of cgroup limit at peak)"
-        parts.append(f"{self.wall_s * 1e3:.1f} ms" if self.wall_s < 1 else f"{self.wall_s:.2f} s")
-        if any(self.gc_collections):
-            parts.append(f"gc {'/'.join(map(str, self.gc_collections))} in {self.gc_pause_ms:.1f} ms")
+        # One f-string for the common part: this runs after every watched cell.
+        exact, wall = self.exact, self.wall_s
+        cgroup = (f" ({self.peak_rss / self.cgroup_limit:.0%} of cgroup limit at peak)"
+                  if self.cgroup_limit else "")
+        out = (f"{'[memwatch]' if self.execution_count is None else f'[memwatch {self.execution_count}]'}"
+               f" Δrss {format_bytes(self.end_rss - self.start_rss, signed=True)}"
+               f" · peak +{'' if exact else '~'}{format_bytes(self.peak_above_start)}"
+               f"{'' if exact else ' (approx.)'}"
+               f" · rss {format_bytes(self.end_rss)}{cgroup}"
+               f" · {f'{wall * 1e3:.1f} ms' if wall < 1 else f'{wall:.2f} s'}")
+        cols = self.gc_collections
+        if any(cols):
+            out += f" · gc {'/'.join(map(str, cols))} in {self.gc_pause_ms:.1f} ms"
         if self.grown:
-            parts.append("grew " + ", ".join(f"{n} {format_bytes(d, signed=True)}" for n, d in self.grown))
-        head = f"[memwatch {self.execution_count}]" if self.execution_count is not None else "[memwatch]"
-        out = head + " " + " · ".join(parts)
+            out += " · grew " + ", ".join(f"{n} {format_bytes(d, signed=True)}" for n, d in self.grown)
         if self.limit_exceeded:
             out += f"\n  ⚠ crossed the soft limit {format_bytes(self.limit)}"
         for a in self.alerts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import time
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -75,21 +76,43 @@ class GCWatcher:
 
     def window(self) -> dict:
         """Collections per generation, total and max pause (ms) since the last call."""
-        cols, pause, collected = self._mark
-        out = {
-            "collections": [a - b for a, b in zip(self.collections, cols)],
-            "pause_ms": (self.pause_ns - pause) / 1e6,
-            "max_pause_ms": self._window_max_ns / 1e6,
-            "collected": self.collected - collected,
-        }
-        self._mark = (list(self.collections), self.pause_ns, self.collected)
+        cols, pause_ms, max_pause_ms, collected = self.window_values()
+        return {"collections": cols, "pause_ms": pause_ms, "max_pause_ms": max_pause_ms,
+                "collected": collected}
+
+    def window_values(self) -> tuple[list[int], float, float, int]:
+        """:meth:`window` as a tuple ``(collections, pause_ms, max_pause_ms, collected)``.
+
+        The per-cell ledger calls this twice per cell, so it avoids building
+        a dict, and nothing is subtracted when no collection ran.
+        """
+        c = self.collections
+        mark = self._mark
+        if c == mark[0] and self._window_max_ns == 0:  # the common case for a short cell
+            return [0, 0, 0], 0.0, 0.0, 0
+        cols, pause, collected = mark
+        out = ([c[0] - cols[0], c[1] - cols[1], c[2] - cols[2]], (self.pause_ns - pause) / 1e6,
+               self._window_max_ns / 1e6, self.collected - collected)
+        self._mark = (list(c), self.pause_ns, self.collected)
         self._window_max_ns = 0
         return out
 
     def full_per_minute(self, now: float | None = None) -> float:
         """Full (gen-2) collections in the last 60 s."""
         now = time.monotonic() if now is None else now
-        return float(sum(1 for t in self.full_times if now - t <= 60.0))
+        # A copy made in C: iterating the deque itself could trigger a collection
+        # whose callback appends to it ("deque mutated during iteration").
+        times = list(self.full_times)
+        return float(len(times) - bisect_left(times, now - 60.0))
+
+    def full_per_minute_above(self, limit: float, now: float) -> bool:
+        """``full_per_minute(now) > limit`` in O(1): is the k-th latest full collection recent?"""
+        times = self.full_times
+        k = int(limit) + 1 if limit >= 0 else 0
+        if k <= 0:
+            return self.full_per_minute(now) > limit
+        # Times are appended in order: if the k-th latest is within 60 s, so are the k-1 after it.
+        return len(times) >= k and now - times[-k] <= 60.0
 
     def totals(self) -> dict:
         return {"collections": list(self.collections), "pause_ms": self.pause_ns / 1e6,
