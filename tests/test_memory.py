@@ -446,3 +446,27 @@ def test_one_off_jump_is_not_a_leak():
     assert not report.leaking, report.verdict
     leaky = []
     assert leak_check(lambda: leaky.append(bytearray(20_000)), n=4).leaking
+
+
+def test_widget_dashboard_refreshes_while_work_runs():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from moondev_lab.memory import dashboard
+
+    InteractiveShell.instance()  # a kernel-like shell, so display() publishes rich outputs
+    with capture_output() as cap:
+        d = dashboard(interval=0.02, mode="widget")
+    try:
+        assert "application/vnd.jupyter.widget-view+json" in cap.outputs[0].data
+        assert cap.outputs[0].data["text/plain"].startswith("RSS ")  # text fallback for other frontends
+        first = d._widget.value
+        buf = mmap.mmap(-1, 64 * MIB)
+        np.frombuffer(buf, dtype=np.uint8)[:] = 1  # RSS grows by 64 MiB while the panel is live
+        deadline = time.time() + 5
+        while d._widget.value == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert d._widget.value != first and "RSS" in d._widget.value
+        buf.close()
+    finally:
+        d.stop()
