@@ -155,3 +155,11 @@ def test_prewarmed_standby_runs_the_task_at_normal_priority(pool, store):
         assert res.ok, res.error
         assert f"policy {os.SCHED_OTHER}" in res.stdout
         time.sleep(0.3)  # idle time: the worker's next standby warms up
+
+
+def test_sequential_tasks_alternate_between_two_workers(store):
+    # One caller, one task at a time: two workers still take turns, so each one's standby
+    # child can pre-warm while the other runs.
+    with SandboxPool(2) as p:
+        pids = [p.run(IDLE, ref(store, 1)).worker_pid for _ in range(4)]
+    assert len(set(pids)) == 2 and pids[0] != pids[1] and pids[0] == pids[2]

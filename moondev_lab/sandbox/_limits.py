@@ -160,10 +160,16 @@ class PidsCgroup:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def enter_sandbox(limits: Limits, workdir: Path, uid: int | None, cgroup: PidsCgroup | None) -> None:
-    """Apply every restriction to the current (freshly forked, still root) process."""
+def enter_sandbox(limits: Limits, workdir: Path, uid: int | None, cgroup: PidsCgroup | None, *,
+                  in_cgroup: bool = False) -> None:
+    """Apply every restriction to the current (freshly forked, still root) process.
+
+    ``in_cgroup``: the process already joined ``cgroup`` (the worker does that when it
+    forks the standby child, because moving a process between cgroup-v1 groups takes
+    ~10-20 ms, and that should not sit on the task's critical path).
+    """
     os.setsid()
-    if cgroup is not None:
+    if cgroup is not None and not in_cgroup:
         cgroup.add_self()
     if not limits.network and _libc.unshare(_CLONE_NEWNET) != 0:
         pass  # no CAP_SYS_ADMIN (not root): the audit hook below still refuses sockets

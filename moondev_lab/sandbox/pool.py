@@ -333,7 +333,11 @@ class SandboxPool:
             while True:
                 if self._closed:
                     raise SandboxPoolClosed("the sandbox pool is closed")
-                if self._idle:
+                # Keep at least two workers once the pool is used, even for one sequential caller:
+                # tasks then alternate, and each worker's standby child has a whole task's time
+                # to pre-warm instead of being handed the next task the moment it was forked.
+                grow = self._free_slots and len(self._idle) + len(self._busy) < min(2, self.size)
+                if self._idle and not grow:
                     w = self._idle.pop(0)  # round-robin: gives each worker's standby child time to pre-warm
                     self._busy.add(w)
                     return w
