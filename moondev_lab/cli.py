@@ -127,7 +127,7 @@ def _rbi_config(a: argparse.Namespace):
     from .rbi import RBIConfig
 
     return RBIConfig(symbol=a.symbol, timeframe=a.timeframe, source=a.source, max_debug=a.max_debug,
-                     max_optimize=a.max_optimize)
+                     max_optimize=a.max_optimize, grid_engine=a.grid_engine)
 
 
 def cmd_rbi(a: argparse.Namespace) -> int:
@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         data_args(sp)
         sp.add_argument("--max-debug", type=int, default=3, help="debug-loop iterations")
         sp.add_argument("--max-optimize", type=int, default=2, help="optimize-loop iterations")
+        sp.add_argument("--grid-engine", choices=["pool", "backtesting"], default="pool",
+                        help="parameter grid on the sandbox pool, or with backtesting.py's own Backtest.optimize")
 
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")

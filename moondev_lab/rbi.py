@@ -54,6 +54,7 @@ class RBIConfig:
     max_optimize: int = 2
     grid: bool = True  # also grid-search the strategy's numeric class parameters
     max_grid: int = 36
+    grid_engine: str = "pool"  # "pool": spread over the sandbox pool; "backtesting": Backtest.optimize itself
     metric: str = "Return [%]"
     target: float = 20.0  # the optimize loop stops once in-sample reaches this
     save_threshold: float = 0.0  # out-of-sample metric a run must beat to be marked saved
@@ -330,10 +331,10 @@ class RBI:
             params = numeric_params(best_code)
             grid = param_grid(params, cfg.max_grid) if params else {}
             if grid and math.prod(len(v) for v in grid.values()) > 1:
-                g = self.sandbox.optimize(best_code, grid, self.train, maximize=cfg.metric, timeout=cfg.timeout)
-                if g.result is not None and g.result.ok and _metric(g.stats, cfg.metric) > _metric(best_stats, cfg.metric):
-                    best_stats, best_params = g.stats, dict(g.best_params)
-                    self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g.stats, "_params": best_params})
+                g_stats, g_params = self._grid(best_code, grid)
+                if g_stats and _metric(g_stats, cfg.metric) > _metric(best_stats, cfg.metric):
+                    best_stats, best_params = g_stats, g_params
+                    self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g_stats, "_params": best_params})
 
         # Held-out and multi-dataset tests.
         res.code, res.params, res.in_sample = best_code, best_params, _slim(best_stats)
@@ -349,6 +350,29 @@ class RBI:
         res.status = "ok"
         res.saved = _metric(res.out_of_sample, cfg.metric) > cfg.save_threshold
         res.run_dir = str(self._write_run_dir(res, getattr(oos, "plot_html", None)))
+
+    def _grid(self, code: str, grid: dict[str, list]) -> tuple[dict | None, dict]:
+        """Best in-sample stats and parameters over ``grid``, on the training data."""
+        cfg = self.cfg
+        if cfg.grid_engine == "pool":
+            g = self.sandbox.optimize(code, grid, self.train, maximize=cfg.metric, timeout=cfg.timeout)
+            ok = g.result is not None and g.result.ok
+            return (g.stats, dict(g.best_params)) if ok else (None, {})
+        if cfg.grid_engine != "backtesting":
+            raise ValueError(f"grid_engine must be 'pool' or 'backtesting', not {cfg.grid_engine!r}")
+        # backtesting.py's own optimizer, run as a script inside one sandbox task: the
+        # harness gives its Backtest the pooled data and the harness's money settings.
+        from .codeextract import extract_strategy
+
+        name = extract_strategy(code).strategy_name
+        driver = (f"\n\nfrom backtesting import Backtest as _Backtest\n"
+                  f"_Backtest(None, {name}).optimize(**{grid!r}, maximize={cfg.metric!r})\n")
+        timeout = cfg.timeout * max(1, math.prod(len(v) for v in grid.values()) // 4)
+        r = self.sandbox.run(code + driver, self.train, timeout=timeout)
+        if not r.ok:
+            return None, {}
+        chosen = r.stats.get("_strategy") or {}
+        return r.stats, {k: chosen[k] for k in grid if k in chosen}
 
     def _write_run_dir(self, res: IdeaResult, plot_html: str | None) -> Path:
         d = self.runs_dir / f"run-{res.run_id:05d}"

@@ -121,3 +121,16 @@ def test_one_crash_never_stops_the_batch(sandbox, tmp_path):
     assert crashed.status == "failed" and crashed.error_kind == "internal" and "model crashed" in crashed.error
     assert fine.status == "ok"
     assert not math.isnan(fine.out_of_sample["Return [%]"])
+
+
+def test_grid_engines_agree(sandbox, tmp_path):
+    """backtesting.py's own Backtest.optimize (in the sandbox) and the pool grid pick the same parameters."""
+    code = sma_cross("self.buy(size=0.5)")
+    found = {}
+    for engine in ("pool", "backtesting"):
+        with RBI("offline", cfg(grid_engine=engine, max_grid=9), Ledger(tmp_path / f"{engine}.sqlite"),
+                 sandbox) as rbi:
+            found[engine] = rbi._grid(code, {"n1": [5, 10, 15], "n2": [20, 30, 40]})
+    (pool_stats, pool_params), (bt_stats, bt_params) = found["pool"], found["backtesting"]
+    assert pool_params == bt_params and set(bt_params) == {"n1", "n2"}
+    assert pool_stats["Return [%]"] == bt_stats["Return [%]"]
