@@ -339,8 +339,13 @@ class Worker:
                 self.cgroup.kill_all()
             _reap_orphans(keep=pid)
             if self.cgroup is None or not self.cgroup.pids() or time.monotonic() > deadline:
-                return
+                break
             time.sleep(0.005)
+        # Everything in the cgroup is dead now, but some of it may still be zombies on their
+        # way to us (the subreaper) as their parents die: reap until only the task child is left.
+        settle = time.monotonic() + 0.5
+        while _reap_orphans(keep=pid) and time.monotonic() < settle:
+            time.sleep(0.001)
 
 
 def _set_idle_priority(pid: int, idle: bool) -> bool:
@@ -356,19 +361,23 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def _reap_orphans(keep: int) -> None:
-    """Reap dead re-parented grandchildren (we are their subreaper), never the task child itself."""
+def _reap_orphans(keep: int) -> int:
+    """Reap dead re-parented grandchildren (we are their subreaper), never the task child itself.
+
+    Returns how many other children were there (reaped or still alive).
+    """
     try:
         with open(f"/proc/self/task/{os.getpid()}/children") as f:
             kids = [int(k) for k in f.read().split()]
     except OSError:
-        return
-    for kid in kids:
-        if kid != keep:
-            try:
-                os.waitpid(kid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+        return 0
+    others = [kid for kid in kids if kid != keep]
+    for kid in others:
+        try:
+            os.waitpid(kid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return len(others)
 
 
 def _status_error(status: int, limits) -> dict:
