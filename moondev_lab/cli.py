@@ -56,7 +56,7 @@ def cmd_data_fetch(a: argparse.Namespace) -> int:
     res = fetch_ohlcv(ex, a.symbol, a.timeframe, since=a.since, until=a.until, store=Store(),
                       limit=a.limit, max_retries=a.retries, progress=not a.json)
     if a.json:
-        _print_json({**{k: v for k, v in res.__dict__.items()}})
+        _print_json(res.__dict__)
     else:
         print(res)
     return 0

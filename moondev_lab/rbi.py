@@ -19,7 +19,6 @@ Design points, each answering a known failure of ad-hoc scripts:
 """
 from __future__ import annotations
 
-import ast
 import html
 import json
 import logging
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import config
 from .ledger import Ledger
+from .models.offline import class_params
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +145,6 @@ def _metric(stats: dict, metric: str) -> float:
     return -math.inf if math.isnan(v) else v
 
 
-def numeric_params(code: str) -> dict[str, int | float]:
-    """Class-level numeric parameters of the Strategy subclass (what a grid can tune)."""
-    out: dict[str, int | float] = {}
-    for node in ast.walk(ast.parse(code)):
-        if isinstance(node, ast.ClassDef):
-            for stmt in node.body:
-                if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-                        and isinstance(stmt.value, ast.Constant) and type(stmt.value.value) in (int, float)
-                        and not stmt.targets[0].id.startswith("_")):
-                    out[stmt.targets[0].id] = stmt.value.value
-    return out
-
-
 # Oscillator thresholds (RSI, stochastic, Williams %R ...) live on a 0-100 scale.
 _BOUNDED = re.compile(r"(rsi|stoch|mfi|cci|willr|adx).*(low|high|level|threshold|over|under|buy|sell)|"
                       r"(low|high|level|threshold|over|under)_?(rsi|stoch|mfi)", re.I)
@@ -195,7 +182,7 @@ class RBI:
 
     def __init__(self, model: Any = "auto", cfg: RBIConfig | None = None, ledger: Ledger | None = None,
                  sandbox: Any = None, factory: Any = None):
-        from .data import DataPool
+        from .data import default_pool
         from .models import ModelFactory
         from .sandbox import SandboxPool
 
@@ -206,15 +193,14 @@ class RBI:
         self._own_sandbox = sandbox is None
         self.sandbox = sandbox or SandboxPool()
         self.runs_dir = Path(self.cfg.runs_dir or config.runs_dir())
-        frame = DataPool().get(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source,
-                               start=self.cfg.start, end=self.cfg.end)
+        frame = default_pool().get(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source,
+                                   start=self.cfg.start, end=self.cfg.end)
         if len(frame) < 200:
             raise ValueError(f"{self.cfg.symbol} {self.cfg.timeframe} has only {len(frame)} bars in the chosen range; "
                              "the train/test split needs at least 200")
-        split = frame.index[int(len(frame) * self.cfg.train_fraction)]
-        self.full = self._ref(start=frame.index[0], end=frame.index[-1])
-        self.train = self._ref(start=frame.index[0], end=frame.index[int(len(frame) * self.cfg.train_fraction) - 1])
-        self.test = self._ref(start=split, end=frame.index[-1])
+        cut = int(len(frame) * self.cfg.train_fraction)
+        self.train = self._ref(start=frame.index[0], end=frame.index[cut - 1])
+        self.test = self._ref(start=frame.index[cut], end=frame.index[-1])
         self.quarters = []
         if self.cfg.quarters:
             for q in pd.period_range(frame.index[0].tz_localize(None), frame.index[-1].tz_localize(None), freq="Q"):
@@ -328,7 +314,7 @@ class RBI:
             if r.ok and _metric(r.stats, cfg.metric) > _metric(best_stats, cfg.metric):
                 best_code, best_stats = cand.code, r.stats
         if cfg.grid:
-            params = numeric_params(best_code)
+            params = class_params(best_code)
             grid = param_grid(params, cfg.max_grid) if params else {}
             if grid and math.prod(len(v) for v in grid.values()) > 1:
                 g_stats, g_params = self._grid(best_code, grid)

@@ -17,30 +17,12 @@ from fake_anthropic import FakeAnthropic, error_reply, text_reply  # noqa: E402
 
 from moondev_lab.models import ClaudeModel, ModelFactory, ModelUnavailable, OfflineModel, TokenBucket  # noqa: E402
 from moondev_lab.models._pricing import cost_usd  # noqa: E402
+from strategies import sma_cross
 
 MODEL = "claude-sonnet-4-6"
 KEY = "test-key-DO-NOT-LOG-5b1e"
 
-GOOD = """import talib
-from backtesting import Strategy
-from backtesting.lib import crossover
-
-
-class SmaCross(Strategy):
-    n1 = 10
-    n2 = 30
-
-    def init(self):
-        self.fast = self.I(talib.SMA, self.data.Close, self.n1)
-        self.slow = self.I(talib.SMA, self.data.Close, self.n2)
-
-    def next(self):
-        if crossover(self.fast, self.slow):
-            self.position.close()
-            self.buy(size=0.5)
-        elif crossover(self.slow, self.fast):
-            self.position.close()
-"""
+GOOD = sma_cross("self.buy(size=0.5)")
 BUGGY = GOOD.replace("self.data.Close, self.n2", "self.data.close, self.n2")  # AttributeError at init
 
 

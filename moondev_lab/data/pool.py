@@ -116,7 +116,7 @@ class DataPool:
         read-only underneath: writing to a column copies that column first.
         """
         manifest = self._find(symbol, timeframe, source)
-        key = (manifest.source, manifest.symbol, manifest.timeframe, manifest.file, manifest.rows)
+        key = _key(manifest)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -124,7 +124,9 @@ class DataPool:
                 self._entries.move_to_end(key)
             else:
                 self._misses += 1
-                entry = _Entry(manifest, self._map(manifest))
+                current, table = self.store.open_latest(manifest)  # a writer may have moved on meanwhile
+                key = _key(current)
+                entry = self._entries.get(key) or _Entry(current, table_to_frame(table))
                 self._entries[key] = entry
                 self._evict(keep=key)
             frame = entry.owner
@@ -151,14 +153,6 @@ class DataPool:
             return False
         ensure_sample(self.store)
         return True
-
-    def _map(self, manifest: Manifest) -> pd.DataFrame:
-        for _ in range(20):
-            try:
-                return table_to_frame(self.store.open_table(manifest))
-            except FileNotFoundError:  # a writer replaced the file since we read the manifest
-                manifest = self.store.find(manifest.symbol, manifest.timeframe, manifest.source)
-        raise FileNotFoundError(f"{manifest.symbol} {manifest.timeframe}: data file keeps disappearing")
 
     # ----- memory management ------------------------------------------------------
     def _evict(self, keep: tuple | None = None) -> int:
@@ -197,6 +191,11 @@ class DataPool:
             entries = list(self._entries.values())
             return PoolStats(self._hits, self._misses, self._evictions, len(entries),
                              sum(e.held for e in entries), sum(e.nbytes for e in entries), self.budget_bytes)
+
+
+def _key(m: Manifest) -> tuple:
+    """One cache entry per committed version of a series."""
+    return (m.source, m.symbol, m.timeframe, m.file, m.rows)
 
 
 def _time_slice(index: pd.DatetimeIndex, start, end) -> slice:

@@ -244,14 +244,18 @@ class Store:
         return pa.Table.from_batches([batch]).slice(0, manifest.rows)
 
     def read_table(self, symbol: str, timeframe: str, source: str | None = None) -> tuple[Manifest, pa.Table]:
-        """Manifest and mapped table, retrying if a writer swaps files underneath."""
+        """Manifest and mapped table of the latest committed state."""
+        return self.open_latest(self.find(symbol, timeframe, source))
+
+    def open_latest(self, manifest: Manifest) -> tuple[Manifest, pa.Table]:
+        """Map ``manifest``'s file; if a writer replaced it meanwhile, re-read the manifest and retry."""
         for attempt in range(20):
-            m = self.find(symbol, timeframe, source)
             try:
-                return m, self.open_table(m)
+                return manifest, self.open_table(manifest)
             except FileNotFoundError:
-                time.sleep(0.005 * (attempt + 1))  # a rewrite replaced the file: re-read the manifest
-        raise StoreError(f"{symbol} {timeframe}: data file keeps changing; is a writer looping?")
+                time.sleep(0.005 * attempt)  # a rewrite replaced the file: re-read the manifest
+                manifest = self.find(manifest.symbol, manifest.timeframe, manifest.source)
+        raise StoreError(f"{manifest.symbol} {manifest.timeframe}: data file keeps changing; is a writer looping?")
 
     def read(self, symbol: str, timeframe: str, source: str | None = None) -> pd.DataFrame:
         """A zero-copy DataFrame (prefer :class:`~moondev_lab.data.DataPool`, which also caches)."""
