@@ -182,9 +182,14 @@ class Ledger:
         df[key] = pd.to_numeric(df[key], errors="coerce")
         return df.sort_values(key, ascending=False, na_position="last").head(limit).reset_index(drop=True)
 
-    def usage_summary(self) -> dict:
+    def usage_summary(self, run_ids: Iterable[int] | None = None) -> dict:
+        """Model calls, tokens and cost: of the whole ledger, or of the given runs only."""
+        where, args = "", ()
+        if run_ids is not None:
+            args = tuple(run_ids)
+            where = f" WHERE run_id IN ({','.join('?' * len(args))})" if args else " WHERE 0"
         row = self._one("SELECT count(*), coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), "
-                        "coalesce(sum(cost_usd),0) FROM usage")
+                        "coalesce(sum(cost_usd),0) FROM usage" + where, args)
         return {"calls": row[0], "input_tokens": row[1], "output_tokens": row[2], "cost_usd": round(row[3], 6)}
 
     def ideas(self) -> pd.DataFrame:

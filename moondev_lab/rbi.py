@@ -385,8 +385,9 @@ class RBI:
                     results[k] = f.result()
                 except Exception as e:  # run_one already guards; this is the last line of defence
                     results[k] = IdeaResult(ideas[k], "failed", error_kind="internal", error=str(e))
-        return RBIReport([r for r in results if r is not None], self.cfg.metric, time.perf_counter() - t0,
-                         self.ledger.usage_summary())
+        done = [r for r in results if r is not None]
+        return RBIReport(done, self.cfg.metric, time.perf_counter() - t0,
+                         self.ledger.usage_summary(r.run_id for r in done if r.run_id is not None))
 
 
 _STAT_KEYS = ("Start", "End", "Duration", "Exposure Time [%]", "Equity Final [$]", "Return [%]",

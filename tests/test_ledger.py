@@ -50,3 +50,13 @@ def test_threads_share_one_ledger(tmp_path):
     [t.start() for t in ts]
     [t.join() for t in ts]
     assert len(led.ideas()) == 60 and len(led.leaderboard(limit=1000)) == 120
+
+
+def test_usage_summary_per_runs(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    a = led.start_run(led.add_idea("a").id, "m")
+    b = led.start_run(led.add_idea("b").id, "m")
+    led.add_usage(a, "m", "research", 10, 5, 0.1)
+    led.add_usage(b, "m", "research", 20, 7, 0.2)
+    assert led.usage_summary([b]) == {"calls": 1, "input_tokens": 20, "output_tokens": 7, "cost_usd": 0.2}
+    assert led.usage_summary([])["calls"] == 0 and led.usage_summary()["calls"] == 2
