@@ -238,3 +238,45 @@ def test_readers_in_other_processes_survive_writers(tmp_path):
         reads, last_n = map(int, out.split())
         assert reads > 5
     store.verify("S/USD", "1m")
+
+
+def test_reading_needs_no_pyarrow(btc_store):
+    """Readers map the file with numpy alone (the sandbox keeps libarrow out of its processes)."""
+    code = ("import sys; sys.modules['pyarrow'] = None\n"
+            "from moondev_lab.data import DataPool, Store\n"
+            f"df = DataPool(Store({str(btc_store.root)!r})).get('BTC/USD', '15m', start='2023-06-01', end='2023-06-02')\n"
+            "print(len(df), df['Close'].iloc[0], df.index[0])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    frame = DataPool(btc_store).get("BTC/USD", "15m", start="2023-06-01", end="2023-06-02")
+    assert out.stdout.split()[:2] == [str(len(frame)), str(frame["Close"].iloc[0])]
+
+
+def test_format_1_manifest_without_offsets_still_reads_and_is_upgraded_on_append(tmp_path):
+    store = Store(tmp_path / "store")
+    data = synthetic(5_000)
+    m = store.write(data.iloc[:4_000], "S/USD", "1m").manifest
+    assert m.format == 2 and set(m.offsets) == {"ts", "Open", "High", "Low", "Close", "Volume"}
+    path = store.series_dir("local", "S/USD", "1m") / "manifest.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k != "offsets"}
+    path.write_text(json.dumps({**old, "format": 1}))  # as session-1 stores were written
+    df = DataPool(store).get("S/USD", "1m")
+    pd.testing.assert_series_equal(df["Close"], data["Close"].iloc[:4_000], check_names=False, check_freq=False,
+                                   check_index_type=False)
+    m2 = store.write(data.iloc[4_000:], "S/USD", "1m").manifest
+    assert m2.format == 2 and m2.offsets == m.offsets and m2.rows == 5_000
+    store.verify("S/USD", "1m")
+
+
+def test_truncated_or_foreign_data_file_is_a_clear_error(btc_store):
+    m = btc_store.find("BTC/USD", "15m")
+    path = data_file(btc_store)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # a half-copied file
+    with pytest.raises(CorruptStoreError, match="too short"):
+        DataPool(btc_store).get("BTC/USD", "15m")
+    path.write_bytes(b"PAR1" + raw[4:])  # right size, wrong format
+    with pytest.raises(CorruptStoreError, match="not an Arrow IPC file"):
+        DataPool(btc_store).get("BTC/USD", "15m")
+    path.write_bytes(raw)
+    assert len(DataPool(btc_store).get("BTC/USD", "15m")) == m.rows

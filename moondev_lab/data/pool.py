@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _registry, config
-from .store import Manifest, SeriesNotFound, Store, table_to_frame
+from .store import Manifest, SeriesNotFound, Store, columns_to_frame
 
 DEFAULT_BUDGET = 4 * 2**30
 
@@ -124,9 +124,9 @@ class DataPool:
                 self._entries.move_to_end(key)
             else:
                 self._misses += 1
-                current, table = self.store.open_latest(manifest)  # a writer may have moved on meanwhile
+                current, cols = self.store.open_latest(manifest)  # a writer may have moved on meanwhile
                 key = _key(current)
-                entry = self._entries.get(key) or _Entry(current, table_to_frame(table))
+                entry = self._entries.get(key) or _Entry(current, columns_to_frame(cols))
                 self._entries[key] = entry
                 self._evict(keep=key)
             frame = entry.owner
@@ -135,6 +135,14 @@ class DataPool:
             view = frame.copy(deep=False)
             entry.handed[id(view)] = view
             return view
+
+    def manifest(self, symbol: str, timeframe: str, *, source: str | None = None) -> Manifest:
+        """What :meth:`get` would map, without mapping it (imports the bundled sample if needed).
+
+        >>> DataPool().manifest("BTC/USD", "15m").rows             # doctest: +SKIP
+        31066
+        """
+        return self._find(symbol, timeframe, source)
 
     def _find(self, symbol: str, timeframe: str, source: str | None) -> Manifest:
         try:

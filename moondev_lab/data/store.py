@@ -9,9 +9,12 @@ Layout under the store root (``~/.moondev_lab/store`` or ``$MOONDEV_LAB_HOME/sto
 
 Why this shape (see shared notes, data-layer.md):
 
-* One record batch, uncompressed, no nulls: ``to_pandas(split_blocks=True)``
-  is then zero-copy over the memory map. Appending record batches would
-  silently make every read copy.
+* One record batch, uncompressed, no nulls: each column is one contiguous
+  buffer in the file, so a read is a zero-copy view over the memory map.
+  The manifest records each buffer's byte offset (taken from pyarrow's own
+  parse of the file when it is written), so readers need only ``mmap`` and
+  numpy: pyarrow is imported to write, never to read. That keeps ~30 MiB of
+  libarrow out of every sandbox worker (see bench/README.md, grid memory).
 * The batch is written with spare *capacity* (zero padding). An append
   writes the new rows into that padding with ``pwrite`` + ``fsync`` and then
   atomically replaces the manifest with the new row count. Readers only look
@@ -39,17 +42,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+import mmap
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from .. import config
 from ._timeframes import timeframe_ns
 from .validate import COLUMNS, Mode, ValidationReport
 
-FORMAT_VERSION = 1
-SCHEMA = pa.schema([("ts", pa.timestamp("ns", tz="UTC"))] + [(c, pa.float64()) for c in COLUMNS])
+FORMAT_VERSION = 2  # 2 added ``offsets``; format-1 manifests are still read (offsets found with pyarrow)
 _ALL = ["ts", *COLUMNS]
+_ARROW_MAGIC = b"ARROW1"
 _ROW_BYTES = 8 * len(_ALL)
 
 
@@ -82,6 +85,7 @@ class Manifest:
     generation: int = 1
     updated: str = ""
     format: int = FORMAT_VERSION
+    offsets: dict | None = None  # column -> byte offset of its value buffer in ``file``
 
     @property
     def first(self) -> pd.Timestamp:
@@ -156,16 +160,10 @@ def _atomic_file(path: Path) -> Iterator:
     _fsync_dir(path.parent)
 
 
-def _column_arrays(table: pa.Table) -> dict[str, np.ndarray]:
-    """Zero-copy numpy views of a single-chunk table's columns (ts as int64 ns)."""
-    out = {}
-    for name in _ALL:
-        chunks = table.column(name).chunks
-        arr = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
-        if name == "ts":
-            arr = arr.view(pa.int64())
-        out[name] = arr.to_numpy(zero_copy_only=True)
-    return out
+def _schema():
+    import pyarrow as pa  # writers only: readers never load libarrow
+
+    return pa.schema([("ts", pa.timestamp("ns", tz="UTC"))] + [(c, pa.float64()) for c in COLUMNS])
 
 
 class Store:
@@ -192,7 +190,7 @@ class Store:
             m = Manifest(**json.loads(raw))
         except (ValueError, TypeError) as e:
             raise CorruptStoreError(f"damaged manifest {p}: {e}; restore it or re-import the series") from e
-        if m.format != FORMAT_VERSION or not 0 < m.rows <= m.capacity:
+        if m.format not in (1, FORMAT_VERSION) or not 0 < m.rows <= m.capacity:
             raise CorruptStoreError(f"manifest {p} is inconsistent (rows={m.rows}, capacity={m.capacity})")
         return m
 
@@ -229,29 +227,31 @@ class Store:
         return found[0]
 
     # ----- reading -------------------------------------------------------------
-    def open_table(self, manifest: Manifest) -> pa.Table:
-        """Memory-map a series' committed rows as a single-chunk Arrow table (no copy)."""
-        d = self.series_dir(manifest.source, manifest.symbol, manifest.timeframe)
-        path = d / manifest.file
-        source = pa.memory_map(str(path), "r")
-        reader = pa.ipc.open_file(source)
-        if reader.num_record_batches != 1 or not reader.schema.equals(SCHEMA):
-            raise CorruptStoreError(f"{path}: expected one record batch with schema {SCHEMA}, got "
-                                    f"{reader.num_record_batches} batches, {reader.schema}")
-        batch = reader.get_batch(0)
-        if batch.num_rows != manifest.capacity:
-            raise CorruptStoreError(f"{path}: holds {batch.num_rows} rows, manifest says capacity {manifest.capacity}")
-        return pa.Table.from_batches([batch]).slice(0, manifest.rows)
+    def map_columns(self, manifest: Manifest) -> dict[str, np.ndarray]:
+        """Zero-copy, read-only numpy views of a series' committed rows (``ts`` as int64 ns).
 
-    def read_table(self, symbol: str, timeframe: str, source: str | None = None) -> tuple[Manifest, pa.Table]:
-        """Manifest and mapped table of the latest committed state."""
-        return self.open_latest(self.find(symbol, timeframe, source))
+        The file is memory-mapped; pages are read only when touched, and every
+        process mapping the same file shares them in the page cache.
+        """
+        path = self.series_dir(manifest.source, manifest.symbol, manifest.timeframe) / manifest.file
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offsets = manifest.offsets or _buffer_offsets(path)
+            need = max(offsets.values(), default=0) + manifest.capacity * 8
+            if size < need or set(offsets) != set(_ALL):
+                raise CorruptStoreError(f"{path}: {size} bytes, too short for {manifest.capacity} rows "
+                                        f"(needs {need}); restore it or re-import the series")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if mm[:6] != _ARROW_MAGIC or mm[-6:] != _ARROW_MAGIC:
+            raise CorruptStoreError(f"{path} is not an Arrow IPC file; restore it or re-import the series")
+        return {name: np.frombuffer(mm, dtype="int64" if name == "ts" else "float64",
+                                    count=manifest.rows, offset=offsets[name]) for name in _ALL}
 
-    def open_latest(self, manifest: Manifest) -> tuple[Manifest, pa.Table]:
+    def open_latest(self, manifest: Manifest) -> tuple[Manifest, dict[str, np.ndarray]]:
         """Map ``manifest``'s file; if a writer replaced it meanwhile, re-read the manifest and retry."""
         for attempt in range(20):
             try:
-                return manifest, self.open_table(manifest)
+                return manifest, self.map_columns(manifest)
             except FileNotFoundError:
                 time.sleep(0.005 * attempt)  # a rewrite replaced the file: re-read the manifest
                 manifest = self.find(manifest.symbol, manifest.timeframe, manifest.source)
@@ -259,12 +259,11 @@ class Store:
 
     def read(self, symbol: str, timeframe: str, source: str | None = None) -> pd.DataFrame:
         """A zero-copy DataFrame (prefer :class:`~moondev_lab.data.DataPool`, which also caches)."""
-        return table_to_frame(self.read_table(symbol, timeframe, source)[1])
+        return columns_to_frame(self.open_latest(self.find(symbol, timeframe, source))[1])
 
     def verify(self, symbol: str, timeframe: str, source: str | None = None) -> Manifest:
         """Recompute the checksums of the committed rows; raise :class:`CorruptStoreError` on mismatch."""
-        m, table = self.read_table(symbol, timeframe, source)
-        cols = _column_arrays(table)
+        m, cols = self.open_latest(self.find(symbol, timeframe, source))
         for name in _ALL:
             crc = zlib.crc32(cols[name].data)
             if crc != m.checksum.get(name):
@@ -307,7 +306,7 @@ class Store:
             if m is None:
                 man = self._write_full(d, source, symbol, timeframe, new, generation=1)
                 return WriteResult("create", len(ts), 0, man, report=report)
-            old = _column_arrays(self.open_table(m))
+            old = self.map_columns(m)
             is_new = ~np.isin(ts, old["ts"])
             conflicts = []
             if (~is_new).any():
@@ -368,24 +367,28 @@ class Store:
                     cols: dict[str, np.ndarray], generation: int) -> Manifest:
         n = len(cols["ts"])
         capacity = n + max(4096, n // 16)  # room for appends without rewriting history
+        import pyarrow as pa
+
+        schema = _schema()
         arrays = []
-        for name, typ in zip(_ALL, SCHEMA.types):
+        for name, typ in zip(_ALL, schema.types):
             padded = np.zeros(capacity, dtype="int64" if name == "ts" else "float64")
             padded[:n] = cols[name]
             arrays.append(pa.array(padded, type=typ))
-        batch = pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+        batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
         final = d / f"data-{generation:06d}.arrow"
-        with _atomic_file(final) as f, pa.ipc.new_file(f, SCHEMA) as writer:
+        with _atomic_file(final) as f, pa.ipc.new_file(f, schema) as writer:
             writer.write_batch(batch)
         checksum = {name: zlib.crc32(np.ascontiguousarray(cols[name]).data) for name in _ALL}
         man = self._commit(d, Manifest(source, symbol, timeframe, final.name, n, capacity,
-                                       int(cols["ts"][0]), int(cols["ts"][-1]), checksum, generation))
+                                       int(cols["ts"][0]), int(cols["ts"][-1]), checksum, generation,
+                                       offsets=_buffer_offsets(final)))
         self._remove_orphans(d)
         return man
 
     def _append_in_place(self, d: Path, m: Manifest, add: dict[str, np.ndarray]) -> Manifest:
         path = d / m.file
-        offsets = _buffer_offsets(path)
+        offsets = m.offsets or _buffer_offsets(path)
         k = len(add["ts"])
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -397,22 +400,32 @@ class Store:
             os.close(fd)
         checksum = {name: zlib.crc32(np.ascontiguousarray(add[name]).data, m.checksum[name]) for name in _ALL}
         return self._commit(d, Manifest(**{**asdict(m), "rows": m.rows + k, "last_ts": int(add["ts"][-1]),
-                                           "checksum": checksum}))
+                                           "checksum": checksum, "offsets": offsets,
+                                           "format": FORMAT_VERSION}))
 
 
 def _buffer_offsets(path: Path) -> dict[str, int]:
-    """Byte offset of each column's value buffer, read from the file's own footer."""
-    source = pa.memory_map(str(path), "r")
-    whole = source.read_buffer()
-    batch = pa.ipc.open_file(whole).get_batch(0)
+    """Byte offset of each column's value buffer, read by pyarrow from the file's own footer."""
+    import pyarrow as pa
+
+    whole = pa.memory_map(str(path), "r").read_buffer()
+    reader = pa.ipc.open_file(whole)
+    if reader.num_record_batches != 1 or not reader.schema.equals(_schema()):
+        raise CorruptStoreError(f"{path}: expected one record batch with schema {_schema()}, got "
+                                f"{reader.num_record_batches} batches, {reader.schema}")
+    batch = reader.get_batch(0)
     return {name: batch.column(i).buffers()[1].address - whole.address for i, name in enumerate(_ALL)}
 
 
-def table_to_frame(table: pa.Table) -> pd.DataFrame:
-    """Arrow table -> backtesting.py-ready DataFrame, sharing the table's memory.
+def columns_to_frame(cols: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Mapped columns -> backtesting.py-ready DataFrame (UTC DatetimeIndex ``ts``), sharing their memory.
 
-    ``split_blocks=True`` keeps one block per column, so pandas wraps the
-    mapped buffers instead of consolidating them into a copy.
+    >>> cols = {"ts": np.array([0], "int64"), **{c: np.ones(1) for c in COLUMNS}}
+    >>> columns_to_frame(cols).index.tz
+    datetime.timezone.utc
     """
-    df = table.to_pandas(split_blocks=True)
-    return df.set_index("ts")
+    # pandas has no public zero-copy way to wrap int64 ns as a tz-aware index (every public
+    # constructor copies); pyarrow's to_pandas uses the same internal constructor.
+    ts = pd.arrays.DatetimeArray._simple_new(cols["ts"].view("M8[ns]"), dtype=pd.DatetimeTZDtype("ns", "UTC"))
+    index = pd.DatetimeIndex(ts, name="ts", copy=False)
+    return pd.DataFrame({c: cols[c] for c in COLUMNS}, index=index, copy=False)
