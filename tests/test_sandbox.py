@@ -163,3 +163,51 @@ def test_sequential_tasks_alternate_between_two_workers(store):
     with SandboxPool(2) as p:
         pids = [p.run(IDLE, ref(store, 1)).worker_pid for _ in range(4)]
     assert len(set(pids)) == 2 and pids[0] != pids[1] and pids[0] == pids[2]
+
+
+def test_optimize_without_any_trade_falls_back_to_the_first_combination(pool, store):
+    """Like Backtest.optimize: when no run trades, the result is the first combination's run."""
+    never = sma_cross(buy="pass")
+    ours = pool.optimize(never, {"n1": [5, 10, 15], "n2": [20, 40]}, ref(store, 3), maximize="Return [%]")
+    assert ours.best_params == {"n1": 5, "n2": 20}
+    assert ours.result.ok and ours.stats["# Trades"] == 0
+    assert all(score is None for _, score in ours.heatmap)
+    fresh = pool.run(never, ref(store, 3), {"n1": 5, "n2": 20})
+    assert json.dumps(fresh.stats, sort_keys=True) == json.dumps(ours.stats, sort_keys=True)
+
+
+PYARROW_PROBE = IDLE.replace("def init(self): pass", """def init(self):
+        import sys
+        loaded = 'pyarrow' in sys.modules
+        import pyarrow
+        assert not loaded and pyarrow.__version__, 'pyarrow was preloaded'""")
+
+
+def test_sandbox_keeps_pyarrow_out_but_strategies_may_import_it(pool, store):
+    res = pool.run(PYARROW_PROBE, ref(store, 1))
+    assert res.ok, res.error
+
+
+def test_damaged_data_file_is_a_data_error(tmp_path):
+    root = tmp_path / "store"
+    pool_ = DataPool(root)
+    m = pool_.manifest("BTC/USD", "15m")
+    path = pool_.store.series_dir(m.source, m.symbol, m.timeframe) / m.file
+    path.write_bytes(path.read_bytes()[:4096])  # the manifest is fine; the data file was cut short
+    with SandboxPool(1) as p:
+        res = p.run(IDLE, DataRef("BTC/USD", "15m", root=str(root)))
+    assert not res.ok and res.error.kind == ErrorKind.DATA_ERROR
+    assert "too short" in res.error.message
+
+
+def test_a_malformed_result_is_classified_not_raised():
+    from moondev_lab.sandbox.pool import decode_reply
+
+    ok = decode_reply(b'{"error": null, "stdout": ""}\n{"ok": true, "stats": {"x": NaN}}')
+    assert ok["error"] is None and math.isnan(ok["payload"]["stats"]["x"])
+    bad = decode_reply(b'{"error": null}\n{"ok": tru')
+    assert bad["payload"] is None and bad["error"]["kind"] == ErrorKind.RESULT_INVALID.value
+    failed = decode_reply(b'{"error": null}\n{"ok": false, "error": {"kind": "strategy_error", "message": "x"}}')
+    assert failed["error"]["kind"] == "strategy_error"
+    worker_error = decode_reply(b'{"error": {"kind": "timeout", "message": "t"}}\n')
+    assert worker_error["error"]["kind"] == "timeout" and worker_error["payload"] is None

@@ -24,10 +24,12 @@ def recv_msg(sock: socket.socket) -> bytes | None:
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
+    buf = bytearray(n)  # filled in place: no growing copies of a large reply
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        if not k:
             return None
-        buf += chunk
-    return bytes(buf)
+        got += k
+    return bytes(buf) if n < 4096 else buf

@@ -36,7 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import _limits, harness
+from ._lean import without_pyarrow
+
+with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
+    from . import _limits, harness
 from ._wire import recv_msg, send_msg
 from .errors import ErrorKind
 
@@ -50,10 +53,11 @@ def template_main(ctrl_fd: int) -> None:
     parent = os.getppid()
     ctrl = socket.socket(fileno=ctrl_fd)
     _quiet_stdio()
-    harness.prepare_imports()
-    import moondev_lab.data  # noqa: F401  (pyarrow etc., for the workers' DataPool)
+    with without_pyarrow():
+        harness.prepare_imports()
+        import moondev_lab.data  # noqa: F401  (the workers' DataPool: mmap + numpy, no pyarrow)
 
-    harness.warm_up()
+        harness.warm_up()
 
     _remove_leftovers()
     gc.collect()
@@ -135,7 +139,8 @@ class Worker:
                 reply = self.run(task)
                 self.tasks_done += 1
                 reply.update(worker_pid=os.getpid(), tasks_done=self.tasks_done, worker_rss=_rss_bytes())
-                send_msg(self.sock, json.dumps(reply).encode())
+                result = reply.pop("result", b"")
+                send_msg(self.sock, json.dumps(reply).encode() + b"\n" + result)  # see pool.decode_reply
                 if self.standby is None:
                     # After a grid chunk the next task is most likely another long chunk: a
                     # warm-up would save nothing and only hold memory while the grid runs.
@@ -153,24 +158,30 @@ class Worker:
                 self.cgroup.remove()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 
-    def _frame(self, ref: dict):
+    def _pool(self, ref: dict):
         from moondev_lab.data import DataPool
 
-        root = ref["root"]
-        pool = self.pools.get(root)
+        pool = self.pools.get(ref["root"])
         if pool is None:
-            pool = self.pools[root] = DataPool(root)
-        return pool.get(ref["symbol"], ref["timeframe"], source=ref.get("source"),
-                        start=ref.get("start"), end=ref.get("end"))
+            pool = self.pools[ref["root"]] = DataPool(ref["root"])
+        return pool
+
+    def _frame(self, ref: dict):
+        return self._pool(ref).get(ref["symbol"], ref["timeframe"], source=ref.get("source"),
+                                   start=ref.get("start"), end=ref.get("end"))
 
     def run(self, task: dict) -> dict:
         started = time.perf_counter()
         try:
-            frame = self._frame(task["data"])
+            # Only find the series here; the task child maps it. Building the frame in the worker
+            # would copy ~3 MiB of pandas' pages into every worker for nothing: the child touches
+            # them anyway, and the file's pages are shared through the page cache either way.
+            ref = task["data"]
+            self._pool(ref).manifest(ref["symbol"], ref["timeframe"], source=ref.get("source"))
         except Exception as exc:  # noqa: BLE001
             err = harness.classify(exc)
             err["kind"] = ErrorKind.DATA_ERROR.value
-            return {"payload": None, "error": err, "stdout": "", "stderr": "",
+            return {"result": b"", "error": err, "stdout": "", "stderr": "",
                     "duration_s": time.perf_counter() - started}
         limits = _limits.Limits(**task["limits"])
         workdir = Path(tempfile.mkdtemp(dir=self.tmp_root))
@@ -182,13 +193,13 @@ class Worker:
             except OSError:
                 pass
         try:
-            reply = self._fork_and_wait(task, frame, limits, workdir)
+            reply = self._fork_and_wait(task, limits, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         reply["duration_s"] = time.perf_counter() - started
         return reply
 
-    def _fork_and_wait(self, task: dict, frame, limits, workdir: Path) -> dict:
+    def _fork_and_wait(self, task: dict, limits, workdir: Path) -> dict:
         if self.standby is None:
             self._fork_standby(warm=False)
         pid, task_w, res_r, out_r, err_r, warming = self.standby
@@ -244,10 +255,14 @@ class Worker:
                 if not raw:
                     os._exit(0)
                 task, workdir = pickle.loads(raw)
-                frame = self._frame(task["data"])  # mapped by the worker already, or mapped now
-                _limits.enter_sandbox(_limits.Limits(**task["limits"]), Path(workdir), self.uid, self.cgroup,
-                                      in_cgroup=in_cgroup)
-                payload = harness.execute(task, frame)
+                try:
+                    frame = self._frame(task["data"])
+                except Exception as exc:  # noqa: BLE001 - e.g. the file was damaged since the worker looked
+                    payload = {"ok": False, "error": {**harness.classify(exc), "kind": ErrorKind.DATA_ERROR.value}}
+                else:
+                    _limits.enter_sandbox(_limits.Limits(**task["limits"]), Path(workdir), self.uid,
+                                          self.cgroup, in_cgroup=in_cgroup)
+                    payload = harness.execute(task, frame)
                 data = _dump(payload)
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -301,8 +316,8 @@ class Worker:
             os.close(fd)
         forks_refused = self.cgroup.new_failures() if self.cgroup is not None else 0
         reply = {"stdout": _text(bufs[out_r]), "stderr": _text(bufs[err_r]),
-                 "stdout_truncated": truncated[out_r], "stderr_truncated": truncated[err_r],
-                 "payload": None, "error": None}
+                 "stdout_truncated": truncated[out_r], "stderr_truncated": truncated[err_r], "error": None}
+        result = b""
         if timed_out:
             reply["error"] = _err(ErrorKind.TIMEOUT, "TimeoutError",
                                   f"wall timeout of {timeout:g} s exceeded; the process group was killed")
@@ -310,21 +325,21 @@ class Worker:
             reply["error"] = _err(ErrorKind.RESULT_INVALID, "ResultTooLarge",
                                   f"the result exceeded {_RESULT_CAP} bytes")
         elif bufs[res_r]:
-            try:
-                reply["payload"] = json.loads(bytes(bufs[res_r]))
-                if not reply["payload"].get("ok"):
-                    reply["error"] = reply["payload"].get("error")
-            except (ValueError, AttributeError) as exc:
-                reply["error"] = _err(ErrorKind.RESULT_INVALID, type(exc).__name__, str(exc))
+            # Passed on unparsed (the parent parses it, see pool.decode_reply): parsing here too
+            # would leave every worker holding the freed pages of each result it ever saw.
+            result = bytes(bufs[res_r])
         else:
             reply["error"] = _status_error(status, limits)
-        if forks_refused and (reply["error"] is None or reply["error"]["kind"] in (
-                ErrorKind.TIMEOUT, ErrorKind.STRATEGY_ERROR, ErrorKind.EXITED, ErrorKind.KILLED)):
-            reply["error"] = _err(ErrorKind.PROCESS_LIMIT, "ProcessLimit",
-                                  f"{forks_refused} fork(s) refused by the process limit "
-                                  f"({limits.max_processes}); "
-                                  + (reply["error"]["message"] if reply["error"] else "the task ended"))
-            reply["payload"] = None
+        if forks_refused:
+            error = reply["error"] or _payload_error(result)
+            if error is None or error["kind"] in (ErrorKind.TIMEOUT, ErrorKind.STRATEGY_ERROR,
+                                                  ErrorKind.EXITED, ErrorKind.KILLED):
+                reply["error"] = _err(ErrorKind.PROCESS_LIMIT, "ProcessLimit",
+                                      f"{forks_refused} fork(s) refused by the process limit "
+                                      f"({limits.max_processes}); "
+                                      + (error["message"] if error else "the task ended"))
+                result = b""
+        reply["result"] = result
         return reply
 
     def _kill_group(self, pid: int) -> None:
@@ -397,6 +412,15 @@ def _status_error(status: int, limits) -> dict:
 
 def _err(kind: ErrorKind, type_: str, message: str) -> dict:
     return {"kind": kind.value, "type": type_, "message": message, "traceback": ""}
+
+
+def _payload_error(result: bytes) -> dict | None:
+    """The error a task child reported in its result, if any (the rare path: forks were refused)."""
+    try:
+        payload = json.loads(result)
+        return None if payload.get("ok") else payload.get("error")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _dump(payload: dict) -> bytes:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import errno
+import gc
 import importlib
 import io
 import json
@@ -491,10 +493,18 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
 
 
 def _run_payload(stats: pd.Series, task: dict) -> dict:
-    return {"stats": stats_to_dict(stats),
-            "trades": trades_to_records(stats["_trades"]),
-            "equity": equity_points(stats["_equity_curve"], task.get("equity_points", EQUITY_POINTS)),
+    return _finish_payload(_run_parts(stats), task)
+
+
+def _run_parts(stats: pd.Series) -> dict:
+    """What a payload needs from a run, without the strategy object (its indicators, broker, data)."""
+    return {"stats": stats_to_dict(stats), "trades": stats["_trades"], "equity": stats["_equity_curve"],
             "strategy": type(stats["_strategy"]).__name__}
+
+
+def _finish_payload(parts: dict, task: dict) -> dict:
+    return {**parts, "trades": trades_to_records(parts["trades"]),
+            "equity": equity_points(parts["equity"], task.get("equity_points", EQUITY_POINTS))}
 
 
 def _plot_html(capture: _Capture) -> dict:
@@ -522,10 +532,11 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
     the first maximum of the whole grid is also the first maximum of its chunk.
     """
     strategy = find_strategy(module.__dict__, module.__name__)
+    _pin_mmap_threshold()
     bt = harness_backtest(frame, strategy)
     key = task.get("maximize", "SQN")
     values: list[float | None] = []
-    best_i, best_value, best_stats, best_sizing = 0, None, None, (0, 0)
+    best_i, best_value, best, best_sizing = 0, None, None, (0, 0)
     for i, params in enumerate(task["combos"]):
         sizing = (capture.size_adjustments, capture.skipped_orders)
         stats = bt.run(**params)
@@ -533,16 +544,50 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
         # Backtest._mp_task drops runs without trades from the heatmap
         value = float(stats[key]) if stats["# Trades"] else None
         values.append(value)
-        if best_stats is None:
-            best_stats, best_sizing = stats, sizing  # the pool falls back to the first combination
+        if best is None:
+            best, best_sizing = _run_parts(stats), sizing  # the pool falls back to the first combination
         if value is not None and not math.isnan(value) and (best_value is None or value > best_value):
-            best_i, best_value, best_stats, best_sizing = i, value, stats, sizing  # ">": first of ties wins
+            best_i, best_value, best, best_sizing = i, value, _run_parts(stats), sizing  # first of ties wins
+        # backtesting.py keeps the last run's stats (with its strategy, indicators and broker)
+        # on the Backtest, and so do the patches: drop them, so that they are not still held
+        # while the next run builds its own.
+        bt._results = capture.last_run = None
         del stats
-    best = None
-    if best_stats is not None:
-        best = {**_run_payload(best_stats, task), "ok": True,
+        _release_run_memory()
+    if best is not None:
+        best = {**_finish_payload(best, task), "ok": True,
                 "size_adjustments": best_sizing[0], "skipped_orders": best_sizing[1]}
     return {"values": values, "strategy": strategy.__name__, "best_index": best_i, "best": best}
+
+
+def _release_run_memory() -> None:
+    """Between the runs of a grid chunk: free the last run, and give its pages back to the OS.
+
+    A run leaves a reference cycle (strategy <-> broker <-> data) that has reached the
+    oldest generation by the time the run ends; left to the GC's thresholds, a 50-run
+    chunk grew by ~6 MiB more. ``malloc_trim`` then returns free pages from the middle
+    of glibc's heap. Measured on the 100-combination grid: -7 and -3.6 MiB of peak PSS.
+    """
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _pin_mmap_threshold() -> None:
+    """Keep every block over 128 KiB in its own mapping, unmapped as soon as it is freed.
+
+    glibc raises its mmap threshold each time a mapped block is freed, so after the
+    first run a run's arrays (31k bars x 8 bytes each) would come from the heap, where
+    fragmentation keeps them. Pinning the threshold: about -2 MiB of peak PSS per grid.
+    This only ever runs in a task child, which exits after its task.
+    """
+    if _mallopt is not None:
+        _mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+_glibc = ctypes.CDLL(None)
+_malloc_trim = getattr(_glibc, "malloc_trim", None)  # glibc only
+_mallopt = getattr(_glibc, "mallopt", None)
 
 
 def classify(exc: BaseException, violations=()) -> dict:

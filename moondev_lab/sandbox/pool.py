@@ -178,7 +178,7 @@ class _WorkerHandle:
         raw = recv_msg(self.sock)
         if raw is None:
             raise ConnectionError("the worker closed its connection")
-        reply = json.loads(raw)
+        reply = decode_reply(raw)
         self.tasks_done = reply.get("tasks_done", self.tasks_done + 1)
         self.rss = reply.get("worker_rss", 0)
         return reply
@@ -192,6 +192,28 @@ class _WorkerHandle:
                     os.kill(self.pid, 9)
                 except ProcessLookupError:
                     pass
+
+
+def decode_reply(raw: bytes) -> dict:
+    """A worker's reply: its JSON header line, then the task child's result bytes, unparsed.
+
+    The result is untrusted JSON (never pickle); a malformed one is a classified error.
+    """
+    head, _, result = raw.partition(b"\n")
+    reply = json.loads(head)
+    reply["payload"] = None
+    if result and reply.get("error") is None:
+        try:
+            payload = json.loads(result)
+            if not isinstance(payload, dict):
+                raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
+            reply["payload"] = payload
+            if not payload.get("ok"):
+                reply["error"] = payload.get("error")
+        except ValueError as exc:
+            reply["error"] = {"kind": ErrorKind.RESULT_INVALID.value, "type": type(exc).__name__,
+                              "message": str(exc)[:500], "traceback": ""}
+    return reply
 
 
 def default_size(memory_budget_mb: float | None = None) -> int:
@@ -429,14 +451,16 @@ class SandboxPool:
     def optimize(self, code: str, grid: dict[str, list], data: DataRef | None = None, *,
                  maximize: str = "SQN", constraint: Callable[[dict], bool] | None = None,
                  timeout: float = 60, limits: Limits | None = None,
-                 settings: BacktestSettings | None = None, chunks_per_worker: int = 2) -> OptimizeResult:
+                 settings: BacktestSettings | None = None, chunks_per_worker: int = 1) -> OptimizeResult:
         """Grid search across the workers, scored like ``Backtest.optimize(method="grid")``.
 
         Same admissible combinations (product order, ``constraint``), same scoring
         (runs without trades are skipped, NaN ignored), same tie-break (first best),
-        and the returned stats come from a fresh run at the best parameters, so
-        they equal ``Backtest.optimize``'s. ``timeout`` is per combination.
-        ``maximize`` must be a stats key (callables cannot cross into the sandbox).
+        and the returned stats are those of the best run, equal to ``Backtest.optimize``'s.
+        ``timeout`` is per combination. ``maximize`` must be a stats key (callables
+        cannot cross into the sandbox). The grid is cut into ``size * chunks_per_worker``
+        chunks, one task child each; one chunk per worker is how backtesting.py batches
+        too (``len // cpu_count``), and each extra chunk costs a fork and a result to parse.
         """
         started = time.perf_counter()
         if not isinstance(maximize, str):
@@ -461,25 +485,32 @@ class SandboxPool:
             for chunk in chunks]
         scores: list = []
         errors: list[SandboxError] = []
-        best_runs: dict[int, dict] = {}  # grid index -> the reply carrying its chunk's best run
+        # The full result of the best run so far (grid index, score, reply): each chunk sends its
+        # own best run, and only the overall first best's is kept, so losing results are dropped.
+        best_run: tuple[int, float, dict] | None = None
         for chunk, fut in zip(chunks, futures):
             reply = fut.result()
             if reply.get("error"):
                 errors.append(SandboxError.from_dict(reply["error"]))
                 scores += [None] * len(chunk)
-            else:
-                payload = reply["payload"]
-                if payload.get("best"):
-                    best_runs[len(scores) + payload["best_index"]] = {**reply, "payload": payload["best"]}
-                scores += payload["values"]
+                continue
+            payload = reply.pop("payload")
+            i = len(scores) + payload["best_index"]
+            scores += payload["values"]
+            score = scores[i] if scores[i] is not None and not math.isnan(scores[i]) else None
+            if payload.get("best") and (
+                    (score is not None and (best_run is None or best_run[1] is None or score > best_run[1]))
+                    or (best_run is None and i == 0)):  # ">": the first of ties wins; i == 0: the fallback
+                best_run = (i, score, {**reply, "payload": payload["best"]})
+            del payload, reply
         if errors and len(errors) == len(chunks):
             result = BacktestResult(ok=False, error=errors[0])
             return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
         valid = [(i, s) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
         best_i = max(valid, key=lambda t: t[1])[0] if valid else 0  # max() keeps the first of ties
         best = combos[best_i]
-        if best_i in best_runs:  # the chunk already ran it: same stats as a fresh run, one run saved
-            result = BacktestResult._from_reply(best_runs[best_i])
+        if best_run is not None and best_run[0] == best_i:  # already run: same stats as a fresh run
+            result = BacktestResult._from_reply(best_run[2])
         else:
             result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
         return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
