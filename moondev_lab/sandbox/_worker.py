@@ -2,10 +2,10 @@
 
 ::
 
-    parent (your kernel) --exec, scrubbed env--> template: imports numpy, pandas,
-        backtesting (bokeh deferred to the first plot), talib, pandas_ta once, then only forks
-            +--fork--> worker 0 (warm; maps market data; serves tasks one by one)
-            |              +--fork--> task child: setsid, rlimits, uid drop, runs the code, exits
+    parent (your kernel) --exec, scrubbed env--> template: imports numpy, pandas (without
+        pyarrow), backtesting (bokeh deferred to the first plot), talib, pandas_ta once, then only forks
+            +--fork--> worker 0 (warm; finds the series; serves tasks one by one)
+            |              +--fork--> task child: maps the data, setsid, rlimits, uid drop, runs the code, exits
             +--fork--> worker 1 ...
 
 * The template is started with ``exec`` and an allowlisted environment, so no
@@ -16,7 +16,9 @@
   poison the worker, and a timeout kills the child's whole process group and
   pids cgroup.
 * Results come back as JSON (NaN kept): the worker never unpickles anything the
-  untrusted child wrote.
+  untrusted child wrote, and passes the bytes on unparsed; the parent parses them.
+* Market data is memory-mapped from the store by path, so every process shares
+  one copy in the page cache; nothing is pickled to workers.
 
 Run as ``python -m moondev_lab.sandbox._worker CTRL_FD``; only the pool does this.
 """
