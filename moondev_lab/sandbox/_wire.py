@@ -12,7 +12,7 @@ def send_msg(sock: socket.socket, data: bytes) -> None:
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
-def recv_msg(sock: socket.socket) -> bytes | None:
+def recv_msg(sock: socket.socket) -> bytearray | None:
     """One message, or None when the peer closed the connection."""
     header = _recv_exactly(sock, _HEADER.size)
     if header is None:
@@ -23,7 +23,7 @@ def recv_msg(sock: socket.socket) -> bytes | None:
     return _recv_exactly(sock, size)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
     buf = bytearray(n)  # filled in place: no growing copies of a large reply
     view = memoryview(buf)
     got = 0
@@ -32,4 +32,4 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
         if not k:
             return None
         got += k
-    return bytes(buf) if n < 4096 else buf
+    return buf

@@ -194,7 +194,7 @@ class _WorkerHandle:
                     pass
 
 
-def decode_reply(raw: bytes) -> dict:
+def decode_reply(raw: bytes | bytearray) -> dict:
     """A worker's reply: its JSON header line, then the task child's result bytes, unparsed.
 
     The result is untrusted JSON (never pickle); a malformed one is a classified error.
