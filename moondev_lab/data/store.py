@@ -13,8 +13,8 @@ Why this shape (see shared notes, data-layer.md):
   buffer in the file, so a read is a zero-copy view over the memory map.
   The manifest records each buffer's byte offset (taken from pyarrow's own
   parse of the file when it is written), so readers need only ``mmap`` and
-  numpy: pyarrow is imported to write, never to read. That keeps ~30 MiB of
-  libarrow out of every sandbox worker (see bench/README.md, grid memory).
+  numpy: pyarrow is imported to write, never to read. That keeps ~34 MiB of
+  libarrow out of every sandbox process (see bench/README.md, grid memory).
 * The batch is written with spare *capacity* (zero padding). An append
   writes the new rows into that padding with ``pwrite`` + ``fsync`` and then
   atomically replaces the manifest with the new row count. Readers only look
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import mmap
 import os
 import time
 import urllib.parse
@@ -42,7 +43,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-import mmap
 import numpy as np
 import pandas as pd
 
@@ -365,10 +365,10 @@ class Store:
 
     def _write_full(self, d: Path, source: str, symbol: str, timeframe: str,
                     cols: dict[str, np.ndarray], generation: int) -> Manifest:
-        n = len(cols["ts"])
-        capacity = n + max(4096, n // 16)  # room for appends without rewriting history
         import pyarrow as pa
 
+        n = len(cols["ts"])
+        capacity = n + max(4096, n // 16)  # room for appends without rewriting history
         schema = _schema()
         arrays = []
         for name, typ in zip(_ALL, schema.types):
