@@ -252,17 +252,33 @@ def test_reading_needs_no_pyarrow(btc_store):
     assert out.stdout.split()[:2] == [str(len(frame)), str(frame["Close"].iloc[0])]
 
 
-def test_format_1_manifest_without_offsets_still_reads_and_is_upgraded_on_append(tmp_path):
+def test_format_1_manifest_without_offsets_still_reads_and_is_upgraded(tmp_path):
     store = Store(tmp_path / "store")
     data = synthetic(5_000)
     m = store.write(data.iloc[:4_000], "S/USD", "1m").manifest
     assert m.format == 2 and set(m.offsets) == {"ts", "Open", "High", "Low", "Close", "Volume"}
     path = store.series_dir("local", "S/USD", "1m") / "manifest.json"
-    old = {k: v for k, v in json.loads(path.read_text()).items() if k != "offsets"}
-    path.write_text(json.dumps({**old, "format": 1}))  # as session-1 stores were written
+    v1 = json.dumps({**{k: v for k, v in json.loads(path.read_text()).items() if k != "offsets"}, "format": 1})
+
+    # A sandbox task (pandas imported without pyarrow) reads it, and leaves the file alone.
+    path.write_text(v1)
+    code = ("from moondev_lab.sandbox._lean import without_pyarrow\n"
+            "with without_pyarrow():\n    import pandas\n"
+            "from moondev_lab.data import Store\n"
+            f"print(len(Store({str(store.root)!r}).read('S/USD', '1m')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "4000", out.stderr
+    assert json.loads(path.read_text())["format"] == 1
+
+    # A reader with pyarrow loaded upgrades the manifest once; the data read is the same.
     df = DataPool(store).get("S/USD", "1m")
     pd.testing.assert_series_equal(df["Close"], data["Close"].iloc[:4_000], check_names=False, check_freq=False,
                                    check_index_type=False)
+    upgraded = json.loads(path.read_text())
+    assert upgraded["format"] == 2 and upgraded["offsets"] == m.offsets
+
+    # ... and a writer upgrades it too (here: an append to a format-1 manifest).
+    path.write_text(v1)
     m2 = store.write(data.iloc[4_000:], "S/USD", "1m").manifest
     assert m2.format == 2 and m2.offsets == m.offsets and m2.rows == 5_000
     store.verify("S/USD", "1m")

@@ -36,6 +36,7 @@ import fcntl
 import json
 import mmap
 import os
+import sys
 import time
 import urllib.parse
 import zlib
@@ -192,7 +193,29 @@ class Store:
             raise CorruptStoreError(f"damaged manifest {p}: {e}; restore it or re-import the series") from e
         if m.format not in (1, FORMAT_VERSION) or not 0 < m.rows <= m.capacity:
             raise CorruptStoreError(f"manifest {p} is inconsistent (rows={m.rows}, capacity={m.capacity})")
+        if m.format == 1 and "pyarrow" in sys.modules:
+            self._upgrade(d, raw)
         return m
+
+    def _upgrade(self, d: Path, raw: bytes) -> None:
+        """Format 1 -> 2: record the column offsets, so that readers stop needing pyarrow.
+
+        Best effort, and only where pyarrow is loaded anyway (a sandbox never loads it
+        for this): skipped if a writer holds the lock, the manifest changed meanwhile,
+        or the store is not writable by this process; the next reader tries again.
+        """
+        try:
+            with open(d / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    if (d / "manifest.json").read_bytes() == raw:
+                        m = Manifest(**json.loads(raw))
+                        self._commit(d, Manifest(**{**asdict(m), "format": FORMAT_VERSION,
+                                                    "offsets": _buffer_offsets(d / m.file)}))
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError:  # EWOULDBLOCK (a writer is busy), EACCES, EROFS: leave it for later
+            pass
 
     def manifest(self, symbol: str, timeframe: str, source: str | None = None) -> Manifest:
         """The committed manifest of a series; see :meth:`find` for ``source=None``."""
