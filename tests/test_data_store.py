@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import BTC_CSV, REPO
-from moondev_lab.data import CorruptStoreError, DataPool, SeriesNotFound, Store, read_csv
+from moondev_lab.data import CorruptStoreError, DataPool, SeriesNotFound, Store
 
 
 def synthetic(n: int, start="2020-01-01", freq="1min", seed=0) -> pd.DataFrame:

@@ -201,7 +201,7 @@ def test_damaged_data_file_is_a_data_error(tmp_path):
 
 
 def test_a_malformed_result_is_classified_not_raised():
-    from moondev_lab.sandbox.pool import decode_reply
+    from moondev_lab.sandbox._wire import decode_reply
 
     ok = decode_reply(b'{"error": null, "stdout": ""}\n{"ok": true, "stats": {"x": NaN}}')
     assert ok["error"] is None and math.isnan(ok["payload"]["stats"]["x"])

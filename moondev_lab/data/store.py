@@ -194,10 +194,10 @@ class Store:
         if m.format not in (1, FORMAT_VERSION) or not 0 < m.rows <= m.capacity:
             raise CorruptStoreError(f"manifest {p} is inconsistent (rows={m.rows}, capacity={m.capacity})")
         if m.format == 1 and "pyarrow" in sys.modules:
-            self._upgrade(d, raw)
+            self._upgrade(d, m, raw)
         return m
 
-    def _upgrade(self, d: Path, raw: bytes) -> None:
+    def _upgrade(self, d: Path, m: Manifest, raw: bytes) -> None:
         """Format 1 -> 2: record the column offsets, so that readers stop needing pyarrow.
 
         Best effort, and only where pyarrow is loaded anyway (a sandbox never loads it
@@ -208,8 +208,7 @@ class Store:
             with open(d / ".lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 try:
-                    if (d / "manifest.json").read_bytes() == raw:
-                        m = Manifest(**json.loads(raw))
+                    if (d / "manifest.json").read_bytes() == raw:  # no writer moved on meanwhile
                         self._commit(d, Manifest(**{**asdict(m), "format": FORMAT_VERSION,
                                                     "offsets": _buffer_offsets(d / m.file)}))
                 finally:

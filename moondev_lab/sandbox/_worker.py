@@ -42,7 +42,7 @@ from ._lean import without_pyarrow
 
 with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
     from . import _limits, harness
-from ._wire import recv_msg, send_msg
+from ._wire import encode_reply, parse_result, recv_msg, send_msg
 from .errors import ErrorKind
 
 _RESULT_CAP = 64 * 2**20
@@ -141,8 +141,7 @@ class Worker:
                 reply = self.run(task)
                 self.tasks_done += 1
                 reply.update(worker_pid=os.getpid(), tasks_done=self.tasks_done, worker_rss=_rss_bytes())
-                result = reply.pop("result", b"")
-                send_msg(self.sock, json.dumps(reply).encode() + b"\n" + result)  # see pool.decode_reply
+                send_msg(self.sock, encode_reply(reply, reply.pop("result", b"")))
                 if self.standby is None:
                     # After a grid chunk the next task is most likely another long chunk: a
                     # warm-up would save nothing and only hold memory while the grid runs.
@@ -181,9 +180,7 @@ class Worker:
             ref = task["data"]
             self._pool(ref).manifest(ref["symbol"], ref["timeframe"], source=ref.get("source"))
         except Exception as exc:  # noqa: BLE001
-            err = harness.classify(exc)
-            err["kind"] = ErrorKind.DATA_ERROR.value
-            return {"result": b"", "error": err, "stdout": "", "stderr": "",
+            return {"result": b"", "error": _data_error(exc), "stdout": "", "stderr": "",
                     "duration_s": time.perf_counter() - started}
         limits = _limits.Limits(**task["limits"])
         workdir = Path(tempfile.mkdtemp(dir=self.tmp_root))
@@ -260,7 +257,7 @@ class Worker:
                 try:
                     frame = self._frame(task["data"])
                 except Exception as exc:  # noqa: BLE001 - e.g. the file was damaged since the worker looked
-                    payload = {"ok": False, "error": {**harness.classify(exc), "kind": ErrorKind.DATA_ERROR.value}}
+                    payload = {"ok": False, "error": _data_error(exc)}
                 else:
                     _limits.enter_sandbox(_limits.Limits(**task["limits"]), Path(workdir), self.uid,
                                           self.cgroup, in_cgroup=in_cgroup)
@@ -327,15 +324,13 @@ class Worker:
             reply["error"] = _err(ErrorKind.RESULT_INVALID, "ResultTooLarge",
                                   f"the result exceeded {_RESULT_CAP} bytes")
         elif bufs[res_r]:
-            # Passed on unparsed (the parent parses it, see pool.decode_reply): parsing here too
-            # would leave every worker holding the freed pages of each result it ever saw.
-            result = bytes(bufs[res_r])
+            result = bytes(bufs[res_r])  # passed on unparsed: see _wire.encode_reply
         else:
             reply["error"] = _status_error(status, limits)
         if forks_refused:
-            error = reply["error"] or _payload_error(result)
-            if error is None or error["kind"] in (ErrorKind.TIMEOUT, ErrorKind.STRATEGY_ERROR,
-                                                  ErrorKind.EXITED, ErrorKind.KILLED):
+            error = reply["error"] or parse_result(result)[1]
+            if error is None or error["kind"] in (ErrorKind.TIMEOUT, ErrorKind.STRATEGY_ERROR, ErrorKind.EXITED,
+                                                  ErrorKind.KILLED, ErrorKind.RESULT_INVALID):
                 reply["error"] = _err(ErrorKind.PROCESS_LIMIT, "ProcessLimit",
                                       f"{forks_refused} fork(s) refused by the process limit "
                                       f"({limits.max_processes}); "
@@ -416,13 +411,8 @@ def _err(kind: ErrorKind, type_: str, message: str) -> dict:
     return {"kind": kind.value, "type": type_, "message": message, "traceback": ""}
 
 
-def _payload_error(result: bytes) -> dict | None:
-    """The error a task child reported in its result, if any (the rare path: forks were refused)."""
-    try:
-        payload = json.loads(result)
-        return None if payload.get("ok") else payload.get("error")
-    except (ValueError, AttributeError):
-        return None
+def _data_error(exc: Exception) -> dict:
+    return {**harness.classify(exc), "kind": ErrorKind.DATA_ERROR.value}
 
 
 def _dump(payload: dict) -> bytes:

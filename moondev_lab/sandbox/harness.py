@@ -24,7 +24,6 @@ import importlib
 import io
 import json
 import math
-import re
 import sys
 import traceback
 import types
@@ -544,10 +543,11 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
         # Backtest._mp_task drops runs without trades from the heatmap
         value = float(stats[key]) if stats["# Trades"] else None
         values.append(value)
-        if best is None:
-            best, best_sizing = _run_parts(stats), sizing  # the pool falls back to the first combination
-        if value is not None and not math.isnan(value) and (best_value is None or value > best_value):
-            best_i, best_value, best, best_sizing = i, value, _run_parts(stats), sizing  # first of ties wins
+        is_best = value is not None and not math.isnan(value) and (best_value is None or value > best_value)
+        if is_best:  # ">": the first of ties wins
+            best_i, best_value = i, value
+        if is_best or best is None:  # the first combination is the fallback when nothing trades
+            best, best_sizing = _run_parts(stats), sizing
         # backtesting.py keeps the last run's stats (with its strategy, indicators and broker)
         # on the Backtest, and so do the patches: drop them, so that they are not still held
         # while the next run builds its own.

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -33,7 +33,7 @@ import psutil
 from .. import _registry, config
 from . import _limits
 from ._limits import Limits
-from ._wire import recv_msg, send_msg
+from ._wire import decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
 from .settings import BacktestSettings
 
@@ -192,28 +192,6 @@ class _WorkerHandle:
                     os.kill(self.pid, 9)
                 except ProcessLookupError:
                     pass
-
-
-def decode_reply(raw: bytes | bytearray) -> dict:
-    """A worker's reply: its JSON header line, then the task child's result bytes, unparsed.
-
-    The result is untrusted JSON (never pickle); a malformed one is a classified error.
-    """
-    head, _, result = raw.partition(b"\n")
-    reply = json.loads(head)
-    reply["payload"] = None
-    if result and reply.get("error") is None:
-        try:
-            payload = json.loads(result)
-            if not isinstance(payload, dict):
-                raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
-            reply["payload"] = payload
-            if not payload.get("ok"):
-                reply["error"] = payload.get("error")
-        except ValueError as exc:
-            reply["error"] = {"kind": ErrorKind.RESULT_INVALID.value, "type": type(exc).__name__,
-                              "message": str(exc)[:500], "traceback": ""}
-    return reply
 
 
 def default_size(memory_budget_mb: float | None = None) -> int:
@@ -485,9 +463,9 @@ class SandboxPool:
             for chunk in chunks]
         scores: list = []
         errors: list[SandboxError] = []
-        # The full result of the best run so far (grid index, score, reply): each chunk sends its
-        # own best run, and only the overall first best's is kept, so losing results are dropped.
-        best_run: tuple[int, float, dict] | None = None
+        # The full result of the best run so far (grid index, reply): each chunk sends its own
+        # best run, and it is kept only while it is the grid's first best, so losers are dropped.
+        best_run: tuple[int, dict] | None = None
         for chunk, fut in zip(chunks, futures):
             reply = fut.result()
             if reply.get("error"):
@@ -497,20 +475,16 @@ class SandboxPool:
             payload = reply.pop("payload")
             i = len(scores) + payload["best_index"]
             scores += payload["values"]
-            score = scores[i] if scores[i] is not None and not math.isnan(scores[i]) else None
-            if payload.get("best") and (
-                    (score is not None and (best_run is None or best_run[1] is None or score > best_run[1]))
-                    or (best_run is None and i == 0)):  # ">": the first of ties wins; i == 0: the fallback
-                best_run = (i, score, {**reply, "payload": payload["best"]})
+            if payload.get("best") and _first_best(scores) == i:
+                best_run = (i, {**reply, "payload": payload["best"]})
             del payload, reply
         if errors and len(errors) == len(chunks):
             result = BacktestResult(ok=False, error=errors[0])
             return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
-        valid = [(i, s) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
-        best_i = max(valid, key=lambda t: t[1])[0] if valid else 0  # max() keeps the first of ties
+        best_i = _first_best(scores)
         best = combos[best_i]
         if best_run is not None and best_run[0] == best_i:  # already run: same stats as a fresh run
-            result = BacktestResult._from_reply(best_run[2])
+            result = BacktestResult._from_reply(best_run[1])
         else:
             result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
         return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
@@ -538,6 +512,12 @@ class SandboxPool:
         s = self.stats()
         return (f"SandboxPool(size={self.size}, workers={s.workers}, busy={s.busy}, tasks={s.tasks}, "
                 f"failures={s.failures}, recycles={s.recycles}{', closed' if self._closed else ''})")
+
+
+def _first_best(scores: list) -> int:
+    """Index of the first highest score, NaN and None skipped; 0 if there is none (as backtesting.py)."""
+    valid = [(i, s) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+    return max(valid, key=lambda t: t[1])[0] if valid else 0  # max() keeps the first of ties
 
 
 class _AttrDict(dict):
