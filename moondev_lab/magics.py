@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display, publish_display_data
 
 from .memory import (LEDGER_MIME, MemWatch, dashboard, diff_object_counts, format_bytes, gc_stats,
-                     leak_check, object_counts, parse_size)
+                     leak_check, object_counts, parse_size, top_types)
 
 _OUTPUT = argument("-o", "--output", action="store_true", dest="output",
                    help="return the result object (as %%timeit -o does)")
@@ -143,7 +143,7 @@ class MemoryMagics(Magics):
 
         args = parse_argstring(self.objcount, line)
         counts = object_counts()
-        rows = [(name, c) for name, c in diff_object_counts({}, counts, top=args.top)]
+        rows = top_types(args.top, counts)
         change = dict(diff_object_counts(self._last_counts, counts, top=len(counts))) if self._last_counts else {}
         self._last_counts = counts
         df = pd.DataFrame({"type": [r[0] for r in rows], "count": [r[1] for r in rows],

@@ -143,6 +143,21 @@ def test_a_reset_at_stop_hands_the_peak_to_meters_still_running():
 
 
 @needs_exact
+def test_new_meters_and_rss_reads_inside_a_measured_block_keep_its_peak():
+    """A PeakMeter's first write to clear_refs resets the process-wide mark, e.g. a Monitor
+    or dashboard made inside a %memwatch'ed cell: the running meter must keep its peak."""
+    outer = PeakMeter()
+    outer.start()
+    _transient(60, 0)
+    PeakMeter().close()  # constructing one resets the mark
+    Monitor().sample(objects=False)
+    _transient(10, 0)
+    r_out = outer.stop()
+    outer.close()
+    assert r_out.peak_above_start > 58 * MIB
+
+
+@needs_exact
 def test_proc_files_are_read_through_libc_not_the_os_fallback(monkeypatch):
     """The GIL-holding libc path must really work (a bad argument would make it fail
     silently and fall back to os.pread, which releases the GIL)."""

@@ -185,6 +185,8 @@ class _ProcPeak:
         try:
             self._status = _ProcFile(_STATUS, os.O_RDONLY, 8192)
             self._statm = _ProcFile(_STATM, os.O_RDONLY, 128)
+            if _active:  # the test write below resets the process-wide mark: keep running meters' peaks
+                _carry_peak(self.read()[1])
             os.write(self._clear.fd, b"5")
         except OSError:
             self._clear.close()
@@ -336,8 +338,26 @@ def _forget(ref: "weakref.ref[PeakMeter]", key: int) -> None:
         del _active[key]
 
 
-def _running_meters() -> list["PeakMeter"]:
-    return [m for m in (r() for r in list(_active.values())) if m is not None]
+def _carry_peak(peak: int) -> None:
+    """Before the process-wide high-water mark is reset: hand its value to every running meter."""
+    for m in (r() for r in list(_active.values())):
+        if m is not None and peak > m._carried:
+            m._carried = peak
+
+
+def current_rss() -> int:
+    """This process's RSS in bytes, cheaply, without touching any meter's peak.
+
+    >>> current_rss() > 0
+    True
+    """
+    try:
+        with open(_STATM, "rb") as f:
+            return _statm_rss(f.read())
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
 
 
 class PeakMeter:
@@ -379,10 +399,7 @@ class PeakMeter:
         if _active and exact:
             # The high-water mark is process-wide: hand the peak so far to the
             # meters already running, so nesting does not hide their peaks.
-            peak = self._backend.read()[1]
-            for m in _running_meters():
-                if peak > m._carried:
-                    m._carried = peak
+            _carry_peak(self._backend.read()[1])
         self._carried = 0
         self._start = self._backend.reset()
         if exact:
@@ -416,9 +433,8 @@ class PeakMeter:
         _active.pop(self._key, None)
         if reset:
             rss, peak = backend.read_and_reset()
-            for m in _running_meters() if _active else ():
-                if peak > m._carried:
-                    m._carried = peak
+            if _active:
+                _carry_peak(peak)
         else:
             rss, peak = backend.read()
         return self._start, rss, (peak if peak > self._carried else self._carried)

@@ -103,7 +103,7 @@ def records_frame(rows: list[dict]):
     df = pd.DataFrame(rows)
     if not df.empty:
         for col in ("delta", "peak_above_start", "end_rss", "peak_rss"):
-            df[col.replace("_rss", "") + "_mib" if col.endswith("_rss") else col + "_mib"] = df[col] / 2**20
+            df[col.replace("_rss", "") + "_mib"] = df[col] / 2**20
     return df
 
 

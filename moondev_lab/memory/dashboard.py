@@ -16,7 +16,7 @@ import threading
 from html import escape
 
 from .. import _registry
-from ._peak import _ProcPeak, PeakMeter, cgroup_memory, format_bytes
+from ._peak import PeakMeter, cgroup_memory, format_bytes
 from .gc_tools import gc_watcher
 from .monitor import cache_entries
 
@@ -37,19 +37,16 @@ class Dashboard:
 
     # ------------------------------------------------------------ content
     def stats(self) -> dict:
-        backend = self._meter._backend
-        if isinstance(backend, _ProcPeak):
-            rss, peak = backend.read()  # read only: resetting is memwatch's job
-        else:
-            rss = peak = self._meter.rss()
+        r = self._meter.peek()  # read only: resetting is memwatch's job
+        rss, peak = r.end_rss, (r.peak_rss if r.exact else r.end_rss)  # no sampler runs for the panel
         pools = _registry.pools()
         return {"rss": rss, "peak": peak, "cgroup_limit": self._cg.limit,
                 "gc": self.gc.totals(), "gc_full_per_min": self.gc.full_per_minute(),
                 "cache_entries": cache_entries(), "caches": len(_registry.caches()),
                 "pools": len(pools), "workers": sum(_safe_len(p) for p in pools)}
 
-    def text(self) -> str:
-        s = self.stats()
+    def text(self, s: dict | None = None) -> str:
+        s = s or self.stats()
         limit = f" / limit {format_bytes(s['cgroup_limit'])}" if s["cgroup_limit"] else ""
         g = s["gc"]
         return (f"RSS {format_bytes(s['rss'])}{limit} · peak since reset {format_bytes(s['peak'])} · "
@@ -58,14 +55,14 @@ class Dashboard:
                 f"caches {s['caches']} ({s['cache_entries']:,} entries) · "
                 f"pools {s['pools']} ({s['workers']} workers)")
 
-    def html(self) -> str:
-        s = self.stats()
+    def html(self, s: dict | None = None) -> str:
+        s = s or self.stats()
         pct = ""
         if s["cgroup_limit"]:
             frac = min(1.0, s["rss"] / s["cgroup_limit"])
             pct = (f"<div style='background:#eee;width:240px;height:8px'><div style='background:"
                    f"{'#b00' if frac > 0.8 else '#2a7'};width:{frac * 240:.0f}px;height:8px'></div></div>")
-        return f"<div style='font-family:monospace'>{escape(self.text())}{pct}</div>"
+        return f"<div style='font-family:monospace'>{escape(self.text(s))}{pct}</div>"
 
     # ------------------------------------------------------------ showing
     def show(self) -> "Dashboard":
@@ -86,10 +83,11 @@ class Dashboard:
         return self
 
     def refresh(self) -> None:
+        s = self.stats()  # once: the text and the HTML show the same numbers
         if self._widget is not None:
-            self._widget.value = self.html()
+            self._widget.value = self.html(s)
         elif self._handle is not None:
-            self._handle.update({"text/plain": self.text(), "text/html": self.html()}, raw=True)
+            self._handle.update({"text/plain": self.text(s), "text/html": self.html(s)}, raw=True)
 
     def start(self) -> "Dashboard":
         if self.mode in ("widget", "text") and self._thread is None:

@@ -20,13 +20,14 @@ import gc
 import linecache
 import os
 import re
+import statistics
 import sys
 import tracemalloc
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ._peak import PeakMeter, format_bytes
+from ._peak import current_rss, format_bytes
 
 #: Frames from these files are the measuring machinery, not the user's code.
 _IGNORE_FILES = (tracemalloc.__file__, "<frozen importlib._bootstrap>",
@@ -64,9 +65,9 @@ def diff_object_counts(before: Counter, after: Counter, top: int = 10) -> list[t
     return [(_type_name(t), d) for t, d in items[:top]]
 
 
-def top_types(n: int = 20) -> list[tuple[str, int]]:
-    """The ``n`` most numerous gc-tracked types."""
-    return [(_type_name(t), c) for t, c in object_counts().most_common(n)]
+def top_types(n: int = 20, counts: Counter | None = None) -> list[tuple[str, int]]:
+    """The ``n`` most numerous gc-tracked types (of ``counts``, else counted now)."""
+    return [(_type_name(t), c) for t, c in (counts or object_counts()).most_common(n)]
 
 
 # --------------------------------------------------------------- tracemalloc
@@ -131,9 +132,8 @@ def _where(frame: tracemalloc.Frame) -> str:
 # --------------------------------------------------------------- growth fit
 def _theil_sen(ys: list[float]) -> float:
     """Median of pairwise slopes: robust to one odd iteration."""
-    slopes = sorted((ys[j] - ys[i]) / (j - i) for i in range(len(ys)) for j in range(i + 1, len(ys)))
-    m = len(slopes)
-    return 0.0 if m == 0 else (slopes[m // 2] if m % 2 else (slopes[m // 2 - 1] + slopes[m // 2]) / 2)
+    slopes = [(ys[j] - ys[i]) / (j - i) for i in range(len(ys)) for j in range(i + 1, len(ys))]
+    return statistics.median(slopes) if slopes else 0.0
 
 
 @dataclass
@@ -200,18 +200,17 @@ def leak_check(fn: Callable[[], object], n: int = 5, warmup: int = 1, min_growth
     was_tracing = tracemalloc.is_tracing()
     if not was_tracing:
         tracemalloc.start()
-    meter = PeakMeter()
     heap, rss = [], []
     snap_warm = types_warm = None
     try:
         gc.collect()
         heap.append(tracemalloc.get_traced_memory()[0])
-        rss.append(meter.rss())
+        rss.append(current_rss())
         for i in range(n):
             fn()
             gc.collect()
             heap.append(tracemalloc.get_traced_memory()[0])
-            rss.append(meter.rss())
+            rss.append(current_rss())
             if i + 1 == warmup:
                 # Count types before the snapshot, so the Counter itself is in
                 # both snapshots and does not show up as growth.
@@ -223,15 +222,13 @@ def leak_check(fn: Callable[[], object], n: int = 5, warmup: int = 1, min_growth
         snap_end = take_snapshot()
         types_end = object_counts()
     finally:
-        meter.close()
         if not was_tracing:
             tracemalloc.stop()
     steady = heap[warmup:]
     slope = _theil_sen(steady)
     # A leak grows on a typical run, not in one jump: another thread's one-off
     # allocation (a tqdm monitor, a logger) must not make a stable cell "leak".
-    steps = sorted(b - a for a, b in zip(steady, steady[1:]))
-    typical = steps[len(steps) // 2] if len(steps) % 2 else (steps[len(steps) // 2 - 1] + steps[len(steps) // 2]) / 2
+    typical = statistics.median(b - a for a, b in zip(steady, steady[1:]))
     leaking = slope > min_growth and typical > min_growth / 2
     runs = n - warmup
     if leaking:

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .. import _registry
-from ._peak import format_bytes, parse_size
+from ._peak import current_rss, format_bytes, parse_size
 from .gc_tools import GCWatcher, gc_watcher
 
 log = logging.getLogger("moondev_lab.memory")
@@ -213,17 +213,11 @@ class Monitor:
         self.actions.append((name, fn))
 
     # ------------------------------------------------------------ measuring
-    def sample(self, objects: bool = True, rss: int | None = None) -> dict:
+    def sample(self, objects: bool = True) -> dict:
         """Current values of every metric (``objects`` costs 6-60 ms)."""
-        from ._peak import PeakMeter  # local: the meter opens /proc files
-
-        if rss is None:
-            meter = PeakMeter()
-            rss = meter.rss()
-            meter.close()
         w = self.watcher or gc_watcher()
         return {
-            "rss": rss,
+            "rss": current_rss(),
             "traced_heap": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
             "gc_per_minute": w.full_per_minute(),
             "gc_pause_ms": w.max_pause_ns / 1e6,
@@ -261,23 +255,17 @@ class Monitor:
 
     def relieve_pressure(self, reason: str = "manual") -> list[ActionResult]:
         """Run every pressure action now; log and return what each freed."""
-        from ._peak import PeakMeter
-
         self._last_action = time.monotonic()
-        meter = PeakMeter()
         results = []
-        try:
-            for name, fn in self.actions:
-                before, t0, err = meter.rss(), time.perf_counter(), None
-                try:
-                    out = fn()
-                    freed, unit = out if isinstance(out, tuple) else (out, "bytes")
-                except Exception as exc:  # one failing action must not stop the others
-                    freed, unit, err = 0, "", f"{type(exc).__name__}: {exc}"
-                res = ActionResult(name, freed, unit, before, meter.rss(), time.perf_counter() - t0, reason, err)
-                (log.error if err else log.warning)("memory pressure (%s): %s", reason, res)
-                results.append(res)
-        finally:
-            meter.close()
+        for name, fn in self.actions:
+            before, t0, err = current_rss(), time.perf_counter(), None
+            try:
+                out = fn()
+                freed, unit = out if isinstance(out, tuple) else (out, "bytes")
+            except Exception as exc:  # one failing action must not stop the others
+                freed, unit, err = 0, "", f"{type(exc).__name__}: {exc}"
+            res = ActionResult(name, freed, unit, before, current_rss(), time.perf_counter() - t0, reason, err)
+            (log.error if err else log.warning)("memory pressure (%s): %s", reason, res)
+            results.append(res)
         self.action_log.extend(results)
         return results

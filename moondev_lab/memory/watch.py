@@ -21,7 +21,7 @@ import time
 import tracemalloc
 
 from ._peak import PeakMeter, cgroup_memory, format_bytes
-from .cell_ledger import LEDGER_MIME, CellLedger, CellRecord
+from .cell_ledger import CellLedger, CellRecord
 from .gc_tools import gc_watcher
 from .leaks import VariableTracker, take_snapshot, top_allocations
 from .monitor import Monitor, cache_entries
@@ -43,7 +43,6 @@ class _Watchdog:
     def __init__(self, rss, limit: int, interrupt: bool, interval: float = 0.01) -> None:
         self.rss, self.limit, self.interrupt, self.interval = rss, limit, interrupt, interval
         self.fired = False
-        self.max_seen = 0
         self.trigger = limit
         self._armed = threading.Event()
         self._lock = threading.Lock()
@@ -57,8 +56,6 @@ class _Watchdog:
             if not self._armed.is_set() or self.fired:
                 continue
             rss = self.rss()
-            if rss > self.max_seen:
-                self.max_seen = rss
             if rss > self.trigger:
                 with self._lock:
                     if self._armed.is_set() and not self.fired:
@@ -75,7 +72,7 @@ class _Watchdog:
         if start is None:
             start = self.rss()
         self.trigger = self.limit if start < self.limit else start + self.limit // 10
-        self.fired, self.max_seen = False, 0
+        self.fired = False
         self._armed.set()
 
     def disarm(self) -> bool:
@@ -239,8 +236,7 @@ class MemWatch:
         # the shell up again (InteractiveShell.instance()) for every cell.
         # Under capture_output() the shell's publisher is the capturing one,
         # so looking it up here (not at on()) keeps captures working.
-        self.shell.display_pub.publish(data={"text/plain": rec.line(), LEDGER_MIME: rec.to_dict()},
-                                       metadata={})
+        self.shell.display_pub.publish(data=rec.mimebundle(), metadata={})
 
     # ------------------------------------------------------------ one cell
     def profile_cell(self, cell: str, trace: bool = False, top: int = 10) -> CellRecord:
