@@ -126,8 +126,8 @@ def _rbi_report(report, as_json: bool, board=None) -> None:
 def _rbi_config(a: argparse.Namespace):
     from .rbi import RBIConfig
 
-    return RBIConfig(symbol=a.symbol, timeframe=a.timeframe, source=a.source, max_debug=a.max_debug,
-                     max_optimize=a.max_optimize, grid_engine=a.grid_engine)
+    given = {k: getattr(a, k) for k in ("symbol", "timeframe", "source", "max_debug", "max_optimize", "grid_engine")}
+    return RBIConfig(**{k: v for k, v in given.items() if v is not None})  # unset: RBIConfig's own default
 
 
 def cmd_rbi(a: argparse.Namespace) -> int:
@@ -260,10 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def loop_args(sp: argparse.ArgumentParser) -> None:
         data_args(sp)
-        sp.add_argument("--max-debug", type=int, default=3, help="debug-loop iterations")
-        sp.add_argument("--max-optimize", type=int, default=2, help="optimize-loop iterations")
-        sp.add_argument("--grid-engine", choices=["pool", "backtesting"], default="pool",
-                        help="parameter grid on the sandbox pool, or with backtesting.py's own Backtest.optimize")
+        sp.add_argument("--max-debug", type=int, help="debug-loop iterations (default 3)")
+        sp.add_argument("--max-optimize", type=int, help="optimize-loop iterations (default 2)")
+        sp.add_argument("--grid-engine", choices=["pool", "backtesting"],
+                        help="parameter grid on the sandbox pool (default), or with backtesting.py's own "
+                             "Backtest.optimize")
 
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")

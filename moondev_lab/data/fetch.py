@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
-import ccxt
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -27,6 +26,9 @@ from ._timeframes import timeframe_ms
 from .ingest import from_ccxt
 from .store import SeriesNotFound, Store
 from .validate import DataValidationError
+
+if TYPE_CHECKING:
+    import ccxt
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class FetchResult:
 
 def make_exchange(exchange_id: str, api_url: str | None = None, **config: Any) -> ccxt.Exchange:
     """A public-data ccxt exchange; ``api_url`` swaps every API host (for tests or proxies)."""
+    import ccxt  # ~0.3 s: only commands that fetch pay it (the CLI imports this module for FetchError)
+
     try:
         cls = getattr(ccxt, exchange_id)
     except AttributeError:
@@ -97,6 +101,8 @@ def fetch_ohlcv(exchange: str | ccxt.Exchange, symbol: str, timeframe: str, sinc
                 max_retries: int = 5, backoff: float = 1.0, progress: bool = True,
                 sleep: Callable[[float], None] = time.sleep) -> FetchResult:
     """Fetch ``symbol`` candles from ``since`` (or after the last stored one) up to ``until``/now."""
+    import ccxt
+
     ex = make_exchange(exchange) if isinstance(exchange, str) else exchange
     store = store or Store()
     source = source or ex.id
