@@ -13,7 +13,6 @@ A failing run is reported with its error and never stops the others.
 """
 from __future__ import annotations
 
-import copy
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +58,6 @@ class BatchReport:
 def with_memwatch(notebook: str | Path) -> nbformat.NotebookNode:
     """The notebook with a first cell that turns the per-cell memory ledger on."""
     nb = nbformat.read(str(notebook), as_version=4)
-    nb = copy.deepcopy(nb)
     cell = nbformat.v4.new_code_cell(MEMWATCH_CELL, metadata={"tags": ["moondev-memwatch"]})
     cell.pop("id", None)
     nb.cells.insert(0, cell)

@@ -171,16 +171,11 @@ class Ledger:
         with self._lock:
             rows = self._db.execute("SELECT r.id, i.text, r.model, r.in_sample, r.out_of_sample, r.params "
                                     "FROM runs r JOIN ideas i ON i.id=r.idea_id WHERE r.status='ok'").fetchall()
-        recs = []
-        for r in rows:
-            ins, oos = _loads(r["in_sample"]) or {}, _loads(r["out_of_sample"]) or {}
-            recs.append({"run": r["id"], "idea": r["text"][:60], "model": r["model"],
-                         f"IS {metric}": ins.get(metric), f"OOS {metric}": oos.get(metric),
-                         "OOS Sharpe": oos.get("Sharpe Ratio"), "OOS trades": oos.get("# Trades")})
-        df = pd.DataFrame(recs, columns=["run", "idea", "model", f"IS {metric}", f"OOS {metric}", "OOS Sharpe", "OOS trades"])
-        key = f"OOS {metric}"
-        df[key] = pd.to_numeric(df[key], errors="coerce")
-        return df.sort_values(key, ascending=False, na_position="last").head(limit).reset_index(drop=True)
+        recs = [{"run": r["id"], "idea": r["text"][:60], "model": r["model"],
+                 **metric_columns(_loads(r["in_sample"]) or {}, _loads(r["out_of_sample"]) or {}, metric)}
+                for r in rows]
+        df = pd.DataFrame(recs, columns=["run", "idea", "model", *metric_columns({}, {}, metric)])
+        return rank_by_oos(df, metric).head(limit)
 
     def usage_summary(self, run_ids: Iterable[int] | None = None) -> dict:
         """Model calls, tokens and cost: of the whole ledger, or of the given runs only."""
@@ -195,3 +190,16 @@ class Ledger:
     def ideas(self) -> pd.DataFrame:
         with self._lock:
             return pd.read_sql_query("SELECT id, text, status, failures, last_error FROM ideas ORDER BY id", self._db)
+
+
+def metric_columns(in_sample: dict, out_of_sample: dict, metric: str) -> dict:
+    """The ranking columns of every results table: in-sample and out-of-sample ``metric``, and more."""
+    return {f"IS {metric}": in_sample.get(metric), f"OOS {metric}": out_of_sample.get(metric),
+            "OOS Sharpe": out_of_sample.get("Sharpe Ratio"), "OOS trades": out_of_sample.get("# Trades")}
+
+
+def rank_by_oos(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Best out-of-sample ``metric`` first; runs without one last."""
+    key = f"OOS {metric}"
+    df[key] = pd.to_numeric(df[key], errors="coerce")
+    return df.sort_values(key, ascending=False, na_position="last").reset_index(drop=True)

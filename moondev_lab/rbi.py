@@ -34,7 +34,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import config
-from .ledger import Ledger
+from .ledger import Ledger, metric_columns, rank_by_oos
 from .models.offline import class_params
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class IdeaResult:
 
     def row(self, metric: str) -> dict:
         return {"idea": self.idea[:50], "status": self.status,
-                f"IS {metric}": self.in_sample.get(metric), f"OOS {metric}": self.out_of_sample.get(metric),
-                "OOS Sharpe": self.out_of_sample.get("Sharpe Ratio"), "OOS trades": self.out_of_sample.get("# Trades"),
+                **metric_columns(self.in_sample, self.out_of_sample, metric),
                 "debug": self.debug_iterations, "optimize": self.optimize_iterations,
                 "error": (f"{self.error_kind}: {self.error}"[:80] if self.error else ""), "run_dir": self.run_dir}
 
@@ -104,11 +103,7 @@ class RBIReport:
 
     def table(self) -> pd.DataFrame:
         df = pd.DataFrame([r.row(self.metric) for r in self.results])
-        if len(df):
-            key = f"OOS {self.metric}"
-            df[key] = pd.to_numeric(df[key], errors="coerce")
-            df = df.sort_values(key, ascending=False, na_position="last").reset_index(drop=True)
-        return df
+        return rank_by_oos(df, self.metric) if len(df) else df
 
     def __repr__(self) -> str:
         ok = sum(r.status == "ok" for r in self.results)

@@ -39,10 +39,6 @@ class TokenBucket:
                 self._paused_until = max(self._paused_until, self._clock() + float(seconds))
                 self.pauses += 1
 
-    def paused_for(self) -> float:
-        with self._lock:
-            return max(0.0, self._paused_until - self._clock())
-
     def acquire(self) -> float:
         """Block until a request may go out; return the seconds waited."""
         waited = 0.0

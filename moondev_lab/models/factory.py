@@ -130,7 +130,7 @@ class ModelFactory:
 
     def _create(self, provider: str, name: str):
         if provider == "offline":
-            return _TrackedOffline(self.tracker)
+            return OfflineModel(self.tracker)
         if not self._key():
             raise ModelUnavailable(f"model {name!r} needs ANTHROPIC_API_KEY (or ModelFactory(api_key=...)); "
                                    "use 'offline' to run without one")
@@ -151,16 +151,3 @@ class ModelFactory:
                 if close:
                     close()
             self._pool.clear()
-
-
-class _TrackedOffline(OfflineModel):
-    """The offline model, with its (free) calls counted in the factory's usage summary."""
-
-    def __init__(self, tracker: UsageTracker):
-        super().__init__()
-        self._tracker = tracker
-
-    def _usage(self, step, t0):
-        u = super()._usage(step, t0)
-        self._tracker.record(u)
-        return u

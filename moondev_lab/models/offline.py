@@ -17,6 +17,7 @@ import ast
 import hashlib
 import threading
 import time
+from typing import Any
 
 from ..codeextract import CodeExtractionError, extract_strategy
 from ._codegen import generate
@@ -34,15 +35,19 @@ class OfflineModel:
     name = "offline"
     provider = "offline"
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: Any = None) -> None:
         self._lock = threading.Lock()
         self._improve_calls: dict[str, int] = {}
+        self.tracker = tracker  # like ClaudeModel's: its (free) calls are counted in a usage summary
 
     def __repr__(self) -> str:
         return "OfflineModel(name='offline')"
 
     def _usage(self, step: str, t0: float) -> Usage:
-        return Usage(model=self.name, step=step, latency_s=time.perf_counter() - t0)
+        usage = Usage(model=self.name, step=step, latency_s=time.perf_counter() - t0)
+        if self.tracker is not None:
+            self.tracker.record(usage)
+        return usage
 
     # ------------------------------------------------------------------ protocol
     def research(self, idea: str) -> ResearchResult:
