@@ -30,6 +30,18 @@ _LAZY = {
     "run_rbi": "moondev_lab.rbi",
     "Ledger": "moondev_lab.ledger",
     "run_notebooks": "moondev_lab.batch",
+    # robustness: deflated Sharpe, PBO, walk-forward (issue 15)
+    "probabilistic_sharpe_ratio": "moondev_lab.robustness",
+    "deflated_sharpe_ratio": "moondev_lab.robustness",
+    "expected_max_sharpe": "moondev_lab.robustness",
+    "min_track_record_length": "moondev_lab.robustness",
+    "cscv": "moondev_lab.robustness",
+    "walk_forward": "moondev_lab.robustness",
+    "walk_forward_windows": "moondev_lab.robustness",
+    "assess_overfitting": "moondev_lab.robustness",
+    "Overfitting": "moondev_lab.robustness",
+    "BacktestingEvaluator": "moondev_lab.robustness",
+    "ReturnsEvaluator": "moondev_lab.robustness",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
