@@ -1,8 +1,8 @@
 """moondev_lab.robustness: known answers from the papers, Monte Carlo checks, noise vs edge, walk-forward.
 
-The SMA-cross grids of the noise and edge tests are computed vectorised here, not with backtesting.py:
-100 combinations x 6 datasets x 20k bars through ``Backtest.run`` would take minutes. The backtesting.py
-evaluator is tested on small grids and slices below.
+The SMA-cross grids of the noise and edge tests are computed vectorised (tests/strategies.py), not with
+backtesting.py: 100 combinations x 6 datasets x 20k bars through ``Backtest.run`` would take minutes. The
+backtesting.py evaluator is tested on small grids and slices below.
 """
 from __future__ import annotations
 
@@ -17,29 +17,13 @@ from backtesting import Backtest
 
 from moondev_lab import robustness as rb
 from moondev_lab.errors import MoondevError
-from tests.strategies import SMA_CROSS
+from strategies import SMA_CROSS, sma_cross_returns
 
 FAST = range(5, 55, 5)
 SLOW = range(60, 260, 20)  # 10 x 10 = 100 combinations, every fast below every slow
 
 
-# ----- helpers: vectorised SMA-cross returns and synthetic series -------------------------------------
-def _sma(x: np.ndarray, n: int) -> np.ndarray:
-    c = np.cumsum(np.insert(x, 0, 0.0))
-    out = np.full(len(x), np.nan)
-    out[n - 1:] = (c[n:] - c[:-n]) / n
-    return out
-
-
-def sma_cross_returns(close: np.ndarray, fast: int, slow: int, commission: float = 0.0) -> np.ndarray:
-    """Long while SMA(fast) > SMA(slow) at the close, held over the next bar; commission on each change."""
-    f, s = _sma(close, fast), _sma(close, slow)
-    pos = np.where(np.isfinite(s) & (f > s), 1.0, 0.0)
-    r = np.zeros(len(close))
-    r[1:] = pos[:-1] * (close[1:] / close[:-1] - 1) - commission * np.abs(np.diff(np.insert(pos[:-1], 0, 0.0)))
-    return r
-
-
+# ----- helpers: SMA-cross grids and synthetic series -------------------------------------
 def sma_grid(close: np.ndarray, commission: float) -> pd.DataFrame:
     return pd.DataFrame({f"{a}/{b}": sma_cross_returns(close, a, b, commission) for a in FAST for b in SLOW})
 
