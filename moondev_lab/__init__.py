@@ -39,6 +39,7 @@ _LAZY = {
     "walk_forward": "moondev_lab.robustness",
     "walk_forward_windows": "moondev_lab.robustness",
     "assess_overfitting": "moondev_lab.robustness",
+    "deflate_batch": "moondev_lab.robustness",
     "Overfitting": "moondev_lab.robustness",
     "BacktestingEvaluator": "moondev_lab.robustness",
     "ReturnsEvaluator": "moondev_lab.robustness",

@@ -31,6 +31,7 @@ returns that are roughly IID; strongly autocorrelated per-bar returns make every
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import itertools
@@ -750,6 +751,7 @@ class Overfitting:
     pbo: PBOResult | None = None
     walk_forward: WalkForwardResult | None = None
     best: str | None = None  # the selected combination's label, for a grid
+    trial_sharpes: np.ndarray | None = field(default=None, repr=False)  # per-bar, for batch deflation
 
     @property
     def sharpe_ann(self) -> float:
@@ -845,7 +847,35 @@ def assess_overfitting(returns: Any, *, trials: int | None = None, trial_sharpes
         psr=probabilistic_sharpe_ratio(mom.sharpe, mom.n_obs, mom.skew, mom.kurtosis),
         dsr=probabilistic_sharpe_ratio(mom.sharpe, mom.n_obs, mom.skew, mom.kurtosis, benchmark=benchmark),
         min_track_record=min_track_record_length(mom.sharpe, mom.skew, mom.kurtosis, benchmark=benchmark),
-        periods_per_year=periods, pbo=pbo, walk_forward=walk_forward, best=label)
+        periods_per_year=periods, pbo=pbo, walk_forward=walk_forward, best=label, trial_sharpes=sharpes)
+
+
+def deflate_batch(results: Sequence[Overfitting]) -> Overfitting:
+    """The batch view: the best idea's Sharpe deflated by every trial of every idea in the batch.
+
+    Each idea's DSR counts its own trials; a batch that tried many ideas selected among all of them.
+    The trials add up, and the variance is taken over all the trials' Sharpe ratios pooled (an idea
+    without them counts as its own Sharpe ratio). The result is the best idea's, with batch ``trials``,
+    ``sharpe_benchmark``, ``dsr`` and ``min_track_record``; PBO and walk-forward stay per idea (None).
+
+    >>> rng = np.random.default_rng(0)
+    >>> ideas = [assess_overfitting(rng.normal(0, 0.01, (1000, 10)), partitions=None) for _ in range(5)]
+    >>> batch = deflate_batch(ideas)
+    >>> batch.trials, batch.dsr <= max(o.dsr for o in ideas)
+    (50, True)
+    """
+    if not results:
+        raise RobustnessError("deflate_batch needs at least one result")
+    best = max(results, key=lambda o: o.sharpe)
+    pooled = np.concatenate([o.trial_sharpes if o.trial_sharpes is not None else [o.sharpe] for o in results])
+    trials = sum(o.trials for o in results)
+    variance = float(np.var(pooled, ddof=1)) if len(pooled) > 1 else 0.0
+    benchmark = expected_max_sharpe(trials, variance)
+    return dataclasses.replace(
+        best, trials=trials, sharpe_benchmark=benchmark, sharpe_variance=variance, pbo=None, walk_forward=None,
+        dsr=probabilistic_sharpe_ratio(best.sharpe, best.n_obs, best.skew, best.kurtosis, benchmark=benchmark),
+        min_track_record=min_track_record_length(best.sharpe, best.skew, best.kurtosis, benchmark=benchmark),
+        trial_sharpes=pooled)
 
 
 # ----- small helpers ---------------------------------------------------------------------------------

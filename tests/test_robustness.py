@@ -304,6 +304,22 @@ def test_walk_forward_with_a_returns_evaluator_and_the_full_result():
     assert page.count("<img src=\"data:image/png;base64,") == 2  # the logit histogram and the equity
 
 
+def test_batch_deflation_counts_every_idea_trials():
+    rng = np.random.default_rng(9)
+    ideas = [rb.assess_overfitting(rng.normal(0.0003 * k, 0.01, (1500, 8)), partitions=None) for k in range(4)]
+    batch = rb.deflate_batch(ideas)
+    best = max(ideas, key=lambda o: o.sharpe)
+    pooled = np.concatenate([o.trial_sharpes for o in ideas])
+    assert batch.trials == 32 and batch.sharpe == best.sharpe and batch.n_obs == best.n_obs
+    assert batch.sharpe_benchmark == pytest.approx(rb.expected_max_sharpe(32, float(np.var(pooled, ddof=1))))
+    assert batch.dsr == pytest.approx(rb.probabilistic_sharpe_ratio(best.sharpe, 1500, best.skew, best.kurtosis,
+                                                                    batch.sharpe_benchmark))
+    single = rb.assess_overfitting(rng.normal(0, 0.01, 500))  # an idea with one trial and no grid
+    assert rb.deflate_batch([single]).trials == 1
+    with pytest.raises(rb.RobustnessError):
+        rb.deflate_batch([])
+
+
 def test_bad_input_gets_a_clear_error():
     ok = np.random.default_rng(0).normal(0, 0.01, (200, 5))
     cases = [
