@@ -43,6 +43,7 @@ _LAZY = {
     "Overfitting": "moondev_lab.robustness",
     "BacktestingEvaluator": "moondev_lab.robustness",
     "ReturnsEvaluator": "moondev_lab.robustness",
+    "SandboxEvaluator": "moondev_lab.robustness",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

@@ -593,12 +593,64 @@ class ReturnsEvaluator:
                          index=self.index[start:stop])
 
 
+class SandboxEvaluator:
+    """An :class:`Evaluator` whose grids and runs go through a :class:`~moondev_lab.sandbox.SandboxPool`.
+
+    For untrusted (LLM-written) strategy code: nothing runs in this process. ``index`` is the bar
+    index of the data ``ref`` names (e.g. ``DataPool().get(...).index``; no copy); a slice
+    ``[start, stop)`` becomes ``ref`` restricted to ``index[start]..index[stop - 1]``. A grid is
+    ``pool.optimize`` (it keeps no per-combination returns, so this evaluator feeds walk-forward, not CSCV),
+    and equity curves come back downsampled by the pool (at most 2,000 points per run), which keeps
+    their first and last values exact.
+
+    >>> from moondev_lab.sandbox import DataRef, SandboxPool
+    >>> with SandboxPool(2) as pool:                                                  # doctest: +SKIP
+    ...     ev = SandboxEvaluator(pool, code, {"n1": [10, 20]}, DataRef(), ml.DataPool().get("BTC/USD", "15m").index)
+    ...     wf = walk_forward(ev, folds=6)
+    """
+
+    def __init__(self, pool: Any, code: str, params: Mapping[str, Sequence], ref: Any, index: pd.Index, *,
+                 maximize: str = "Return [%]", timeout: float = 120.0, settings: Any = None):
+        self.pool, self.code, self.params, self.ref, self.index = pool, code, dict(params), ref, index
+        self.maximize, self.timeout, self.settings = maximize, timeout, settings
+
+    def __repr__(self) -> str:
+        return f"SandboxEvaluator({len(self.index)} bars, grid {self.params}, maximize={self.maximize!r})"
+
+    def _slice(self, start: int, stop: int):
+        return dataclasses.replace(self.ref, start=self.index[start], end=self.index[stop - 1])
+
+    @staticmethod
+    def _equity(result: Any, what: str) -> pd.Series:
+        if not result.ok:
+            raise RobustnessError(f"{what} failed in the sandbox: {result.error.type}: {result.error.message}")
+        points = result.equity
+        return pd.Series([p["equity"] for p in points], index=pd.DatetimeIndex([p["time"] for p in points]),
+                         name="Equity")
+
+    def grid(self, start: int, stop: int) -> GridOutcome:
+        g = self.pool.optimize(self.code, self.params, self._slice(start, stop), maximize=self.maximize,
+                               timeout=self.timeout, settings=self.settings)
+        equity = self._equity(g.result, f"the grid on bars {start}..{stop}")
+        combos = [dict(p) for p, _ in g.heatmap]
+        scores = np.array([math.nan if v is None else float(v) for _, v in g.heatmap])
+        return GridOutcome(combos, scores, dict(g.best_params), equity)
+
+    def run(self, start: int, stop: int, params: Mapping[str, Any]) -> pd.Series:
+        r = self.pool.run(self.code, self._slice(start, stop), params=dict(params), timeout=self.timeout,
+                          settings=self.settings)
+        return self._equity(r, f"the run on bars {start}..{stop}")
+
+
 def _label(params: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in params.items())
 
 
 def annualised_return(equity: pd.Series, periods: float) -> float:
-    """Compounded return per year of an equity curve sampled ``periods`` times a year.
+    """Compounded return per year of an equity curve with ``periods`` bars a year.
+
+    The years elapsed are read from a DatetimeIndex when the curve has one (so a downsampled curve
+    gives the same answer), else counted as ``(len - 1) / periods``.
 
     >>> round(annualised_return(pd.Series([100.0, 110.0, 121.0]), periods=2), 4)
     0.21
@@ -608,7 +660,12 @@ def annualised_return(equity: pd.Series, periods: float) -> float:
         return math.nan
     if e[-1] <= 0:
         return -1.0
-    return float((e[-1] / e[0]) ** (periods / (len(e) - 1)) - 1)
+    index = getattr(equity, "index", None)
+    if isinstance(index, pd.DatetimeIndex):
+        years = (index[-1] - index[0]) / _YEAR
+    else:
+        years = (len(e) - 1) / periods
+    return float((e[-1] / e[0]) ** (1 / years) - 1) if years > 0 else math.nan
 
 
 @dataclass
@@ -713,9 +770,9 @@ def walk_forward(evaluator: Evaluator, folds: int = 6, *, train: int | None = No
         g = evaluator.grid(w.train_start, w.train_stop)
         trials = max(trials, len(g.params))
         oos = evaluator.run(w.test_start, w.test_stop, g.best_params)
-        if len(oos) != w.test_stop - w.test_start or not np.isfinite(oos.to_numpy(dtype=float)).all():
-            raise RobustnessError(f"fold {k}: the evaluator's run gave {len(oos)} equity values for "
-                                  f"{w.test_stop - w.test_start} bars, or non-finite ones")
+        if len(oos) < 2 or not np.isfinite(oos.to_numpy(dtype=float)).all():
+            raise RobustnessError(f"fold {k}: the evaluator's run on {w.test_stop - w.test_start} bars gave "
+                                  f"{len(oos)} equity values, or non-finite ones")
         level = float(oos.iloc[0]) if level is None else level
         piece = oos / float(oos.iloc[0]) * level
         level = float(piece.iloc[-1])

@@ -304,6 +304,26 @@ def test_walk_forward_with_a_returns_evaluator_and_the_full_result():
     assert page.count("<img src=\"data:image/png;base64,") == 2  # the logit histogram and the equity
 
 
+@pytest.mark.timeout(180)
+def test_walk_forward_through_the_sandbox_matches_backtesting_py_in_process():
+    """Untrusted code walks forward inside the sandbox pool, with the same folds as an in-process run."""
+    from moondev_lab.data import DataPool
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    frame = DataPool().get("BTC/USD", "15m", start="2023-03-01", end="2023-03-19")
+    params = {"n1": [5, 10], "n2": [20, 40]}
+    trusted = rb.walk_forward(rb.BacktestingEvaluator(frame, SmaCross, params), folds=2, train=600, test=300)
+    with SandboxPool(2) as pool:
+        ev = rb.SandboxEvaluator(pool, SMA_CROSS, params, DataRef("BTC/USD", "15m"), frame.index)
+        boxed = rb.walk_forward(ev, folds=2, train=600, test=300)
+    assert [f.params for f in boxed.folds] == [f.params for f in trusted.folds]
+    assert [f.window for f in boxed.folds] == [f.window for f in trusted.folds]
+    # The pool's curves are downsampled; every point they keep is the in-process curve's value there.
+    np.testing.assert_allclose(boxed.equity.to_numpy(), trusted.equity.loc[boxed.equity.index].to_numpy(), rtol=1e-9)
+    assert boxed.efficiency == pytest.approx(trusted.efficiency, rel=1e-9, nan_ok=True)
+    assert [f.oos_return_ann for f in boxed.folds] == pytest.approx([f.oos_return_ann for f in trusted.folds])
+
+
 def test_batch_deflation_counts_every_idea_trials():
     rng = np.random.default_rng(9)
     ideas = [rb.assess_overfitting(rng.normal(0.0003 * k, 0.01, (1500, 8)), partitions=None) for k in range(4)]
