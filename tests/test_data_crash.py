@@ -58,7 +58,9 @@ def one_trial(root: str, seed: int) -> int:
     time.sleep(rnd.uniform(0.0, 0.15))
     os.kill(p.pid, signal.SIGKILL)
     out, _ = p.communicate(timeout=30)
-    committed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+    # Only whole lines count: the kill can cut the last print anywhere, even inside "committed".
+    whole = out.split("\n")[:-1]
+    committed = [int(line.split()[1]) for line in whole if line.startswith("committed ")]
     return committed[-1] if committed else int(first.split()[1])
 
 
