@@ -61,8 +61,9 @@ _AFTER_SEND = {_S.ACCEPTED, _S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED, _S.REJE
 _NEXT: dict[OrderState, frozenset[OrderState]] = {
     _S.NEW: frozenset({_S.SUBMITTED, _S.REJECTED}),
     _S.SUBMITTED: frozenset(_AFTER_SEND | {_S.IN_FLIGHT}),
-    # Reconciliation decides: found in some state, or absent (REJECTED: it never reached the book).
-    _S.IN_FLIGHT: frozenset(_AFTER_SEND),
+    # Reconciliation decides: found in some state, or absent (REJECTED: it never reached the book,
+    # or SUBMITTED again: confirmed absent, so re-sending under the same id is safe).
+    _S.IN_FLIGHT: frozenset(_AFTER_SEND | {_S.SUBMITTED}),
     _S.ACCEPTED: frozenset({_S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED}),
     _S.PARTIALLY_FILLED: frozenset({_S.PARTIALLY_FILLED, _S.FILLED, _S.CANCELED}),
     _S.FILLED: frozenset(),
@@ -141,6 +142,19 @@ def _utc(when: Any) -> pd.Timestamp:
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
+@dataclass(frozen=True)
+class Balance:
+    """One currency's balance: ``free`` to spend, ``used`` locked in open orders."""
+
+    currency: str
+    free: float
+    used: float
+    total: float
+
+    def __repr__(self) -> str:
+        return f"Balance({self.currency}: free {self.free:.8g}, used {self.used:.8g}, total {self.total:.8g})"
+
+
 _CCXT_STATUS = {"closed": _S.FILLED, "canceled": _S.CANCELED, "cancelled": _S.CANCELED,
                 "expired": _S.CANCELED, "rejected": _S.REJECTED}
 
@@ -211,7 +225,10 @@ class Order:
         if status is None:  # "open" (or missing): resting, maybe partly filled
             status = _S.PARTIALLY_FILLED if filled > 0 else _S.ACCEPTED
         fee = d.get("fee") or {}
-        return cls(client_order_id=d["clientOrderId"], exchange_id=str(d["id"]) if d.get("id") else None,
+        info = d.get("info") if isinstance(d.get("info"), dict) else {}
+        # A cancel's answer carries a fresh id for the cancel itself; the order's own is origClientOrderId.
+        cid = info.get("origClientOrderId") or d["clientOrderId"]
+        return cls(client_order_id=cid, exchange_id=str(d["id"]) if d.get("id") else None,
                    symbol=d["symbol"], side=d["side"], type=d["type"], amount=float(d.get("amount") or 0.0),
                    price=_num(d.get("price")), filled=filled, average=_num(d.get("average")), status=status,
                    fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
