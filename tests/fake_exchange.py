@@ -16,13 +16,15 @@ the next order creations only (``inject_order``):
   for an order that is "accepted, response lost"
 * ``"stall"`` -> answered late and *not* processed
 * ``"drop"`` -> processed, then the connection is closed with no answer (``NetworkError``)
+* ``"hide"`` -> order lookups answer as if the order did not exist (a lagging order index)
 * ``"garbage"`` -> HTTP 200 with a non-JSON body (for an order: after accepting it)
 * ``"nulls"`` -> HTTP 200 with ``{"code": 0}``
 * ``"insufficient"`` (orders) -> -2010 "Account has insufficient balance for requested action."
 * ``"partial"`` (orders) -> the order fills half its quantity and stays PARTIALLY_FILLED
 * ``"pass"`` -> no fault (a placeholder to skip a request)
 
-``creates`` counts the orders the fake accepted; ``create_attempts`` every POST.
+``creates`` counts the orders the fake accepted; ``create_attempts`` every POST;
+``max_concurrent`` the most requests it ever served at once; ``times`` when each arrived.
 
 >>> with FakeBinance() as fake:                     # doctest: +SKIP
 ...     ex = make_exchange("binance", api_url=fake.url, enableRateLimit=False)
@@ -116,6 +118,9 @@ class FakeBinance:
         self.order_faults: list[str] = []
         self.requests: list[tuple[str, dict]] = []
         self.methods: list[str] = []
+        self.times: list[float] = []
+        self.max_concurrent = 0
+        self._active = 0
         self.free = {k: Decimal(v) for k, v in (balances or {"BTC": "1", "USDT": "100000"}).items()}
         self.locked = {k: Decimal(0) for k in self.free}
         self.fee_rate = Decimal(fee_rate)
@@ -319,10 +324,13 @@ class FakeBinance:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _send(self, status: int, body: str | bytes, ctype: str = "application/json"):
+            def _send(self, status: int, body: str | bytes, ctype: str = "application/json",
+                      headers: dict | None = None):
                 data = body.encode() if isinstance(body, str) else body
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -349,13 +357,24 @@ class FakeBinance:
                 with fake._lock:
                     fake.requests.append((parts.path, query))
                     fake.methods.append(method)
+                    fake.times.append(time.monotonic())
+                    fake._active += 1
+                    fake.max_concurrent = max(fake.max_concurrent, fake._active)
                     fault = fake.faults.pop(0) if fake.faults else None
                     if creating:
                         fake.create_attempts += 1
-                        if fault is None and fake.order_faults:
+                        if fault in (None, "pass") and fake.order_faults:
                             fault = fake.order_faults.pop(0)
+                try:
+                    return self._faulty(method, parts, raw, query, fault, creating)
+                finally:
+                    with fake._lock:
+                        fake._active -= 1
+
+            def _faulty(self, method, parts, raw, query, fault, creating):
                 if fault in ("429", "418"):
-                    return self._send(int(fault), json.dumps({"code": ERR_TOO_MANY[0], "msg": ERR_TOO_MANY[1]}))
+                    return self._send(int(fault), json.dumps({"code": ERR_TOO_MANY[0], "msg": ERR_TOO_MANY[1]}),
+                                      headers={"Retry-After": "1"})
                 if fault in ("500", "502", "503"):
                     return self._send(int(fault), "<html><body>Service Unavailable</body></html>", "text/html")
                 if fault == "stall":
@@ -373,7 +392,7 @@ class FakeBinance:
                     return self._error(e)
                 if creating and fault == "timeout":
                     time.sleep(fake.timeout_delay)  # accepted; the answer arrives after the client gave up
-                if creating and fault == "drop":
+                if fault == "drop":
                     self.close_connection = True
                     return None
                 if creating and fault == "garbage":
@@ -402,12 +421,14 @@ class FakeBinance:
                         o = fake._create(q, fault)
                         return 200, {**fake._public(o), "transactTime": o["time"], "fills": o.get("fills", [])}
                     if path == "/api/v3/order" and method == "GET":
+                        if fault == "hide":
+                            raise BinanceError(ERR_NO_ORDER)
                         return 200, fake._public(fake._find(q))
                     if path == "/api/v3/order":
                         return 200, fake._cancel(q)
                     if path == "/api/v3/openOrders":
                         return 200, [fake._public(o) for o in fake.orders.values()
-                                     if o["status"] in ("NEW", "PARTIALLY_FILLED")
+                                     if o["status"] in ("NEW", "PARTIALLY_FILLED") and fault != "hide"
                                      and q.get("symbol") in (None, o["symbol"])]
                     return 200, [t for t in fake.trades if t["symbol"] == q.get("symbol")]
 

@@ -3,7 +3,8 @@
 Lifecycle (``.state``)::
 
     NEW -> CONNECTING (load markets, check keys) -> READY <-> EXECUTING
-                                                   EXECUTING -> ERROR -> RETRYING -> READY | CLOSED
+                                                   EXECUTING -> ERROR -> RETRYING -> READY (next attempt)
+                                                   ERROR (gave up) -> CLOSED, or RETRYING on the next call
 
 * The constructor does no I/O; ``start()`` connects, ``close()`` closes.
 * Reads (candles, balance, orders) are retried on temporary errors (HTTP 429/418,
@@ -35,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ..data.fetch import _looks_like_data  # one rule for "is this a data answer" (pandas is loaded anyway)
 from ..errors import (AuthError, BadExchangeResponse, BelowMinimum, ExchangeError, ExchangeStateError,
                       ExchangeTimeout, ExchangeUnavailable, InsufficientFunds, OrderInFlight, OrderNotFound,
                       OrderRejected, RateLimited, ReconciliationError, TemporaryExchangeError)
@@ -59,12 +61,12 @@ class State(str, enum.Enum):
 _S = State
 _ALLOWED: dict[State, frozenset[State]] = {
     _S.NEW: frozenset({_S.CONNECTING, _S.CLOSED}),
-    _S.CONNECTING: frozenset({_S.READY, _S.ERROR, _S.CLOSED}),
+    _S.CONNECTING: frozenset({_S.READY, _S.ERROR}),
     _S.READY: frozenset({_S.EXECUTING, _S.CLOSED}),
     _S.EXECUTING: frozenset({_S.READY, _S.ERROR}),
     _S.ERROR: frozenset({_S.RETRYING, _S.CLOSED}),
     # Back to READY for the next attempt of a call, or to CONNECTING when start() itself is retried.
-    _S.RETRYING: frozenset({_S.READY, _S.CONNECTING, _S.CLOSED}),
+    _S.RETRYING: frozenset({_S.READY, _S.CONNECTING}),
     _S.CLOSED: frozenset(),
 }
 
@@ -168,6 +170,8 @@ class ExchangeManager:
         #: Every state change, oldest first (bounded), for status lines and tests.
         self.transitions: list[tuple[State, State]] = []
         self.stats = {"calls": 0, "retries": 0, "order_sends": 0, "lookups": 0}
+        #: The last error a call met (retried or not), for status lines.
+        self.last_error: ExchangeError | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -320,7 +324,7 @@ class ExchangeManager:
         try:
             result = fn()
         except Exception as e:
-            err = self._translate(e, what, ordering)
+            err = self.last_error = self._translate(e, what, ordering)
             self._to(State.ERROR if isinstance(err, TemporaryExchangeError) else State.READY)
             raise err from None  # the ccxt exception's text and traceback may carry URLs and headers
         self._to(State.READY)
@@ -339,7 +343,8 @@ class ExchangeManager:
                 if attempt + 1 >= self.retry.attempts or slept + delay > self.retry.budget:
                     raise type(err)(f"{err} (gave up after {attempt + 1} attempts)", exchange=self.name,
                                     cause=err.cause, **err.info) from None
-                log.warning("%s %s failed (%s); retry %d/%d in %.2fs", self.name, what, err.cause,
+                log.warning("%s %s failed (%s from %s); retry %d/%d in %.2fs", self.name, what,
+                            err.__class__.__name__, err.cause,
                             attempt + 1, self.retry.attempts - 1, delay)
                 self.stats["retries"] += 1
                 self._to(State.RETRYING)
@@ -355,7 +360,7 @@ class ExchangeManager:
         try:
             return fn()
         except Exception as e:
-            err = self._translate(e, what)
+            err = self.last_error = self._translate(e, what)
             self._to(State.ERROR)
             raise err from None
 
@@ -366,6 +371,9 @@ class ExchangeManager:
         with self._lock:
             def call():
                 rows = self._ex.fetch_ohlcv(symbol, timeframe, since=since, limit=limit)
+                if not rows and not _looks_like_data(self._ex.last_json_response):
+                    # With `since` set ccxt drops the None rows of a non-JSON body: [] would mean "no candles".
+                    raise BadExchangeResponse(f"{self.name} answered fetch_ohlcv with no candle data")
                 return self._valid_candles(rows)
             return self._with_retries(f"fetch_ohlcv {symbol} {timeframe}", call)
 
@@ -391,18 +399,16 @@ class ExchangeManager:
         """Every open order on ``symbol``, ours or not."""
         with self._lock:
             self._need_keys()
-            raw = self._with_retries(f"fetch_open_orders {symbol}", lambda: self._valid_list(
-                self._ex.fetch_open_orders(symbol)))
-            return [self._parse_order(d) for d in raw]
+            return self._with_retries(f"fetch_open_orders {symbol}", lambda: [
+                self._parse_order(d) for d in self._valid_list(self._ex.fetch_open_orders(symbol))])
 
     def _lookup_by_id(self, cid: ClientOrderId, symbol: str) -> Order | None:
         self.stats["lookups"] += 1
         try:
-            raw = self._with_retries(f"fetch_order {cid}", lambda: self._ex.fetch_order(
-                None, symbol, {self.spec.lookup_param: str(cid)}))
+            return self._with_retries(f"fetch_order {cid}", lambda: self._parse_order(self._ex.fetch_order(
+                None, symbol, {self.spec.lookup_param: str(cid)}), cid))
         except OrderNotFound:
             return None
-        return self._parse_order(raw, cid)
 
     # ------------------------------------------------------------------ validation of answers
     def _need_keys(self) -> None:
@@ -424,7 +430,8 @@ class ExchangeManager:
 
     @staticmethod
     def _valid_balance(raw) -> dict:
-        if not isinstance(raw, dict) or not isinstance(raw.get("info"), (dict, list)):
+        # An account answer holds a list of balances (maybe empty); {"code": 0} or a string does not.
+        if not isinstance(raw, dict) or not _looks_like_data(raw.get("info")):
             raise BadExchangeResponse("balance: the answer was not an account object (a non-JSON answer?)")
         return raw
 
@@ -571,9 +578,8 @@ class ExchangeManager:
             self._need_keys()
             cid = ClientOrderId(client_order_id)
             try:
-                raw = self._with_retries(f"cancel_order {cid}", lambda: self._ex.cancel_order(
-                    None, symbol, {self.spec.lookup_param: str(cid)}))
-                result = self._parse_order(raw, cid)
+                result = self._with_retries(f"cancel_order {cid}", lambda: self._parse_order(
+                    self._ex.cancel_order(None, symbol, {self.spec.lookup_param: str(cid)}), cid))
             except OrderNotFound:
                 # Cancels are safe to repeat: a retried cancel (or a late one) finds the order already done.
                 result = self._lookup_by_id(cid, symbol)
