@@ -30,6 +30,11 @@ _LAZY = {
     "run_rbi": "moondev_lab.rbi",
     "Ledger": "moondev_lab.ledger",
     "run_notebooks": "moondev_lab.batch",
+    # implement: the exchange layer
+    "ExchangeManager": "moondev_lab.exchange",
+    "ConnectionPool": "moondev_lab.exchange",
+    "ClientOrderId": "moondev_lab.exchange",
+    "MoondevError": "moondev_lab.errors",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
