@@ -44,6 +44,11 @@ _LAZY = {
     "BacktestingEvaluator": "moondev_lab.robustness",
     "ReturnsEvaluator": "moondev_lab.robustness",
     "SandboxEvaluator": "moondev_lab.robustness",
+    # implement: the exchange layer
+    "ExchangeManager": "moondev_lab.exchange",
+    "ConnectionPool": "moondev_lab.exchange",
+    "ClientOrderId": "moondev_lab.exchange",
+    "MoondevError": "moondev_lab.errors",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
