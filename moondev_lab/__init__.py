@@ -30,6 +30,8 @@ _LAZY = {
     "run_rbi": "moondev_lab.rbi",
     "Ledger": "moondev_lab.ledger",
     "run_notebooks": "moondev_lab.batch",
+    # ideas from URLs, PDFs, videos and files
+    "extract_idea": "moondev_lab.sources",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

@@ -163,9 +163,14 @@ def cmd_rbi(a: argparse.Namespace) -> int:
     from .ledger import Ledger
     from .rbi import run_rbi
 
+    from .sources import EmptyIdea, extract_idea
+
+    if a.idea is not None and not a.idea.strip():
+        raise EmptyIdea("the idea is empty: give an idea in words, --ideas FILE or --from SOURCE")
     ideas = ([a.idea] if a.idea else []) + (read_ideas(a.ideas) if a.ideas else [])
+    ideas += [extract_idea(s, model=a.model).rules for s in a.sources or []]
     if not ideas:
-        raise ValueError("give an idea in quotes, or --ideas FILE")
+        raise ValueError("give an idea in quotes, --ideas FILE, or --from SOURCE")
     ledger = Ledger()
     report = run_rbi(ideas, model=a.model, cfg=_rbi_config(a), ledger=ledger, parallel=a.parallel,
                      progress=not a.json)
@@ -308,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")
     sp.add_argument("--ideas", help="a file of ideas: one per line, or a CSV with an 'idea' column")
+    sp.add_argument("--from", dest="sources", action="append", metavar="SOURCE",
+                    help="an idea from an article URL, a PDF, a YouTube URL or a .txt/.md file (repeatable)")
     sp.add_argument("--model", default="auto", help="offline, auto (Claude if ANTHROPIC_API_KEY is set) or a Claude model")
     sp.add_argument("--parallel", type=int, help="ideas in flight at once")
     loop_args(sp)
