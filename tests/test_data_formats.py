@@ -340,3 +340,11 @@ def test_export_round_trips_and_freqtrade_reads_its_layout(tmp_path, capsys):
     rc, out = run_json(capsys, "data", "export", "NOPE/USD", "5m")
     assert rc == 2 and out["error"] == "SeriesNotFound"
 
+
+
+def test_json_candles_in_epoch_seconds_are_not_read_as_1970(tmp_path):
+    df = candles(20)
+    rows = [[r[0] // 1000, *r[1:]] for r in ccxt_list(df)]
+    (tmp_path / "sec.json").write_text(json.dumps(rows))
+    clean, report = read_file(tmp_path / "sec.json")
+    assert list(clean.index) == list(df["date"]) and any("not epoch milliseconds" in n for n in report.notes)

@@ -269,13 +269,15 @@ def ccxt_rows(rows: Sequence[Sequence], where: str = "ccxt") -> RawCandles:
         raise DataValidationError(f"{label(bad_shape[0])}: expected [ms, open, high, low, close, volume], "
                                   f"got {clip(rows[bad_shape[0]])}")
     arr = pd.DataFrame([list(r[:6]) for r in rows], columns=["ts", *COLUMNS])
-    ms = pd.to_numeric(arr["ts"], errors="coerce").to_numpy(dtype="float64")
-    ts = np.full(len(ms), np.datetime64("NaT"), dtype="datetime64[ns]")
-    ok = np.isfinite(ms) & (np.abs(ms) < 9e12)  # beyond year 2255 in ms: not a candle time
-    ts[ok] = (ms[ok].astype("int64") * 1_000_000).view("datetime64[ns]")
+    times = pd.to_numeric(arr["ts"], errors="coerce").to_numpy(dtype="float64")
+    # ccxt and freqtrade write milliseconds; other tools' exports use seconds: the size tells them apart.
+    ts = _epoch_to_ns(times)
     raw = pd.DataFrame({"ts": pd.to_datetime(ts, utc=True),
                         **{c: pd.to_numeric(arr[c], errors="coerce").astype("float64") for c in COLUMNS}})
-    return RawCandles(raw, label)
+    finite = np.abs(times[np.isfinite(times)])
+    notes = [] if not len(finite) or 1e11 < np.median(finite) <= 1e14 else \
+        ["candle times are not epoch milliseconds; the unit was taken from their size"]
+    return RawCandles(raw, label, notes)
 
 
 def from_ccxt(rows: Sequence[Sequence], timeframe: str, mode: Mode = "strict",
