@@ -348,3 +348,16 @@ def test_json_candles_in_epoch_seconds_are_not_read_as_1970(tmp_path):
     (tmp_path / "sec.json").write_text(json.dumps(rows))
     clean, report = read_file(tmp_path / "sec.json")
     assert list(clean.index) == list(df["date"]) and any("not epoch milliseconds" in n for n in report.notes)
+
+
+def test_headerless_binance_klines_and_utf16(tmp_path):
+    df = candles(12, "1h")
+    ms = df["date"].dt.as_unit("ms").astype("int64")
+    lines = [f"{t},{o},{h},{lo},{c},{v},{t + 3_599_999},0,10,0,0,0" for t, o, h, lo, c, v in
+             zip(ms, df["open"], df["high"], df["low"], df["close"], df["volume"])]
+    (tmp_path / "BTCUSDT-1h-2024-01.csv").write_text("\n".join(lines) + "\n")
+    clean, report = read_file(tmp_path / "BTCUSDT-1h-2024-01.csv")
+    assert report.timeframe == "1h" and list(clean.index) == list(df["date"]) and any("no header" in n for n in report.notes)
+    (tmp_path / "u16.csv").write_text(df.to_csv(index=False), encoding="utf-16")
+    clean, report = read_file(tmp_path / "u16.csv")
+    assert report.format == "csv" and len(clean) == 12

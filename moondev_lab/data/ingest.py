@@ -227,10 +227,15 @@ def parse_csv(path: str | Path, *, sep: str | None = None, compression: str | No
                                   f"(more than {MAX_COLUMNS}): not an OHLCV table")
     # "1,5;2,25" rows: semicolon-separated with decimal commas (European spreadsheets).
     decimal = "," if sep == ";" and any(re.search(r"\d,\d", ln) for ln in head[1:]) else "."
+    # Binance's public kline files (and many exports) have no header: an epoch and five numbers first.
+    fields = [f.strip() for f in header.split(sep)]
+    headless = len(fields) >= 6 and all(re.fullmatch(_EPOCH, f) for f in fields[:6])
+    names = ["timestamp", *(c.lower() for c in COLUMNS), *(f"extra_{i}" for i in range(6, width))] if headless else None
     try:
         # dtype=str keeps every field verbatim so errors can quote the bad text.
         frame = pd.read_csv(path, sep=sep, skipinitialspace=True, dtype=str, keep_default_na=False,
-                            na_values=[""], encoding=encoding, compression=compression)
+                            na_values=[""], encoding=encoding, compression=compression,
+                            header=None if headless else "infer", names=names)
     except pd.errors.ParserError as e:
         raise DataValidationError(f"{path}: malformed CSV: {clip(str(e), 200)}") from e
     except pd.errors.EmptyDataError as e:
@@ -241,8 +246,11 @@ def parse_csv(path: str | Path, *, sep: str | None = None, compression: str | No
     if decimal == ",":
         ts_col = _pick_columns(frame.columns, str(path))["ts"]
         frame = frame.apply(lambda col: col if col.name == ts_col else col.str.replace(",", ".", regex=False))
-    label = lambda i: f"{path.name} line {i + 2}"  # noqa: E731 - line 1 is the header
+    first = 1 if headless else 2  # line 1 is the header, if there is one
+    label = lambda i: f"{path.name} line {i + first}"  # noqa: E731
     raw = parse_table(frame, str(path), label)
+    if headless:
+        raw.notes.insert(0, "no header: columns read as time, open, high, low, close, volume (Binance/ccxt order)")
     if sep != ",":
         raw.notes.insert(0, f"delimiter {sep!r}" + (", decimal comma" if decimal == "," else ""))
     raw.format = "csv"
