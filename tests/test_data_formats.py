@@ -361,3 +361,15 @@ def test_headerless_binance_klines_and_utf16(tmp_path):
     (tmp_path / "u16.csv").write_text(df.to_csv(index=False), encoding="utf-16")
     clean, report = read_file(tmp_path / "u16.csv")
     assert report.format == "csv" and len(clean) == 12
+
+
+def test_a_long_bad_value_is_clipped_in_the_message(tmp_path, capsys):
+    p = tmp_path / "X_USD-5m.csv"
+    df = candles(3).astype({"close": object})
+    df.loc[1, "close"] = "z" * 60_000  # under the line cap: parsed, then quoted
+    df.to_csv(p, index=False)
+    with pytest.raises(DataValidationError, match="is not a number") as e:
+        read_file(p)
+    assert len(str(e.value)) < 200 and "line 3" in str(e.value)
+    assert main(["data", "import", str(p)]) == 2
+    assert len(capsys.readouterr().err) < 250
