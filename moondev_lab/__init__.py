@@ -49,6 +49,8 @@ _LAZY = {
     "ConnectionPool": "moondev_lab.exchange",
     "ClientOrderId": "moondev_lab.exchange",
     "MoondevError": "moondev_lab.errors",
+    # ideas from URLs, PDFs, videos and files
+    "extract_idea": "moondev_lab.sources",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

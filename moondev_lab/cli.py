@@ -1,6 +1,8 @@
 """The ``moondev-lab`` command line: a thin layer over the library.
 
     moondev-lab data import data/BTC-USD-15m.csv --symbol BTC/USD --timeframe 15m
+    moondev-lab data import user_data/data/binance          # a freqtrade data directory
+    moondev-lab data export BTC/USD 15m --format feather [--freqtrade DIR]
     moondev-lab data fetch --exchange binance --symbol BTC/USDT --timeframe 1h --since 2024-01-01
     moondev-lab data ls [--json]
     moondev-lab data info BTC/USD 15m [--json]
@@ -33,18 +35,45 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 # ----- data ---------------------------------------------------------------------------
-def cmd_data_import(a: argparse.Namespace) -> int:
-    from .data import Store
+def _write_json(res) -> dict:
+    return {"mode": res.mode, "rows_added": res.rows_added, "rows_skipped": res.rows_skipped,
+            "conflict_count": res.conflict_count, "conflicts": res.conflicts, "series": res.manifest.summary(),
+            "report": {"format": res.report.format, "timeframe": res.report.timeframe,
+                       "summary": res.report.summary(), "issues": [str(i) for i in res.report.issues[:1000]],
+                       "issue_count": len(res.report.issues), "gaps": len(res.report.gaps),
+                       "notes": res.report.notes}}
 
-    res = Store().import_csv(a.path, a.symbol, a.timeframe, source=a.source, mode="repair" if a.repair else "strict")
+
+def cmd_data_import(a: argparse.Namespace) -> int:
+    from .data.imports import ImportReport, conflict_message, import_path
+
+    res = import_path(a.path, symbol=a.symbol, timeframe=a.timeframe, source=a.source, format=a.format,
+                      mode="repair" if a.repair else "strict")
+    if isinstance(res, ImportReport):  # a freqtrade data directory
+        if a.json:
+            _print_json(res.table())
+        else:
+            print(_table(res.table(), ["file", "format", "symbol", "timeframe", "rows", "mode", "status", "message"]))
+        return 0 if res.ok else 1
     if a.json:
-        _print_json({"mode": res.mode, "rows_added": res.rows_added, "rows_skipped": res.rows_skipped,
-                     "conflicts": res.conflicts, "series": res.manifest.summary(),
-                     "report": {"summary": res.report.summary(), "issues": [str(i) for i in res.report.issues],
-                                "gaps": len(res.report.gaps), "notes": res.report.notes}})
+        _print_json(_write_json(res))
     else:
         print(res)
         print(res.report)
+    if not res.ok:  # the losing side of a race, or a file that disagrees with the store
+        print(f"error: {conflict_message(res)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_data_export(a: argparse.Namespace) -> int:
+    from .data.export import export_series
+
+    path = export_series(a.symbol, a.timeframe, a.format, out=a.out, freqtrade_dir=a.freqtrade, source=a.source)
+    if a.json:
+        _print_json({"path": str(path), "format": a.format})
+    else:
+        print(f"wrote {path}")
     return 0
 
 
@@ -134,9 +163,14 @@ def cmd_rbi(a: argparse.Namespace) -> int:
     from .ledger import Ledger
     from .rbi import run_rbi
 
+    from .sources import EmptyIdea, extract_idea
+
+    if a.idea is not None and not a.idea.strip():
+        raise EmptyIdea("the idea is empty: give an idea in words, --ideas FILE or --from SOURCE")
     ideas = ([a.idea] if a.idea else []) + (read_ideas(a.ideas) if a.ideas else [])
+    ideas += [extract_idea(s, model=a.model).rules for s in a.sources or []]
     if not ideas:
-        raise ValueError("give an idea in quotes, or --ideas FILE")
+        raise ValueError("give an idea in quotes, --ideas FILE, or --from SOURCE")
     ledger = Ledger()
     report = run_rbi(ideas, model=a.model, cfg=_rbi_config(a), ledger=ledger, parallel=a.parallel,
                      progress=not a.json)
@@ -231,12 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     data = sub.add_parser("data", help="the OHLCV store").add_subparsers(dest="data_command", required=True)
-    sp = add(data, "import", cmd_data_import, "validate a CSV and import it into the store")
-    sp.add_argument("path")
-    sp.add_argument("--symbol", required=True)
-    sp.add_argument("--timeframe", required=True)
-    sp.add_argument("--source", default="local")
+    sp = add(data, "import", cmd_data_import,
+             "validate a data file (CSV, ccxt/freqtrade JSON, feather, parquet; detected from its content) "
+             "or a freqtrade data directory, and import it into the store")
+    sp.add_argument("path", help="a file, or a freqtrade data directory (PAIR-TIMEFRAME.feather files)")
+    sp.add_argument("--symbol", help="default: from a freqtrade file name (BTC_USDT-5m.feather)")
+    sp.add_argument("--timeframe", help="default: from the file name, else the candles' spacing")
+    sp.add_argument("--source", help="default: 'local' for a file, the directory's name (the exchange) for a directory")
+    sp.add_argument("--format", help="skip detection and read as this format (csv, ohlcv-json, feather, parquet)")
     sp.add_argument("--repair", action="store_true", help="drop/fix bad rows and report them instead of failing")
+    sp = add(data, "export", cmd_data_export, "write a stored series to a file, or into a freqtrade data directory")
+    sp.add_argument("symbol")
+    sp.add_argument("timeframe")
+    sp.add_argument("--format", default="feather", choices=["csv", "parquet", "feather", "json", "jsongz"])
+    sp.add_argument("--freqtrade", metavar="DIR", help="write DIR/PAIR-TIMEFRAME.<format> as freqtrade expects")
+    sp.add_argument("--out", help="the file to write (default: ./PAIR-TIMEFRAME.<format>)")
+    sp.add_argument("--source")
     sp = add(data, "fetch", cmd_data_fetch, "download candles with ccxt (resumes after the last stored one)")
     sp.add_argument("--exchange", required=True)
     sp.add_argument("--symbol", required=True)
@@ -269,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")
     sp.add_argument("--ideas", help="a file of ideas: one per line, or a CSV with an 'idea' column")
+    sp.add_argument("--from", dest="sources", action="append", metavar="SOURCE",
+                    help="an idea from an article URL, a PDF, a YouTube URL or a .txt/.md file (repeatable)")
     sp.add_argument("--model", default="auto", help="offline, auto (Claude if ANTHROPIC_API_KEY is set) or a Claude model")
     sp.add_argument("--parallel", type=int, help="ideas in flight at once")
     loop_args(sp)
@@ -295,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .data import DataValidationError, StoreError
     from .data.fetch import FetchError
+    from .errors import MoondevError
 
     try:
         return args.handler(args)
-    except (DataValidationError, StoreError, FetchError, FileNotFoundError, ValueError) as e:
+    except (MoondevError, DataValidationError, StoreError, FetchError, FileNotFoundError, ValueError) as e:
         if getattr(args, "json", False):
             _print_json({"error": type(e).__name__, "message": str(e)})
         else:

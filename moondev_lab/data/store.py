@@ -48,16 +48,19 @@ import numpy as np
 import pandas as pd
 
 from .. import config
+from ..errors import MoondevError
 from ._timeframes import timeframe_ns
 from .validate import COLUMNS, Mode, ValidationReport
 
+#: Conflicting timestamps kept in ``WriteResult.conflicts`` (the count is always exact).
+CONFLICT_SAMPLE = 100
 FORMAT_VERSION = 2  # 2 added ``offsets``; format-1 manifests are still read (offsets found with pyarrow)
 _ALL = ["ts", *COLUMNS]
 _ARROW_MAGIC = b"ARROW1"
 _ROW_BYTES = 8 * len(_ALL)
 
 
-class StoreError(RuntimeError):
+class StoreError(MoondevError, RuntimeError):
     """Base class for store problems."""
 
 
@@ -114,7 +117,13 @@ class Manifest:
 
 @dataclass
 class WriteResult:
-    """What a write did: ``mode`` is create, append, rewrite or unchanged."""
+    """What a write did: ``mode`` is create, append, rewrite or unchanged.
+
+    ``conflict_count`` candles were already stored with *different* values and
+    were kept as stored; ``conflicts`` holds the first :data:`CONFLICT_SAMPLE`
+    of their timestamps. ``ok`` is False when there was any conflict (e.g. the
+    losing side of two imports of different content racing for one series).
+    """
 
     mode: Literal["create", "append", "rewrite", "unchanged"]
     rows_added: int
@@ -122,13 +131,18 @@ class WriteResult:
     manifest: Manifest
     conflicts: list[str] = field(default_factory=list)
     report: ValidationReport | None = None
+    conflict_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.conflict_count == 0
 
     def __repr__(self) -> str:
         m = self.manifest
         s = (f"WriteResult({self.mode}: +{self.rows_added} rows, {self.rows_skipped} already stored; "
              f"{m.symbol} {m.timeframe} now {m.rows} rows {m.first} .. {m.last})")
-        if self.conflicts:
-            s += f"\n  {len(self.conflicts)} conflicting candles kept as stored, e.g. {self.conflicts[0]}"
+        if self.conflict_count:
+            s += f"\n  {self.conflict_count} conflicting candles kept as stored, e.g. {self.conflicts[0]}"
         return s
 
 
@@ -330,26 +344,27 @@ class Store:
                 return WriteResult("create", len(ts), 0, man, report=report)
             old = self.map_columns(m)
             is_new = ~np.isin(ts, old["ts"])
-            conflicts = []
+            conflicts, n_conflicts = [], 0
             if (~is_new).any():
                 pos = np.searchsorted(old["ts"], ts[~is_new])
                 differs = np.zeros(len(pos), dtype=bool)
                 for c in COLUMNS:
                     differs |= old[c][pos] != new[c][~is_new]
-                for p in pos[differs][:1000]:
+                n_conflicts = int(differs.sum())
+                for p in pos[differs][:CONFLICT_SAMPLE]:
                     conflicts.append(f"{pd.Timestamp(old['ts'][p], tz='UTC')}")
             add = {k: v[is_new] for k, v in new.items()}
             k = len(add["ts"])
             if k == 0:
-                return WriteResult("unchanged", 0, len(ts), m, conflicts, report)
+                return WriteResult("unchanged", 0, len(ts), m, conflicts, report, n_conflicts)
             if add["ts"][0] > m.last_ts and m.rows + k <= m.capacity:
                 man = self._append_in_place(d, m, add)
-                return WriteResult("append", k, len(ts) - k, man, conflicts, report)
+                return WriteResult("append", k, len(ts) - k, man, conflicts, report, n_conflicts)
             merged_ts = np.concatenate([old["ts"], add["ts"]])
             order = np.argsort(merged_ts, kind="stable")
             merged = {c: np.concatenate([old[c], add[c]])[order] for c in _ALL}
             man = self._write_full(d, source, symbol, timeframe, merged, generation=m.generation + 1)
-            return WriteResult("rewrite", k, len(ts) - k, man, conflicts, report)
+            return WriteResult("rewrite", k, len(ts) - k, man, conflicts, report, n_conflicts)
 
     def import_csv(self, path: str | Path, symbol: str, timeframe: str, source: str = "local",
                    mode: Mode = "strict") -> WriteResult:

@@ -22,11 +22,17 @@ from typing import Callable, Literal
 import numpy as np
 import pandas as pd
 
+from ..errors import MoondevError
 from ._timeframes import timeframe_ns
 
 COLUMNS = ["Open", "High", "Low", "Close", "Volume"]
 PRICES = ["Open", "High", "Low", "Close"]
 Mode = Literal["strict", "repair"]
+#: Above this a price is a unit or parsing mistake, not a market (BTC in VND is ~2.5e9);
+#: 1e308 and inf parse as floats, so a finite-only check is not enough.
+MAX_PRICE = 1e12
+#: Volumes of meme coins reach 1e14 per candle; 1e20 is far beyond any market.
+MAX_VOLUME = 1e20
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class ValidationReport:
     timeframe: str
     rows_in: int
     rows_out: int = 0
+    format: str = ""  # what the input was read as, e.g. "freqtrade feather" (see data.formats)
     issues: list[Issue] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -89,7 +96,8 @@ class ValidationReport:
         return pd.DataFrame([i.__dict__ for i in self.issues], columns=["row", "ts", "kind", "message", "action"])
 
     def __repr__(self) -> str:
-        lines = [f"ValidationReport[{self.mode}, {self.timeframe}]: {self.summary()}"]
+        fmt = f", {self.format}" if self.format else ""
+        lines = [f"ValidationReport[{self.mode}, {self.timeframe}{fmt}]: {self.summary()}"]
         lines += [f"  {i}" for i in self.issues[:20]]
         if len(self.issues) > 20:
             lines.append(f"  ... {len(self.issues) - 20} more (see .to_frame())")
@@ -103,7 +111,7 @@ class ValidationReport:
         return head + self.to_frame().head(50).to_html(index=False)
 
 
-class DataValidationError(ValueError):
+class DataValidationError(MoondevError, ValueError):
     """Raised in strict mode (and for unreadable input); ``.report`` has all findings."""
 
     def __init__(self, message: str, report: ValidationReport | None = None):
@@ -157,6 +165,18 @@ def validate_ohlcv(
         missing = [c for c in COLUMNS if np.isnan(vals[c][pos])]
         problem(int(pos), "missing_value", f"missing or non-numeric {', '.join(missing)}")
     keep &= ~nan_any
+
+    with np.errstate(invalid="ignore"):
+        absurd = np.zeros(len(raw), dtype=bool)
+        for c in COLUMNS:
+            absurd |= ~(np.abs(vals[c]) <= (MAX_VOLUME if c == "Volume" else MAX_PRICE))  # also catches inf
+    for pos in np.flatnonzero(absurd & keep):
+        what = ", ".join(f"{c}={float(vals[c][pos])!r}" for c in COLUMNS
+                         if not abs(vals[c][pos]) <= (MAX_VOLUME if c == "Volume" else MAX_PRICE))
+        kind = "non_finite" if any(np.isinf(vals[c][pos]) for c in COLUMNS) else "absurd_value"
+        problem(int(pos), kind, f"{'non-finite' if kind == 'non_finite' else 'absurdly large'} {what} "
+                                f"(prices must be finite and <= {MAX_PRICE:g}, volume <= {MAX_VOLUME:g})")
+    keep &= ~absurd
 
     with np.errstate(invalid="ignore"):
         nonpos = np.zeros(len(raw), dtype=bool)
