@@ -30,6 +30,7 @@ _LAZY = {
     "run_rbi": "moondev_lab.rbi",
     "Ledger": "moondev_lab.ledger",
     "run_notebooks": "moondev_lab.batch",
+    "run_batch": "moondev_lab.batch",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
