@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ._batch_memory import TreeWatch, kill_tree, parent_of
 from .ledger import Ledger
@@ -76,8 +76,11 @@ for _name in RECORDED_CALLS:
     setattr(RecordingLedger, _name, _recorded(_name))
 
 
-def replay(ledger: Ledger, calls: list, run_dir: str | None = None) -> int | None:
-    """Apply a worker's recorded ledger calls to ``ledger``, mapping its ids; returns the run id."""
+def replay(ledger: Ledger, calls: list, run_dir: str | Callable[[int], str | None] | None = None) -> int | None:
+    """Apply a worker's recorded ledger calls to ``ledger``, mapping its ids; returns the run id.
+
+    ``run_dir`` replaces the worker's run folder: a path, or a function of the new run id.
+    """
     ids: dict[str, dict] = {"idea": {}, "run": {}}
     run_id = None
     for name, args, kwargs, returned in calls:
@@ -85,7 +88,7 @@ def replay(ledger: Ledger, calls: list, run_dir: str | None = None) -> int | Non
         if kind and args:
             args = (ids[kind].get(args[0], args[0]), *args[1:])
         if name == "finish_run" and run_dir is not None:
-            kwargs = {**kwargs, "run_dir": run_dir}
+            kwargs = {**kwargs, "run_dir": run_dir(args[0]) if callable(run_dir) else run_dir}
         out = getattr(ledger, name)(*args, **kwargs)
         if name == "add_idea":
             ids["idea"][returned] = out.id
@@ -196,7 +199,7 @@ def run_direct(item: dict, spec: IdeaSpec) -> dict:
             res = engine.run_one(item["idea"])
         row = {"index": item["index"], "idea": item["idea"], "status": res.status, "error_kind": res.error_kind,
                "error": res.error, "in_sample": res.in_sample, "out_of_sample": res.out_of_sample,
-               "params": res.params, "debug": res.debug_iterations, "optimize": res.optimize_iterations,
+               "params": res.params, "saved": res.saved, "debug": res.debug_iterations, "optimize": res.optimize_iterations,
                "calls": ledger.calls, "worker": _where(), "peak_bytes": watch.peak_above_baseline,
                "files": _read_files(Path(res.run_dir)) if res.run_dir else {}}
         ledger.close()

@@ -342,6 +342,70 @@ class Batch:
             self.ledger.close()
 
 
+def _model_and_cfg(model: Any, cfg: Any) -> tuple[Any, str, dict]:
+    """(model object or None, model name, RBIConfig fields): what every worker gets."""
+    from .rbi import RBIConfig
+
+    cfg_dict = {k: v for k, v in asdict(cfg or RBIConfig()).items() if k != "runs_dir"}
+    if isinstance(model, str):
+        from .models import ModelFactory
+
+        return None, ModelFactory().resolve(model)[1], cfg_dict  # "auto" is decided once, here, for all
+    return model, getattr(model, "name", type(model).__name__), cfg_dict
+
+
+def run_on_executor(ideas: Iterable[str], executor: Any, *, model: Any = "auto", cfg: Any = None,
+                    ledger: Any = None, progress: bool = True):
+    """``run_rbi(..., executor=...)``: each idea one task on any ``concurrent.futures.Executor``.
+
+    The task is the batch's direct-mode task, so it runs wherever the executor runs it (a Dask
+    worker included) on that process's own sandbox pool; this process replays its ledger writes
+    and writes its run folder under ``cfg.runs_dir``.
+    """
+    from concurrent.futures import as_completed
+
+    from .ledger import Ledger
+    from .rbi import IdeaResult, RBIReport
+    from ._batch_worker import replay, run_direct
+
+    model_obj, model_name, cfg_dict = _model_and_cfg(model, cfg)
+    spec = IdeaSpec("direct", model_obj if model_obj is not None else model_name, model_name, cfg_dict, 2048)
+    ledger = ledger or Ledger()
+    runs = Path(getattr(cfg, "runs_dir", None) or config.runs_dir())
+    texts = [t.strip() for t in ideas if t and t.strip()]
+    t0 = time.perf_counter()
+    futures = {executor.submit(run_direct, {"index": i, "idea": t}, spec): i for i, t in enumerate(texts)}
+    results: list = [None] * len(texts)
+    for f in tqdm(as_completed(futures), total=len(futures), desc="RBI", unit="idea", disable=not progress):
+        i = futures[f]
+        try:
+            row = f.result()
+        except Exception as e:  # noqa: BLE001 - a lost worker: that idea fails, the others go on
+            row = {"status": "failed", "error_kind": "worker_lost" if "Killed" in type(e).__name__ else "internal",
+                   "error": f"{type(e).__name__}: {e}", "calls": [], "files": {}}
+        files = row.get("files") or {}
+
+        def write_run_dir(run_id: int, files: dict = files) -> str | None:
+            if not files:
+                return None
+            folder = runs / f"run-{run_id:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (folder / name).write_text(text)
+            return str(folder)
+
+        run_id = replay(ledger, row.get("calls", []), write_run_dir)
+        run_dir = ledger.run(run_id)["run_dir"] if run_id is not None else None
+        results[i] = IdeaResult(texts[i], row["status"], run_id=run_id, error_kind=row.get("error_kind"),
+                                error=row.get("error"), in_sample=row.get("in_sample") or {},
+                                out_of_sample=row.get("out_of_sample") or {}, params=row.get("params") or {},
+                                debug_iterations=row.get("debug", 0), optimize_iterations=row.get("optimize", 0),
+                                saved=bool(row.get("saved")), run_dir=run_dir)
+    metric = cfg_dict["metric"]
+    return RBIReport(results, metric, time.perf_counter() - t0,
+                     ledger.usage_summary(r.run_id for r in results if r.run_id is not None))
+
+
 def _load_settings(resume: Path) -> BatchSettings:
     try:
         saved = json.loads((resume / "batch.json").read_text())["settings"]
@@ -363,8 +427,6 @@ def run_batch(ideas: str | Path | Iterable[str] | None = None, *, client: Any = 
     ``memory_limit_mb`` bounds each idea: its sandbox tasks (direct) or its kernel (notebook).
     ``resume`` is a batch folder to carry on, with its saved settings.
     """
-    from .rbi import RBIConfig
-
     model_obj = None
     if resume is not None:
         out = Path(resume)
@@ -377,14 +439,7 @@ def run_batch(ideas: str | Path | Iterable[str] | None = None, *, client: Any = 
         items = select(texts, limit=limit, sample=sample, seed=seed)
         if not items:
             raise BatchError(f"no ideas to run{f' in {source}' if source else ''}")
-        cfg = cfg or RBIConfig()
-        cfg_dict = {k: v for k, v in asdict(cfg).items() if k != "runs_dir"}
-        if isinstance(model, str):
-            from .models import ModelFactory
-
-            model_name = ModelFactory().resolve(model)[1]  # "auto" is decided once, here, for every worker
-        else:
-            model_obj, model_name = model, getattr(model, "name", type(model).__name__)
+        model_obj, model_name, cfg_dict = _model_and_cfg(model, cfg)
         nb = None
         if notebook:
             nb = Path(DEFAULT_NOTEBOOK if notebook is True else notebook)
