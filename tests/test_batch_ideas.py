@@ -233,3 +233,60 @@ def test_batch_cli_errors(tmp_path, args, message):
     (tmp_path / "ideas.txt").write_text("20/50 SMA crossover\n")
     res = cli(*args, cwd=tmp_path, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+HOG_CODE = '''from backtesting import Strategy
+
+
+class Hog(Strategy):
+    def init(self):
+        self.blocks = []
+        for _ in range(200):  # 20 GB at most; the idea's limit must stop it long before
+            self.blocks.append(bytearray(100 * 2**20))
+
+    def next(self):
+        pass
+'''
+
+
+class HogModel:
+    """The offline model, except that an idea saying "hog" gets a strategy that allocates without bound."""
+
+    name = "offline-hog"
+
+    def __init__(self):
+        from moondev_lab.models import OfflineModel
+
+        self._offline = OfflineModel()
+
+    def research(self, idea):
+        return self._offline.research("20/50 SMA crossover" if "hog" in idea else idea)
+
+    def write_code(self, idea, research):
+        from moondev_lab.models import CodeResult
+
+        if "hog" in idea:
+            return CodeResult(True, HOG_CODE, "Hog")
+        return self._offline.write_code(idea, research)
+
+    def fix_code(self, *args, **kwargs):
+        return self._offline.fix_code(*args, **kwargs)
+
+    def improve(self, *args, **kwargs):
+        return self._offline.improve(*args, **kwargs)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def test_direct_mode_memory_limit_stops_an_idea(client, tmp_path):
+    ideas = ["hog: allocate without bound", "20/50 SMA crossover, long only"]
+    board = run_batch(ideas, client=client, out=tmp_path / "out", model=HogModel(), cfg=short_cfg(),
+                      memory_limit_mb=300, progress=False)
+    rows = {r["idea"]: r for r in board.to_dict("records")}
+    hog, good = rows[ideas[0]], rows[ideas[1]]
+    assert hog["status"] == "failed" and hog["error_kind"] == "memory_limit", hog["error"]
+    assert good["status"] == "ok"  # the batch went on
