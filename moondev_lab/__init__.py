@@ -51,6 +51,7 @@ _LAZY = {
     "MoondevError": "moondev_lab.errors",
     # ideas from URLs, PDFs, videos and files
     "extract_idea": "moondev_lab.sources",
+    "run_batch": "moondev_lab.batch",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

@@ -1,4 +1,19 @@
-"""Run one notebook over many parameter sets with papermill, locally or on a Dask cluster.
+"""Batches: many ideas through the RBI loop on Dask, and one notebook over many parameter sets.
+
+>>> import moondev_lab as ml
+>>> board = ml.run_batch("ideas.txt", workers=2, out="runs/batch1")          # doctest: +SKIP
+>>> board.head()                                      # ranked, with an HTML repr   # doctest: +SKIP
+>>> board = ml.run_batch(["RSI < 30", "SMA cross"], client=client)            # doctest: +SKIP
+
+:func:`run_batch` runs each idea as one Dask task: the RBI loop on the worker's own
+sandbox pool (default), or the batch notebook through papermill (``notebook=``). A
+LocalCluster sized from CPU and memory is the default; ``scheduler=`` (or
+``$DASK_SCHEDULER_ADDRESS``) or ``client=`` use an existing cluster, by the same code.
+Results come back to this process, which alone writes the ledger (see
+:mod:`moondev_lab._batch_worker` for what workers need). Each idea is journalled in the
+ledger with its records in one transaction, so ``resume=`` skips exactly what finished.
+
+Notebook batches over parameter sets (no ideas):
 
 >>> from moondev_lab.batch import run_notebooks
 >>> report = run_notebooks("notebooks/01_data_pool.ipynb",
@@ -13,18 +28,24 @@ A failing run is reported with its error and never stops the others.
 """
 from __future__ import annotations
 
+import enum
+import json
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import nbformat
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import config
+from ._batch_ideas import BatchError, BatchItem, idea_key, read_ideas, select
+from ._batch_leaderboard import Leaderboard, build, write
+from ._batch_worker import RESULT_MIME, TASKS, IdeaSpec
 
 MEMWATCH_CELL = "%load_ext moondev_lab\n%memwatch on"
 
@@ -125,4 +146,323 @@ def run_notebooks(notebook: str | Path, parameters: list[dict], out_dir: str | P
     return BatchReport(rows, time.perf_counter() - t0)
 
 
-__all__ = ["BatchReport", "run_notebooks", "run_one", "with_memwatch"]
+
+
+
+# ----- batches of ideas ---------------------------------------------------------------
+
+DEFAULT_NOTEBOOK = config.PACKAGE_DIR.parent / "notebooks" / "rbi_template.ipynb"
+
+
+def publish_result(result: Any) -> None:
+    """In a batch notebook: hand the idea's result back to the batch (an ``IdeaResult``, ``RBIReport`` or dict).
+
+    >>> publish_result({"status": "ok", "out_of_sample": {"Return [%]": 4.2}})   # doctest: +SKIP
+    """
+    from IPython.display import display
+
+    if hasattr(result, "results"):  # an RBIReport of one idea
+        result = result.results[0]
+    if hasattr(result, "to_dict"):
+        result = {k: v for k, v in result.to_dict().items() if k not in ("code", "findings")}
+    payload = json.loads(json.dumps(result, default=str))  # NaN survives as NaN in nbformat's JSON
+    display({RESULT_MIME: payload, "text/plain": f"batch result: {payload.get('status')}"}, raw=True)
+
+
+class BatchState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class BatchSettings:
+    """Everything that defines a batch; saved in ``batch.json`` so ``resume`` can carry it on."""
+
+    batch_id: str
+    ideas: list[str]
+    mode: str
+    model: str
+    cfg: dict
+    memory_limit_mb: int
+    ledger: str
+    notebook: str | None = None
+    parameters: dict | None = None
+    sandbox_size: int = 2
+    cell_timeout: float = 600.0
+    source: str | None = None  # where the ideas came from, for the record
+
+
+class Batch:
+    """One batch of ideas: ``start()`` (journal, cluster), ``run()`` (submit, collect, record), ``close()``."""
+
+    def __init__(self, settings: BatchSettings, out: Path, *, cluster: Any, model_obj: Any = None,
+                 progress: bool = True):
+        self.settings, self.out, self.cluster = settings, Path(out), cluster
+        self.model_obj = model_obj
+        self.progress = progress
+        self.state = BatchState.NEW
+        self.rows: dict[str, dict] = {}
+        self.skipped = 0
+        self.elapsed_s = 0.0
+
+    def _spec(self) -> IdeaSpec:
+        s = self.settings
+        nb, cwd = None, None
+        if s.mode == "notebook":
+            nb = nbformat.writes(with_memwatch(s.notebook))
+            cwd = str(Path(s.notebook).resolve().parent.parent)  # notebooks run from the project root
+        return IdeaSpec(s.mode, self.model_obj if self.model_obj is not None else s.model, s.model, s.cfg,
+                        s.memory_limit_mb, s.sandbox_size, nb, s.parameters or {}, "python3", s.cell_timeout, cwd)
+
+    def start(self) -> "Batch":
+        from .ledger import Ledger
+        from ._batch_journal import BatchJournal
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.settings.ledger)
+        self.journal = BatchJournal(self.ledger)
+        self.rows = self.journal.finished(self.settings.batch_id)
+        done = self.journal.done_elsewhere(self.settings.batch_id)
+        self.keys = {it.index: self._key(it.idea) for it in self._items()}
+        self.todo = [it for it in self._items() if self.keys[it.index] not in self.rows
+                     and self.keys[it.index] not in done]
+        self.skipped = sum(1 for k in self.keys.values() if k in done and k not in self.rows)
+        self._write()  # batch.json exists from the start, so an interrupted batch can be resumed
+        self.client = self.cluster.start()
+        self.state = BatchState.RUNNING
+        return self
+
+    def _items(self) -> list[BatchItem]:
+        return [BatchItem(i, text) for i, text in enumerate(self.settings.ideas)]
+
+    def _key(self, idea: str) -> str:
+        c = self.settings.cfg
+        return idea_key(idea, c["symbol"], c["timeframe"], self.settings.model)
+
+    def run(self) -> Leaderboard:
+        from distributed import as_completed
+
+        spec, task = self._spec(), TASKS[self.settings.mode]
+        t0 = time.perf_counter()
+        pending = iter(self.todo)
+        futures: dict[str, tuple[Any, BatchItem]] = {}
+        window = as_completed()
+
+        def submit_next() -> None:
+            item = next(pending, None)
+            if item is not None:
+                f = self.client.submit(task, {"index": item.index, "idea": item.idea}, spec, pure=False,
+                                       key=f"moondev-idea-{self.settings.batch_id}-{item.index}")
+                futures[f.key] = (f, item)
+                window.add(f)
+
+        # A bounded window of tasks in flight: Ctrl-C loses little, and the scheduler never holds thousands.
+        for _ in range(2 * self.cluster.threads()):
+            submit_next()
+        n_ok = sum(r["status"] == "ok" for r in self.rows.values())
+        n_failed = len(self.rows) - n_ok
+        bar = tqdm(total=len(self.todo), desc="batch", unit="idea", disable=not self.progress)
+        try:
+            for f in window:
+                _, item = futures.pop(f.key)
+                row = self._collect(f, item)
+                n_ok += row["status"] == "ok"
+                n_failed += row["status"] != "ok"
+                bar.update(1)
+                bar.set_postfix_str(f"ok {n_ok}, failed {n_failed}")
+                submit_next()
+            self.state = BatchState.FINISHED
+        except KeyboardInterrupt:  # stop cleanly: what finished is recorded already
+            self.client.cancel([f for f, _ in futures.values()], force=True)
+            self.state = BatchState.INTERRUPTED
+        finally:
+            bar.close()
+            self.elapsed_s = time.perf_counter() - t0
+        return self._write()
+
+    def _collect(self, future: Any, item: BatchItem) -> dict:
+        from distributed import KilledWorker
+
+        try:
+            row = future.result()
+        except KilledWorker as e:
+            row = {"status": "failed", "error_kind": "worker_lost",
+                   "error": f"the workers running it died too often: {e}"[:500]}
+        except Exception as e:  # noqa: BLE001 - a cancelled task, a worker that could not unpickle it
+            row = {"status": "failed", "error_kind": "internal", "error": f"{type(e).__name__}: {e}"[:500]}
+        future.release()
+        row = {"idea": item.idea, "index": item.index, **row}
+        c = self.settings.cfg
+        row.update(symbol=c["symbol"], timeframe=c["timeframe"], model=self.settings.model)
+        row["link"] = link = self._materialise(item, row.pop("files", None) or {})
+        key = self.keys[item.index]
+        calls = row.pop("calls", [])
+        row["run_id"] = self.journal.record(self.settings.batch_id, key, row, calls,
+                                            run_dir=str((self.out / link).resolve()) if link else None)
+        self.rows[key] = row
+        return row
+
+    def _materialise(self, item: BatchItem, files: dict[str, str]) -> str | None:
+        """Write what the worker sent back under ``out``: the run folder, or the executed notebook."""
+        if not files:
+            return None
+        slug = f"{item.index:05d}-{re.sub(r'[^a-z0-9]+', '-', item.idea.lower())[:40].strip('-') or 'idea'}"
+        if self.settings.mode == "notebook":
+            target = self.out / "notebooks" / f"{slug}.ipynb"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(files["idea.ipynb"])
+        else:
+            target = self.out / "runs" / slug
+            target.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (target / name).write_text(text)
+        return str(target.relative_to(self.out))
+
+    def _write(self) -> Leaderboard:
+        rows = list(self.rows.values())
+        ok = sum(r["status"] == "ok" for r in rows)
+        summary = {"state": self.state.value if self.state is not BatchState.NEW else "running",
+                   "ideas": len(self.settings.ideas), "ok": ok, "failed": len(rows) - ok, "skipped_done": self.skipped,
+                   "not_run": len(self.settings.ideas) - len(rows) - self.skipped,
+                   "elapsed_s": round(self.elapsed_s, 2), "out": str(self.out),
+                   "ideas_per_min": round(len(self.todo) / self.elapsed_s * 60, 2) if self.elapsed_s else None,
+                   "max_peak_mib": round(max((r.get("peak_bytes") or 0 for r in rows), default=0) / 2**20, 1),
+                   "sum_peak_mib": round(sum(r.get("peak_bytes") or 0 for r in rows) / 2**20, 1)}
+        if self.state is not BatchState.NEW:
+            summary["cluster"] = self.cluster.describe()
+        board = build(rows, self.settings.cfg.get("metric", "Return [%]"), summary)
+        write(board, self.out, asdict(self.settings))
+        return board
+
+    def close(self) -> None:
+        self.cluster.close()
+        if getattr(self, "ledger", None) is not None:
+            self.ledger.close()
+
+
+def _model_and_cfg(model: Any, cfg: Any) -> tuple[Any, str, dict]:
+    """(model object or None, model name, RBIConfig fields): what every worker gets."""
+    from .rbi import RBIConfig
+
+    cfg_dict = {k: v for k, v in asdict(cfg or RBIConfig()).items() if k != "runs_dir"}
+    if isinstance(model, str):
+        from .models import ModelFactory
+
+        return None, ModelFactory().resolve(model)[1], cfg_dict  # "auto" is decided once, here, for all
+    return model, getattr(model, "name", type(model).__name__), cfg_dict
+
+
+def run_on_executor(ideas: Iterable[str], executor: Any, *, model: Any = "auto", cfg: Any = None,
+                    ledger: Any = None, progress: bool = True):
+    """``run_rbi(..., executor=...)``: each idea one task on any ``concurrent.futures.Executor``.
+
+    The task is the batch's direct-mode task, so it runs wherever the executor runs it (a Dask
+    worker included) on that process's own sandbox pool; this process replays its ledger writes
+    and writes its run folder under ``cfg.runs_dir``.
+    """
+    from concurrent.futures import as_completed
+
+    from .ledger import Ledger
+    from .rbi import IdeaResult, RBIReport
+    from ._batch_worker import replay, run_direct
+
+    model_obj, model_name, cfg_dict = _model_and_cfg(model, cfg)
+    spec = IdeaSpec("direct", model_obj if model_obj is not None else model_name, model_name, cfg_dict, 2048)
+    ledger = ledger or Ledger()
+    runs = Path(getattr(cfg, "runs_dir", None) or config.runs_dir())
+    texts = [t.strip() for t in ideas if t and t.strip()]
+    t0 = time.perf_counter()
+    futures = {executor.submit(run_direct, {"index": i, "idea": t}, spec): i for i, t in enumerate(texts)}
+    results: list = [None] * len(texts)
+    for f in tqdm(as_completed(futures), total=len(futures), desc="RBI", unit="idea", disable=not progress):
+        i = futures[f]
+        try:
+            row = f.result()
+        except Exception as e:  # noqa: BLE001 - a lost worker: that idea fails, the others go on
+            row = {"status": "failed", "error_kind": "worker_lost" if "Killed" in type(e).__name__ else "internal",
+                   "error": f"{type(e).__name__}: {e}", "calls": [], "files": {}}
+        files = row.get("files") or {}
+
+        def write_run_dir(run_id: int, files: dict = files) -> str | None:
+            if not files:
+                return None
+            folder = runs / f"run-{run_id:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (folder / name).write_text(text)
+            return str(folder)
+
+        run_id = replay(ledger, row.get("calls", []), write_run_dir)
+        run_dir = ledger.run(run_id)["run_dir"] if run_id is not None else None
+        results[i] = IdeaResult(texts[i], row["status"], run_id=run_id, error_kind=row.get("error_kind"),
+                                error=row.get("error"), in_sample=row.get("in_sample") or {},
+                                out_of_sample=row.get("out_of_sample") or {}, params=row.get("params") or {},
+                                debug_iterations=row.get("debug", 0), optimize_iterations=row.get("optimize", 0),
+                                saved=bool(row.get("saved")), run_dir=run_dir)
+    metric = cfg_dict["metric"]
+    return RBIReport(results, metric, time.perf_counter() - t0,
+                     ledger.usage_summary(r.run_id for r in results if r.run_id is not None))
+
+
+def _load_settings(resume: Path) -> BatchSettings:
+    try:
+        saved = json.loads((resume / "batch.json").read_text())["settings"]
+        return BatchSettings(**saved)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise BatchError(f"{resume}: not a batch folder to resume (no readable batch.json: {e})") from None
+
+
+def run_batch(ideas: str | Path | Iterable[str] | None = None, *, client: Any = None, workers: int | None = None,
+              scheduler: str | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+              notebook: str | Path | bool | None = None, parameters: dict | None = None, model: Any = "auto",
+              cfg: Any = None, memory_limit_mb: int = 2048, limit: int | None = None, sample: int | None = None,
+              seed: int = 0, ledger: str | Path | None = None, progress: bool = True) -> Leaderboard:
+    """Run a batch of ideas; returns the leaderboard (also written to ``out``).
+
+    ``ideas``: a list, or a text file / CSV with an ``idea`` column. ``notebook=True`` or a path
+    runs each idea as that notebook (default ``notebooks/rbi_template.ipynb``) with papermill;
+    ``parameters`` are extra notebook parameters. ``cfg`` is an :class:`~moondev_lab.rbi.RBIConfig`.
+    ``memory_limit_mb`` bounds each idea: its sandbox tasks (direct) or its kernel (notebook).
+    ``resume`` is a batch folder to carry on, with its saved settings.
+    """
+    model_obj = None
+    if resume is not None:
+        out = Path(resume)
+        settings = _load_settings(out)
+    else:
+        if ideas is None:
+            raise BatchError("give ideas (a list or a file), or resume= a batch folder")
+        source = str(ideas) if isinstance(ideas, (str, Path)) else None
+        texts = read_ideas(ideas) if source else [str(i) for i in ideas]
+        items = select(texts, limit=limit, sample=sample, seed=seed)
+        if not items:
+            raise BatchError(f"no ideas to run{f' in {source}' if source else ''}")
+        model_obj, model_name, cfg_dict = _model_and_cfg(model, cfg)
+        nb = None
+        if notebook:
+            nb = Path(DEFAULT_NOTEBOOK if notebook is True else notebook)
+            if not nb.is_file():
+                raise BatchError(f"{nb}: no such notebook")
+        if memory_limit_mb < 64:
+            raise BatchError(f"memory_limit_mb must be at least 64, not {memory_limit_mb}")
+        out = Path(out) if out else config.home() / "batches" / f"batch-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out / "batch.json").exists():
+            raise BatchError(f"{out} already holds a batch: resume it with --resume {out}, or choose another --out")
+        settings = BatchSettings(uuid.uuid4().hex[:12], [it.idea for it in items], "notebook" if nb else "direct",
+                                 model_name, cfg_dict, int(memory_limit_mb), str(ledger or config.ledger_path()),
+                                 str(nb.resolve()) if nb else None, dict(parameters or {}), source=source)
+    from ._batch_cluster import BatchCluster
+
+    batch = Batch(settings, out, cluster=BatchCluster(client, scheduler, workers, settings.memory_limit_mb),
+                  model_obj=model_obj, progress=progress)
+    try:
+        batch.start()
+        return batch.run()
+    finally:
+        batch.close()
+
+
+__all__ = ["Batch", "BatchError", "BatchReport", "BatchSettings", "Leaderboard", "publish_result", "run_batch",
+           "run_notebooks", "run_one", "with_memwatch"]

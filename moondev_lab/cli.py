@@ -129,17 +129,9 @@ DEMO_IDEAS = [
 
 def read_ideas(path: str) -> list[str]:
     """Ideas from a text file (one per line) or a CSV with an ``idea`` column."""
-    from pathlib import Path
+    from ._batch_ideas import read_ideas as read
 
-    p = Path(path)
-    if p.suffix.lower() == ".csv":
-        import pandas as pd
-
-        df = pd.read_csv(p)
-        if "idea" not in df.columns:
-            raise ValueError(f"{p}: a CSV of ideas needs an 'idea' column; found {list(df.columns)}")
-        return [str(i) for i in df["idea"].dropna()]
-    return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return read(path)
 
 
 def _rbi_report(report, as_json: bool, board=None) -> None:
@@ -209,12 +201,14 @@ def cmd_backtest(a: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
-def cmd_batch(a: argparse.Namespace) -> int:
+def _batch_notebook_params(a: argparse.Namespace) -> int:
+    """``batch NOTEBOOK --params runs.json``: one notebook over parameter sets."""
     from pathlib import Path
 
     from .batch import run_notebooks
 
     p = Path(a.params)
+    a.notebook = a.ideas
     if p.suffix.lower() == ".csv":
         import pandas as pd
 
@@ -240,6 +234,50 @@ def cmd_batch(a: argparse.Namespace) -> int:
     else:
         print(report)
     return 0 if report.ok else 1
+
+
+def _param_value(text: str):
+    try:
+        return json.loads(text)  # numbers, true/false, lists; anything else stays a string
+    except ValueError:
+        return text
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    """``batch IDEAS``: ideas through the RBI loop on Dask (``--params``: the notebook-over-parameters batch)."""
+    import dataclasses
+
+    from .batch import run_batch
+
+    if a.params:
+        if not a.ideas:
+            raise ValueError("batch --params needs the notebook to run")
+        return _batch_notebook_params(a)
+    if not a.ideas and not a.resume:
+        raise ValueError("give an ideas file (one per line, or a CSV with an 'idea' column), or --resume DIR")
+    cfg = _rbi_config(a)
+    given = {"start": a.start, "end": a.end, "grid": a.grid, "quarters": a.quarters}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if not a.verbose:
+        import distributed  # noqa: F401  (it sets its loggers up on import; quieten them after)
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)  # the scheduler's INFO chatter
+    board = run_batch(None if a.resume else a.ideas, workers=a.workers, scheduler=a.scheduler, out=a.out,
+                      resume=a.resume, notebook=a.notebook, model=a.model, cfg=cfg,
+                      parameters={k: _param_value(v) for k, v in (a.parameter or [])},
+                      memory_limit_mb=a.memory_limit, limit=a.limit, sample=a.sample, seed=a.seed,
+                      progress=not a.json)
+    totals = board.summary
+    if a.json:
+        _print_json({"out": totals["out"], "totals": totals,
+                     "rows": json.loads(board.to_json(orient="records"))})
+    else:
+        print(board)
+        print(f"output: {totals['out']}")
+    if totals["state"] == "interrupted":
+        print(f"interrupted; carry on with: moondev-lab batch --resume {totals['out']}", file=sys.stderr)
+        return 130
+    return 0 if totals["ok"] or not totals["failed"] else 1
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
@@ -324,12 +362,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start")
     sp.add_argument("--end")
     sp.add_argument("--timeout", type=float, default=120.0)
-    sp = add(sub, "batch", cmd_batch, "run a notebook once per parameter set with papermill (memory ledger on)")
-    sp.add_argument("notebook")
-    sp.add_argument("--params", required=True, help="a JSON list of parameter objects, or a CSV with one run per row")
-    sp.add_argument("--out", help="folder for the executed notebooks")
-    sp.add_argument("--parallel", type=int, default=2, help="kernels at once (per Dask worker with --dask-workers)")
-    sp.add_argument("--dask-workers", type=int, default=0, help="run on a local Dask cluster of N workers")
+    sp = add(sub, "batch", cmd_batch, "run a batch of ideas through the RBI loop on Dask, with a leaderboard "
+             "(or, with --params, one notebook over parameter sets)")
+    sp.add_argument("ideas", nargs="?", metavar="IDEAS", help="IDEAS: a text file (one per line) or a CSV with an 'idea' column; "
+                    "with --params: the notebook")
+    sp.add_argument("--workers", type=int, help="LocalCluster workers (default: from CPUs and memory)")
+    sp.add_argument("--scheduler", help="an existing Dask scheduler, e.g. tcp://host:8786 "
+                    "(default $DASK_SCHEDULER_ADDRESS)")
+    sp.add_argument("--out", help="output folder (default $MOONDEV_LAB_HOME/batches/batch-TIME)")
+    sp.add_argument("--resume", metavar="DIR", help="carry on the interrupted batch in DIR with its settings")
+    sp.add_argument("--notebook", nargs="?", const=True, metavar="PATH",
+                    help="run each idea as a notebook with papermill (default notebooks/rbi_template.ipynb)")
+    sp.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                    help="an extra notebook parameter (JSON values are parsed)")
+    sp.add_argument("--limit", type=int, help="the first N ideas only")
+    sp.add_argument("--sample", type=int, help="N ideas picked at random (with --seed)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--model", default="auto", help="offline, auto (Claude if ANTHROPIC_API_KEY is set) or a Claude model")
+    sp.add_argument("--memory-limit", type=int, default=2048, metavar="MB",
+                    help="per idea: its sandbox tasks' new memory, or its notebook kernel's RSS (default 2048)")
+    sp.add_argument("--start", help="research on data from this date")
+    sp.add_argument("--end", help="research on data up to this date")
+    sp.add_argument("--grid", action=argparse.BooleanOptionalAction, help="grid-search parameters (default on)")
+    sp.add_argument("--quarters", action=argparse.BooleanOptionalAction, help="test every quarter (default on)")
+    loop_args(sp)
+    sp.add_argument("--params", help="notebook batch: a JSON list of parameter objects, or a CSV with one run per row")
+    sp.add_argument("--parallel", type=int, default=2, help="notebook batch: kernels at once")
+    sp.add_argument("--dask-workers", type=int, default=0, help="notebook batch: on a local Dask cluster of N workers")
     add(sub, "doctor", cmd_doctor, "health check: memory, CPU, disk, cgroup limit, store")
     loop_args(add(sub, "demo", cmd_demo, "run the RBI loop offline on the bundled data, ending with a leaderboard"))
     return p

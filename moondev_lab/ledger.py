@@ -17,9 +17,10 @@ import json
 import re
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -77,7 +78,9 @@ class Ledger:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.failure_budget = failure_budget
-        self._lock = threading.Lock()
+        # Re-entrant: a transaction() holds it while the calls inside it take it again.
+        self._lock = threading.RLock()
+        # timeout= is SQLite's busy timeout: writers from other processes wait, never "database is locked".
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         with self._lock:
@@ -100,6 +103,24 @@ class Ledger:
     def _one(self, sql: str, args: Iterable = ()) -> sqlite3.Row | None:
         with self._lock:
             return self._db.execute(sql, tuple(args)).fetchone()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Several calls as one atomic write; the caller may run its own statements on the connection.
+
+        >>> led = Ledger(":memory:")
+        >>> with led.transaction() as db:
+        ...     idea = led.add_idea("20/50 SMA crossover")
+        ...     run = led.start_run(idea.id, "offline")
+        """
+        with self._lock:  # one transaction at a time on this connection
+            self._db.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade later
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # ----- ideas ---------------------------------------------------------------------
     def add_idea(self, text: str) -> Idea:

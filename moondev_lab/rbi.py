@@ -370,7 +370,8 @@ class RBI:
         """Run ideas concurrently; model calls on threads, backtests on the sandbox pool."""
         ideas = [i.strip() for i in ideas if i and i.strip()]
         t0 = time.perf_counter()
-        slots = parallel or max(2, min(8, len(self.sandbox) if hasattr(self.sandbox, "__len__") else 2))
+        # The pool's configured size: len() counts live workers, which is 0 before the first task.
+        slots = parallel or max(2, min(8, getattr(self.sandbox, "size", 2)))
         results: list[IdeaResult | None] = [None] * len(ideas)
         with ThreadPoolExecutor(max_workers=max(1, min(slots, len(ideas) or 1)), thread_name_prefix="rbi") as ex:
             futs = {ex.submit(self.run_one, text): k for k, text in enumerate(ideas)}
@@ -398,9 +399,17 @@ def _slim(stats: dict | None) -> dict:
 
 def run_rbi(ideas: str | Iterable[str], model: Any = "auto", cfg: RBIConfig | None = None,
             ledger: Ledger | None = None, sandbox: Any = None, parallel: int | None = None,
-            progress: bool = True) -> RBIReport:
-    """Run the whole RBI loop for one idea or many; see :class:`RBIConfig` for the knobs."""
+            progress: bool = True, executor: Any = None) -> RBIReport:
+    """Run the whole RBI loop for one idea or many; see :class:`RBIConfig` for the knobs.
+
+    ``executor``: any ``concurrent.futures.Executor`` (e.g. a Dask ``client.get_executor()``)
+    runs each idea as one task there; this process still writes the ledger.
+    """
     if isinstance(ideas, str):
         ideas = [ideas]
+    if executor is not None:
+        from .batch import run_on_executor
+
+        return run_on_executor(ideas, executor, model=model, cfg=cfg, ledger=ledger, progress=progress)
     with RBI(model, cfg, ledger, sandbox) as engine:
         return engine.run_many(ideas, parallel=parallel, progress=progress)
