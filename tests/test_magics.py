@@ -326,7 +326,7 @@ def test_a_10000_cell_session_keeps_a_small_ledger_and_a_correct_report(ip):
             assert spike["peak_above_start"] > 39 * MIB
         text = cap.outputs[0].data["text/plain"]
         assert text.startswith("memwatch: 10,000 cells") and f"in cell {first + 4_321}" in text
-        assert "the 10 highest peaks" in text and "the last 10 cells" in text
+        assert "the 10 highest peaks before the last 10 cells" in text and "the last 10 cells" in text
         assert f"keep_9 +7.8 KiB" in text
         assert any(o.data["text/plain"].startswith("<Figure") for o in cap.outputs)  # the timeline
         ax = w.ledger.plot()

@@ -333,25 +333,28 @@ def ledger_report(df, top: int = 10, last: int = 10, dropped: int = 0) -> Ledger
     Up to ``top + last`` cells are shown: all of them in a short ledger, else
     the ``top`` highest peaks and the ``last`` latest cells.
     """
+    import pandas as pd
+
     n = len(df)
     if n == 0:
         return LedgerReport("memwatch: no cells recorded yet", [], df)
     highest = df["peak_above_start"].idxmax()
     ec = df.at[highest, "execution_count"]
-    where = f"cell {int(ec)}" if ec == ec and ec is not None and str(ec) != "<NA>" else f"row {highest}"
+    where = f"row {highest}" if pd.isna(ec) else f"cell {int(ec)}"
     summary = (f"memwatch: {n:,} cells" + (f" (the {dropped:,} oldest dropped from the ring)" if dropped else "")
                + f", {_duration(float(df['wall_s'].sum()))} in cells; RSS {format_bytes(int(df['start_rss'].iloc[0]))}"
                f" → {format_bytes(int(df['end_rss'].iloc[-1]))}; highest peak"
                f" +{format_bytes(int(df.at[highest, 'peak_above_start']))} in {where}")
-    crossed = int(df["limit_exceeded"].sum()) if "limit_exceeded" in df else 0
-    alerted = int(df["alerts"].map(bool).sum()) if "alerts" in df else 0
-    if crossed or alerted:
-        summary += f"; {crossed:,} crossed the soft limit, {alerted:,} with alerts"
+    crossed = int(df["limit_exceeded"].fillna(False).astype(bool).sum()) if "limit_exceeded" in df else 0
+    alerted = int(df["alerts"].map(lambda a: isinstance(a, list) and bool(a)).sum()) if "alerts" in df else 0
+    notes = [f"{crossed:,} crossed the soft limit"] * bool(crossed) + [f"{alerted:,} with alerts"] * bool(alerted)
+    if notes:
+        summary += "; " + ", ".join(notes)
     if n <= top + last:
         sections = [("every cell", _readable(df))]
     else:
-        peaks = df.nlargest(top, "peak_above_start").sort_index()
-        sections = [(f"the {top} highest peaks", _readable(peaks)),
+        peaks = df.iloc[:-last].nlargest(top, "peak_above_start").sort_index()
+        sections = [(f"the {top} highest peaks before the last {last} cells", _readable(peaks)),
                     (f"the last {last} cells", _readable(df.iloc[-last:]))]
     return LedgerReport(summary, sections, df)
 
