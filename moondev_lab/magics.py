@@ -143,7 +143,7 @@ class MemoryMagics(Magics):
         largest = self.watch.vars.largest(len(self.watch.vars.known))
         frame = pd.DataFrame({"name": [n for n, _ in largest], "bytes": [b for _, b in largest],
                               "change": [changes.get(n, 0) for n, _ in largest]})
-        text = f"memwatch scan: {len(largest):,} variables in {ms:.0f} ms"
+        text = f"memwatch scan: {len(largest):,} variable{'' if len(largest) == 1 else 's'} in {ms:.1f} ms"
         text += "; grew " + (format_changes([(g.name, g.delta) for g in grown[:5]]) if grown else "nothing")
         if freed:
             text += "; freed " + format_changes([(g.name, g.delta) for g in freed[:5]])

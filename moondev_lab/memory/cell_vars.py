@@ -184,6 +184,7 @@ class CellVariables:
         self.top = top
         self.max_functions = max_functions
         self.known: dict[str, tuple[int, object, int]] = {}
+        self.scanned = False  # True once the whole namespace was measured: changes mean something
         self.looked_up = 0
         self.measured = 0
         self._code_names: dict[types.CodeType, tuple[str, ...]] = {}
@@ -198,6 +199,7 @@ class CellVariables:
         """Full scan: every user variable, including names bound indirectly. ``(grown, freed)``, all of them."""
         names = [k for k in ns if k[:1] != "_"]
         names.extend(k for k in self.known if k not in ns)
+        self.scanned = True
         return self._check(ns, names, top=None)
 
     def largest(self, n: int = 10) -> list[tuple[str, int]]:
