@@ -359,20 +359,24 @@ def test_profile_cell_line_carries_its_own_execution_count(ip):
 
 
 def test_scan_and_deep_catch_names_bound_indirectly(ip):
-    run(ip, "def bind(name, n):\n    globals()[name] = np.zeros(n)")
+    run(ip, "def bind(name, n):\n    globals()[name] = np.zeros(n)\ny = 0")
     run(ip, "%memwatch on")
     try:
-        # the cell names only `bind`; its bytecode names `globals` and `np`, not `hidden`
-        assert _grew(run(ip, "bind('hidden', 10_000)")[1]) == {}
+        # the cell names only `bind`, whose bytecode uses globals(): every variable is checked
+        assert _grew(run(ip, "bind('hidden', 10_000)")[1]) == {"hidden": 80_000}
+        assert _grew(run(ip, "globals()['direct'] = np.zeros(1_000)")[1]) == {"direct": 8_000}
+        # bound behind the cells' back (a library or thread writing the namespace): only a scan sees it
+        ip.user_ns["behind"] = np.zeros(2_000)
+        assert _grew(run(ip, "y = 0")[1]) == {}
         res, cap = run(ip, "%memwatch scan -o")
-        assert "grew hidden +78.1 KiB" in cap.stdout
-        assert res.result.set_index("name").loc["hidden", "change"] == 80_000
-        assert _grew(run(ip, "globals()['direct'] = np.zeros(1_000)")[1]) == {"direct": 8_000}  # full scan
+        assert "grew behind +15.6 KiB" in cap.stdout
+        assert res.result.set_index("name").loc["behind", "change"] == 16_000
         run(ip, "%memwatch on --deep")
         assert "deep variable scan" in run(ip, "%memwatch status")[1].stdout
-        assert _grew(run(ip, "bind('hidden2', 2_000)")[1]) == {"hidden2": 16_000}
+        ip.user_ns["behind2"] = np.zeros(3_000)
+        assert _grew(run(ip, "y = 0")[1]) == {"behind2": 24_000}
     finally:
-        for n in ("bind", "hidden", "hidden2", "direct"):
+        for n in ("bind", "hidden", "direct", "behind", "behind2", "y"):
             ip.user_ns.pop(n, None)
 
 

@@ -93,15 +93,13 @@ class CellNames(ast.NodeTransformer):
     Registered in ``shell.ast_transformers``, IPython hands it every parsed
     cell (nested ``run_cell`` calls too). It never changes the tree. Names
     accumulate until :meth:`clear`, so a cell that runs another cell (as
-    ``%%memwatch`` does) covers both. ``on_names`` (if set) sees each tree's
-    names before the cell runs.
+    ``%%memwatch`` does) covers both.
     """
 
-    def __init__(self, on_names=None) -> None:
+    def __init__(self) -> None:
         self.names: set[str] = set()
         self.indirect = False
         self.seen = False  # False: IPython never parsed the cell (syntax error, transformer removed)
-        self.on_names = on_names
 
     def clear(self) -> None:
         self.names = set()
@@ -111,21 +109,21 @@ class CellNames(ast.NodeTransformer):
     def visit(self, tree: ast.AST) -> ast.AST:
         """IPython's AST-transformer entry point: record, return the tree unchanged."""
         self.collect(tree)
-        if self.on_names is not None:
-            try:
-                self.on_names(self.names)
-            except Exception:  # noqa: BLE001 -- a raising transformer is unregistered by IPython;
-                pass  # the check after the cell measures the same names and shows any error there
         return tree
 
     def collect(self, tree: ast.AST) -> "CellNames":
         add, names = self.names.add, self.names
         self.seen = True
-        for node in ast.walk(tree):
+        # ast.walk, unrolled: this runs before every watched cell, and most nodes are leaves.
+        stack, AST = [tree], ast.AST
+        pop, push, extend = stack.pop, stack.append, stack.extend
+        while stack:
+            node = pop()
             t = type(node)
             if t is ast.Name:
                 add(node.id)
-            elif t is ast.Call:
+                continue
+            if t is ast.Call:
                 self._call(node)
             elif t is ast.Global or t is ast.Nonlocal:
                 names.update(node.names)
@@ -141,6 +139,12 @@ class CellNames(ast.NodeTransformer):
                 add(node.name)
             elif t is ast.MatchMapping and node.rest:
                 add(node.rest)
+            for field in getattr(node, "_fields", ()):  # a list may hold names (str) or None
+                v = getattr(node, field, None)
+                if type(v) is list:
+                    extend(v)
+                elif isinstance(v, AST):
+                    push(v)
         return self
 
     def _call(self, node: ast.Call) -> None:
@@ -200,7 +204,9 @@ class CellVariables:
         names = [k for k in ns if k[:1] != "_"]
         names.extend(k for k in self.known if k not in ns)
         self.scanned = True
-        return self._check(ns, names, top=None)
+        grown, freed = [], []
+        self._check(ns, names, grown, freed, None)
+        return _ranked(grown, freed, None)
 
     def largest(self, n: int = 10) -> list[tuple[str, int]]:
         """The biggest variables as last measured, ``(name, bytes)``."""
@@ -219,40 +225,41 @@ class CellVariables:
                 self._measure(name, obj, _kind(type(obj)))
 
     def update(self, ns: dict, names: Iterable[str]) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
-        """``(grown, freed)`` among ``names`` and the globals of the notebook functions they call."""
-        return self._check(ns, self._with_called_functions(ns, names), top=self.top)
+        """``(grown, freed)`` among ``names`` and the globals of the notebook functions they call.
 
-    def _with_called_functions(self, ns: dict, names: Iterable[str]) -> set[str]:
-        out = set(names)
-        get, function = ns.get, types.FunctionType
-        self.looked_up += len(out)
-        pending = [f for f in map(get, out) if type(f) is function]
-        budget = self.max_functions
-        while pending and budget > 0:
-            fn = pending.pop()
-            if fn.__globals__ is not ns:  # imported from a module: its globals are not the notebook's
-                continue
-            budget -= 1
-            for name in self._globals_of(fn.__code__):
-                if name not in out:
-                    out.add(name)
-                    self.looked_up += 1
-                    if type(get(name)) is function:
-                        pending.append(get(name))
-        return out
+        A called notebook function that itself uses ``globals()``/``exec``
+        may bind anything: then every variable is checked (a full scan).
+        """
+        grown, freed, functions = [], [], []
+        self._check(ns, names, grown, freed, functions)
+        if functions:
+            seen = set(names)
+            budget = self.max_functions
+            while functions and budget > 0:
+                budget -= 1
+                called, indirect = self._globals_of(functions.pop().__code__)
+                if indirect:
+                    grown, freed = self.scan(ns)
+                    break
+                new = [n for n in called if n not in seen]
+                seen.update(new)
+                self._check(ns, new, grown, freed, functions)
+        return _ranked(grown, freed, self.top)
 
-    def _globals_of(self, code: types.CodeType) -> tuple[str, ...]:
-        names = self._code_names.get(code)
-        if names is None:
+    def _globals_of(self, code: types.CodeType) -> tuple[tuple[str, ...], bool]:
+        """The global names a function's code (nested code included) uses, and whether it binds indirectly."""
+        found = self._code_names.get(code)
+        if found is None:
             if len(self._code_names) > 1_000:  # redefined functions leave old code objects behind
                 self._code_names.clear()
-            found, stack = set(), [code]
+            names, stack = set(), [code]
             while stack:
                 c = stack.pop()
-                found.update(c.co_names)
+                names.update(c.co_names)
                 stack.extend(k for k in c.co_consts if type(k) is types.CodeType)
-            names = self._code_names[code] = tuple(n for n in found if n[:1] != "_")
-        return names
+            found = self._code_names[code] = (tuple(n for n in names if n[:1] != "_"),
+                                              not names.isdisjoint(_INDIRECT_CALLS))
+        return found
 
     def _measure(self, name: str, obj: object, kind: int) -> int:
         self.measured += 1
@@ -260,9 +267,9 @@ class CellVariables:
         self.known[name] = (id(obj), _fingerprint(obj, kind), size)
         return size
 
-    def _check(self, ns: dict, names: Iterable[str], top: int | None):
+    def _check(self, ns: dict, names: Iterable[str], grown: list, freed: list, functions: list | None) -> None:
+        """Compare ``names`` with what is known; collect notebook functions into ``functions``."""
         known, get = self.known, ns.get
-        grown, freed = [], []
         for name in names:
             if name[:1] == "_" or name in _SKIP_NAMES:
                 continue
@@ -274,6 +281,9 @@ class CellVariables:
                     del known[name]
                     if old[2]:
                         freed.append(VariableGrowth(name, -old[2], 0))
+                # a function defined in the notebook (its globals are this namespace) may change them
+                if functions is not None and type(obj) is types.FunctionType and obj.__globals__ is ns:
+                    functions.append(obj)
                 continue
             kind = _KINDS.get(type(obj))
             if kind is None:
@@ -286,6 +296,12 @@ class CellVariables:
                 grown.append(VariableGrowth(name, delta, size))
             elif delta < 0:
                 freed.append(VariableGrowth(name, delta, size))
+
+
+def _ranked(grown: list, freed: list, top: int | None) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
+    """Largest growth first, largest free first, ``top`` of each (all if None)."""
+    if grown:
         grown.sort(key=lambda g: -g.delta)
+    if freed:
         freed.sort(key=lambda g: g.delta)
-        return (grown[:top], freed[:top]) if top is not None else (grown, freed)
+    return (grown[:top], freed[:top]) if top is not None else (grown, freed)

@@ -109,7 +109,7 @@ class MemWatch:
         self.monitor = monitor or Monitor(watcher=self.gc)
         self.ledger = CellLedger()
         self.vars = CellVariables()
-        self.names = CellNames(on_names=self._remember)
+        self.names = CellNames()
         self.deep = False
         self.limit: int | None = None
         self.interrupt = False
@@ -217,11 +217,6 @@ class MemWatch:
         self.ledger.append(rec)
         if self.publish:
             self._publish(rec)
-
-    def _remember(self, names: set[str]) -> None:
-        """Before the cell runs (IPython has just parsed it): measure the names new to us."""
-        if self._depth > 0:
-            self.vars.remember(self.shell.user_ns, names)
 
     def _changed_variables(self) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
         ns = self.shell.user_ns
