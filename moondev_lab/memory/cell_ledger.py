@@ -19,6 +19,8 @@ renders a readable summary with a downsampled timeline.
 ...     led.append(CellRecord(i, None, 100, 100 + i, 100 + 2 * i, True, 0.001, [1, 0, 0], 0.0, 0.0))
 >>> len(led), led.total, led[0].execution_count, led[-1].peak_above_start
 (3, 5, 2, 8)
+>>> [r.execution_count for r in led[-2:]], led
+([3, 4], CellLedger(3 cells kept of capacity 3, 2 dropped))
 """
 from __future__ import annotations
 
@@ -189,8 +191,14 @@ class CellLedger:
     def _seqs(self) -> range:
         return range(self.total - len(self), self.total)
 
-    def __getitem__(self, i: int) -> CellRecord:
+    def __repr__(self) -> str:
+        dropped = f", {self.dropped:,} dropped" if self.dropped else ""
+        return f"CellLedger({len(self):,} cells kept of capacity {self.capacity:,}{dropped})"
+
+    def __getitem__(self, i: int | slice) -> CellRecord | list[CellRecord]:
         n = len(self)
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(n))]
         if not -n <= i < n:
             raise IndexError(f"ledger index {i} out of range ({n} cells kept)")
         seq = self.total - n + (i % n)
