@@ -508,6 +508,10 @@ def test_cell_variables_report_growth_and_frees_for_every_kind_of_change():
     assert change("del old", {"old"})[1] == {"old": -400_000}
     assert "old" not in t.known
     assert change("old = np.zeros(10)", {"old", "np"})[0] == {"old": 80}  # a name reborn is new growth
+    # a change that keeps identity and fingerprint (a column's dtype narrowed): only a re-measure sees it
+    assert change("df['a'] = df['a'].astype('float32')", {"df"}) == ({}, {})
+    assert t.scan(ns) == ([], [])
+    assert {g.name: g.delta for g in t.scan(ns, remeasure=True)[1]} == {"df": -40_000}
 
 
 def test_cell_ledger_ring_stays_bounded_and_keeps_the_newest_cells():

@@ -175,8 +175,9 @@ class CellVariables:
     re-measured when its identity or its fingerprint (``len`` of a
     container, ``nbytes`` of an array, ``shape`` of a DataFrame) changed;
     other objects are re-measured whenever the cell touches them, with the
-    bounded deep size. Growth that keeps both (a list nested in a list grew)
-    is missed by design; :func:`.leak_check` finds it.
+    bounded deep size. Growth that keeps both (a list nested in a list grew,
+    a DataFrame column changed dtype in place of itself) is missed by
+    design; :func:`.leak_check` and ``scan(ns, remeasure=True)`` (``%memwatch scan``) find it.
 
     ``looked_up`` and ``measured`` count namespace reads and size
     measurements, so tests can check that the work per cell does not depend
@@ -199,13 +200,18 @@ class CellVariables:
         self.known = {}
         self.scan(ns)
 
-    def scan(self, ns: dict) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
-        """Full scan: every user variable, including names bound indirectly. ``(grown, freed)``, all of them."""
+    def scan(self, ns: dict, remeasure: bool = False) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
+        """Full scan: every user variable, including names bound indirectly. ``(grown, freed)``, all of them.
+
+        ``remeasure=True`` measures every value again, even those whose
+        identity and fingerprint did not change (slower; catches growth
+        deep inside an object).
+        """
         names = [k for k in ns if k[:1] != "_"]
         names.extend(k for k in self.known if k not in ns)
         self.scanned = True
         grown, freed = [], []
-        self._check(ns, names, grown, freed, None)
+        self._check(ns, names, grown, freed, None, remeasure)
         return _ranked(grown, freed, None)
 
     def largest(self, n: int = 10) -> list[tuple[str, int]]:
@@ -267,7 +273,8 @@ class CellVariables:
         self.known[name] = (id(obj), _fingerprint(obj, kind), size)
         return size
 
-    def _check(self, ns: dict, names: Iterable[str], grown: list, freed: list, functions: list | None) -> None:
+    def _check(self, ns: dict, names: Iterable[str], grown: list, freed: list, functions: list | None,
+               remeasure: bool = False) -> None:
         """Compare ``names`` with what is known; collect notebook functions into ``functions``."""
         known, get = self.known, ns.get
         for name in names:
@@ -288,7 +295,8 @@ class CellVariables:
             kind = _KINDS.get(type(obj))
             if kind is None:
                 kind = _kind(type(obj))
-            if old is not None and old[0] == id(obj) and old[1] is not None and old[1] == _fingerprint(obj, kind):
+            if (old is not None and not remeasure and old[0] == id(obj) and old[1] is not None
+                    and old[1] == _fingerprint(obj, kind)):
                 continue  # the common case: same object, same size
             size = self._measure(name, obj, kind)
             delta = size - (old[2] if old is not None else 0)

@@ -228,7 +228,7 @@ class MemWatch:
         return self.vars.update(ns, names)
 
     def scan(self) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
-        """Check every user variable now (``%memwatch scan``): ``(grown, freed)`` since last seen.
+        """Measure every user variable again now (``%memwatch scan``): ``(grown, freed)`` since last seen.
 
         The first scan of a session that never had ``%memwatch on`` only
         measures (nothing to compare with), and reports no changes.
@@ -236,7 +236,7 @@ class MemWatch:
         if not self.vars.scanned:
             self.vars.baseline(self.shell.user_ns)
             return [], []
-        return self.vars.scan(self.shell.user_ns)
+        return self.vars.scan(self.shell.user_ns, remeasure=True)
 
     def _check(self, peak_rss: int, gc_max_pause_ms: float, now: float) -> tuple[list, list, int | None, list]:
         """Threshold alerts and pressure actions for one cell, and the autotrace result."""
