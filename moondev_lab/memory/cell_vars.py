@@ -15,7 +15,11 @@ the candidates honest without touching the rest of the namespace:
 * the global names used by notebook functions the cell calls (``add_row()``
   appending to ``history``), read from their bytecode's ``co_names``;
 * a cell that binds names indirectly (``globals()``, ``exec``, ``%run``,
-  ``from m import *``) is marked ``indirect``, and gets a full scan.
+  ``from m import *``) is marked ``indirect``, and gets a full scan; so does
+  a cell calling a notebook function whose bytecode uses ``globals``/``exec``.
+
+What no cell names (a library or a thread writing the namespace) is seen
+only by a full scan.
 
 :meth:`CellVariables.scan` is the full scan, on demand (``%memwatch scan``,
 ``%memwatch on --deep``).
@@ -37,9 +41,8 @@ import ast
 import types
 from typing import Iterable
 
-from .leaks import _IDENT, _SIZED, _SKIP_NAMES, _SKIP_TYPES, VariableGrowth, sizeof_value
+from .leaks import _IDENT, _MISSING, _SIZED, _SKIP_NAMES, _SKIP_TYPES, VariableGrowth, sizeof_value
 
-_MISSING = object()
 #: Calls that can bind or rebind any global: a cell that makes one gets a full scan.
 _INDIRECT_CALLS = frozenset({"globals", "exec", "eval", "vars", "locals"})
 #: Magics that bind names the cell's text does not show.
