@@ -1,15 +1,21 @@
 """IPython magics for memory: ``%load_ext moondev_lab``.
 
-* ``%memwatch on|off|report|status`` -- per-cell ledger (exact peak RSS,
-  GC, grown variables); ``--limit 4GB [--interrupt]`` soft budget,
-  ``--autotrace``, ``--widget`` live panel, ``-o`` returns the result.
+* ``%memwatch on|off|report|status|scan`` -- per-cell ledger (exact peak
+  RSS, GC, grown variables); ``--limit 4GB [--interrupt]`` soft budget,
+  ``--autotrace``, ``--deep`` (check every variable after every cell, not
+  only the ones the cell names), ``--widget`` live panel; ``scan`` checks
+  every variable once.
 * ``%%memwatch [--trace]`` -- profile one cell; ``--trace`` adds
   tracemalloc's top allocation sites.
 * ``%%leakcheck -n 5`` -- run the cell N times and fit the growth.
 * ``%gcstats``, ``%objcount [N]``, ``%datapool``.
 
-Magics never rewrite the cell source: the ledger uses pre/post-run events,
-and cell magics hand the cell text to IPython unchanged.
+Every magic follows ``%timeit``'s convention: it prints its result unless
+``-q``, and returns the result object with ``-o``.
+
+Magics never rewrite the cell source: the ledger uses pre/post-run events
+(and reads, never changes, the AST IPython parsed), and cell magics hand the
+cell text to IPython unchanged.
 
 Example session::
 
@@ -20,15 +26,26 @@ Example session::
 """
 from __future__ import annotations
 
+import time
+
 from IPython.core.magic import Magics, line_cell_magic, line_magic, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display, publish_display_data
 
 from .memory import (LEDGER_MIME, MemWatch, dashboard, diff_object_counts, format_bytes, gc_stats,
                      leak_check, object_counts, parse_size, top_types)
+from .memory.cell_ledger import format_changes, plot_timeline
 
 _OUTPUT = argument("-o", "--output", action="store_true", dest="output",
                    help="return the result object (as %%timeit -o does)")
+_QUIET = argument("-q", "--quiet", action="store_true", dest="quiet",
+                  help="print nothing (with -o: only return the result)")
+
+
+def _show(args, result, text: bool = False) -> None:
+    """Print (``text``) or display ``result`` unless ``-q``."""
+    if not args.quiet:
+        print(result) if text else display(result)
 
 
 @magics_class
@@ -43,16 +60,20 @@ class MemoryMagics(Magics):
 
     # ------------------------------------------------------------ %memwatch
     @magic_arguments()
-    @argument("action", nargs="?", default=None, choices=["on", "off", "report", "status"],
-              help="on: start the per-cell ledger; off: stop; report: ledger table and timeline")
+    @argument("action", nargs="?", default=None, choices=["on", "off", "report", "status", "scan"],
+              help="on: start the per-cell ledger; off: stop; report: ledger table and timeline; "
+                   "scan: check every variable now")
     @argument("--limit", default=None, help="soft RSS budget such as 4GB or 500MiB ('off' removes it)")
     @argument("--interrupt", action="store_true", help="with --limit: interrupt a cell that crosses it")
     @argument("--autotrace", action="store_true",
               help="after a cell crosses a threshold, trace the next cell's allocations")
     @argument("--no-actions", action="store_true", help="do not run pressure actions on alerts")
     @argument("--widget", action="store_true", help="show the live memory panel")
+    @argument("--deep", action="store_true",
+              help="after every cell, check every variable (not only those the cell names)")
     @argument("--trace", action="store_true", help="(cell mode) add tracemalloc's top allocation sites")
     @_OUTPUT
+    @_QUIET
     @line_cell_magic
     def memwatch(self, line: str, cell: str | None = None):
         """Exact per-cell memory: ledger, soft limit, one-cell profile."""
@@ -60,28 +81,20 @@ class MemoryMagics(Magics):
         w = self.watch
         if cell is not None:
             rec = w.profile_cell(cell, trace=args.trace)
-            publish_display_data(rec.mimebundle())
+            if not args.quiet:
+                publish_display_data(rec.mimebundle())
             return rec if args.output else None
 
         if args.action == "off":
             w.off()
-            print(w.status())
-            return None
+            _show(args, w.status(), text=True)
+            return w if args.output else None
         if args.action == "report":
-            df = w.ledger.to_frame()
-            if not args.output:
-                cols = ["execution_count", "kind", "delta_mib", "peak_above_start_mib", "end_mib", "wall_s",
-                        "gc_collections", "gc_pause_ms", "grown", "alerts", "limit_exceeded"]
-                display(df[[c for c in cols if c in df.columns]] if len(df) else df)
-            if len(df):
-                import matplotlib.pyplot as plt
+            return self._report(args)
+        if args.action == "scan":
+            return self._scan(args)
 
-                ax = w.ledger.plot()
-                display(ax.figure)
-                plt.close(ax.figure)
-            return df if args.output else None
-
-        turned_on = args.action == "on" or args.limit is not None or args.autotrace
+        turned_on = args.action == "on" or args.limit is not None or args.autotrace or args.deep
         if args.limit is not None:
             limit = None if args.limit.lower() in ("off", "none", "0") else parse_size(args.limit)
             w.set_limit(limit, interrupt=args.interrupt)
@@ -91,6 +104,10 @@ class MemoryMagics(Magics):
             w.autotrace = True
         if args.no_actions:
             w.actions = False
+        if args.deep:
+            w.deep = True
+        elif args.action == "on":
+            w.deep = False
         if turned_on:
             w.on()
         if args.widget:
@@ -98,8 +115,42 @@ class MemoryMagics(Magics):
                 self.dashboard.stop()
             self.dashboard = dashboard()
         if turned_on or args.action == "status" or not args.widget:
-            print(w.status())
+            _show(args, w.status(), text=True)
         return w if args.output else None
+
+    def _report(self, args):
+        """``%memwatch report``: summary, readable tables, downsampled timeline; ``-o``: the ledger frame."""
+        w = self.watch
+        report = w.ledger.report()
+        if not args.quiet:
+            display(report)
+            if len(w.ledger):
+                import matplotlib.pyplot as plt
+
+                ax = plot_timeline(report.frame)
+                display(ax.figure)
+                plt.close(ax.figure)
+        return report.frame if args.output else None
+
+    def _scan(self, args):
+        """``%memwatch scan``: every variable, once; ``-o``: a frame of them, largest first."""
+        import pandas as pd
+
+        t0 = time.perf_counter()
+        grown, freed = self.watch.scan()
+        ms = (time.perf_counter() - t0) * 1e3
+        changes = {g.name: g.delta for g in grown + freed}
+        largest = self.watch.vars.largest(len(self.watch.vars.known))
+        frame = pd.DataFrame({"name": [n for n, _ in largest], "bytes": [b for _, b in largest],
+                              "change": [changes.get(n, 0) for n, _ in largest]})
+        text = f"memwatch scan: {len(largest):,} variable{'' if len(largest) == 1 else 's'} in {ms:.1f} ms"
+        text += "; grew " + (format_changes([(g.name, g.delta) for g in grown[:5]]) if grown else "nothing")
+        if freed:
+            text += "; freed " + format_changes([(g.name, g.delta) for g in freed[:5]])
+        if largest:
+            text += "\n  largest: " + ", ".join(f"{n} {format_bytes(b)}" for n, b in largest[:5])
+        _show(args, text, text=True)
+        return frame if args.output else None
 
     # ------------------------------------------------------------ %%leakcheck
     @magic_arguments()
@@ -107,6 +158,7 @@ class MemoryMagics(Magics):
     @argument("--warmup", type=int, default=1, help="runs excluded from the fit (default 1)")
     @argument("--min", type=str, default="1KiB", help="growth per run that counts as a leak (default 1KiB)")
     @_OUTPUT
+    @_QUIET
     @cell_magic
     def leakcheck(self, line: str, cell: str):
         """Run the cell N times; report heap growth per run, top lines and types."""
@@ -119,23 +171,25 @@ class MemoryMagics(Magics):
         ns = self.shell.user_ns
         report = leak_check(lambda: exec(code, ns), n=args.n, warmup=args.warmup,
                             min_growth=parse_size(args.min))
-        display(report)
+        _show(args, report)
         return report if args.output else None
 
     # ------------------------------------------------------------ stats
     @magic_arguments()
     @_OUTPUT
+    @_QUIET
     @line_magic
     def gcstats(self, line: str):
         """Garbage collector state, per-generation stats and timed pauses."""
         args = parse_argstring(self.gcstats, line)
         stats = gc_stats()
-        display(stats)
+        _show(args, stats)
         return stats if args.output else None
 
     @magic_arguments()
     @argument("top", nargs="?", type=int, default=20, help="how many types to show (default 20)")
     @_OUTPUT
+    @_QUIET
     @line_magic
     def objcount(self, line: str):
         """Live gc-tracked objects by type, with the change since the last %objcount."""
@@ -148,13 +202,13 @@ class MemoryMagics(Magics):
         self._last_counts = counts
         df = pd.DataFrame({"type": [r[0] for r in rows], "count": [r[1] for r in rows],
                            "change": [change.get(r[0], 0) for r in rows]})
-        print(f"{sum(counts.values()):,} gc-tracked objects in {len(counts):,} types")
-        if not args.output:
-            display(df)
+        _show(args, f"{sum(counts.values()):,} gc-tracked objects in {len(counts):,} types", text=True)
+        _show(args, df)
         return df if args.output else None
 
     @magic_arguments()
     @_OUTPUT
+    @_QUIET
     @line_magic
     def datapool(self, line: str):
         """Stats of the process-wide DataPool (entries, bytes, hits)."""
@@ -165,7 +219,7 @@ class MemoryMagics(Magics):
             print(f"%datapool: the data layer is not available ({exc}).")
             return None
         stats = default_pool().stats()
-        display(stats)
+        _show(args, stats)
         return stats if args.output else None
 
 

@@ -6,6 +6,7 @@ import gc
 import importlib.util
 import time
 
+import numpy as np
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -214,3 +215,198 @@ def test_memwatch_widget_and_status(ip):
     assert "RSS" in cap.stdout
     magics = __import__("moondev_lab.magics", fromlist=["_loaded"])._loaded[id(ip)]
     assert magics.dashboard is not None and magics.dashboard.mode == "print"
+
+
+# ------------------------------------------------------------ notebook scale (issue 14)
+@pytest.fixture
+def many_globals(ip):
+    """5,000 unrelated globals (half of them small arrays), removed afterwards."""
+    names = [f"unrelated_{i}" for i in range(5_000)]
+    ip.user_ns.update({n: (np.zeros(4) if i % 2 else i) for i, n in enumerate(names)})
+    yield names
+    for n in names:
+        ip.user_ns.pop(n, None)
+
+
+def _grew(cap) -> dict:
+    (rec,) = ledger_records(cap)
+    return dict(map(tuple, rec["grown"]))
+
+
+def _freed(cap) -> dict:
+    (rec,) = ledger_records(cap)
+    return dict(map(tuple, rec["freed"]))
+
+
+def test_grown_variables_are_reported_for_every_kind_of_change_among_5000_globals(ip, many_globals):
+    run(ip, "import pandas as pd\nhistory = []\ndf = pd.DataFrame({'a': np.zeros(10_000)})\n"
+            "total = np.zeros(10)\nold = np.zeros(50_000)\ndef add_row():\n    history.append(np.zeros(1_000))")
+    run(ip, "%memwatch on")
+    try:
+        assert _grew(run(ip, "big = np.zeros(100_000)")[1]) == {"big": 800_000}          # assignment
+        assert _grew(run(ip, "history.append(np.zeros(2_000))")[1])["history"] >= 16_000 # method call
+        assert _grew(run(ip, "df['c'] = df['a'] * 2")[1]) == {"df": 80_000}              # item assignment
+        assert _grew(run(ip, "total = np.concatenate([total, np.zeros(990)])")[1]) == {"total": 7_920}
+        assert _grew(run(ip, "big += 1")[1]) == {}  # augmented, in place: same size, nothing grew
+        assert _grew(run(ip, "history += [np.zeros(3_000)]")[1])["history"] >= 24_000    # augmented, grows
+        _, cap = run(ip, "del old")                                                          # del
+        assert _freed(cap) == {"old": -400_000} and _grew(cap) == {}
+        assert "freed old -390.6 KiB" in cap.outputs[-1].data["text/plain"]
+        # a notebook function the cell calls, mutating a global the cell never names
+        assert _grew(run(ip, "add_row()")[1])["history"] >= 8_000
+        # inside a magic's argument, where the code is a string
+        assert _grew(run(ip, "%time wide = np.zeros(20_000)")[1]) == {"wide": 160_000}
+    finally:
+        for n in ("history", "df", "total", "old", "big", "add_row", "wide", "pd"):
+            ip.user_ns.pop(n, None)
+
+
+def test_work_per_cell_stays_flat_as_the_namespace_grows(ip, monkeypatch):
+    """Correctness, not timing: namespace reads and size measurements per cell, counted."""
+    from moondev_lab.memory import cell_vars
+
+    sized = []
+    real = cell_vars.sizeof_value
+    monkeypatch.setattr(cell_vars, "sizeof_value", lambda obj, *a: sized.append(obj) or real(obj, *a))
+    cells = ["x = 1", "lst.append(1)", "y = x + 1", "d['k'] = len(lst)", "del y"]
+    ip.user_ns.update(lst=[], d={'k': 0}, x=1)
+    per_size = {}
+    try:
+        for n_globals in (10, 1_000, 5_000, 20_000):
+            ip.user_ns.update({f"filler_{i}": np.zeros(2) if i % 2 else i for i in range(n_globals)})
+            run(ip, "%memwatch on")
+            w = get_memwatch(ip)
+            looked, n_sized = w.vars.looked_up, len(sized)
+            for _ in range(10):
+                for cell in cells:
+                    run(ip, cell)
+            per_size[n_globals] = (w.vars.looked_up - looked, len(sized) - n_sized)
+            run(ip, "%memwatch off")
+    finally:
+        for k in [k for k in ip.user_ns if k.startswith("filler_")] + ["lst", "d", "x"]:
+            ip.user_ns.pop(k, None)
+    assert per_size[10] == per_size[1_000] == per_size[5_000] == per_size[20_000], per_size
+    assert per_size[10][0] <= 50 * 4  # a few names per cell
+
+
+def test_a_10000_cell_session_keeps_a_small_ledger_and_a_correct_report(ip):
+    from moondev_lab.memory import deep_size
+
+    ip.user_ns["x"] = 1
+    run(ip, "%memwatch on --no-actions")
+    w = get_memwatch(ip)
+    published = []
+    for chunk in range(10):
+        with capture_output() as cap:
+            for i in range(1_000):
+                n = chunk * 1_000 + i
+                if n == 4_321:
+                    ip.run_cell("spike = np.ones(40 * 2**20 // 8); del spike", store_history=True)
+                elif n % 1_000 == 999:
+                    ip.run_cell(f"keep_{chunk} = np.zeros(1_000)", store_history=True)
+                else:
+                    ip.run_cell("x = 1", store_history=True)
+        recs = ledger_records(cap)
+        assert len(recs) == 1_000
+        published.append(max(len(repr(r)) for r in recs))
+    try:
+        assert w.ledger.total == len(w.ledger) == 10_000
+        assert max(published) <= published[0] + 64  # a published record does not grow with the session
+        ledger_bytes = deep_size(w.ledger, max_objects=10**6)
+        assert ledger_bytes < 10_000 * 200, ledger_bytes  # ~120 B a cell (a list of records: ~1.5 KiB a cell)
+        res, cap = run(ip, "%memwatch report -o")
+        df = res.result
+        assert len(df) == 10_000 and df["kind"].eq("cell").all()
+        assert df["grown"].map(len).sum() == 10
+        first = df["execution_count"].iloc[0]
+        assert list(df["execution_count"]) == list(range(first, first + 10_000))
+        spike = df.loc[df["peak_above_start"].idxmax()]
+        assert spike["execution_count"] == first + 4_321
+        if w.meter.exact:
+            assert spike["peak_above_start"] > 39 * MIB
+        text = cap.outputs[0].data["text/plain"]
+        assert text.startswith("memwatch: 10,000 cells") and f"in cell {first + 4_321}" in text
+        assert "the 10 highest peaks before the last 10 cells" in text and "the last 10 cells" in text
+        assert f"keep_9 +7.8 KiB" in text
+        assert any(o.data["text/plain"].startswith("<Figure") for o in cap.outputs)  # the timeline
+        ax = w.ledger.plot()
+        assert all(len(line.get_xdata()) <= 500 for line in ax.lines)  # downsampled...
+        assert max(ax.lines[1].get_ydata()) == df["peak_rss"].max() / MIB  # ...keeping the highest peak
+        __import__("matplotlib.pyplot").pyplot.close(ax.figure)
+    finally:
+        for k in [k for k in ip.user_ns if k.startswith("keep_")]:
+            ip.user_ns.pop(k)
+
+
+def test_report_shows_readable_sizes_and_gc_counts(ip):
+    run(ip, "%memwatch on")
+    run(ip, "prices = np.zeros(1_000_000)")
+    run(ip, "import gc\nfor _ in range(2): gc.collect()")
+    _, cap = run(ip, "%memwatch report")
+    text = cap.outputs[0].data["text/plain"]
+    html = cap.outputs[0].data["text/html"]
+    assert "prices +7.6 MiB" in text and "prices +7.6 MiB" in html
+    assert "[[" not in text and "8000000" not in text
+    assert "gc (gen 0/1/2)" in text and "/2 in " in text  # two full collections, as gen0/gen1/gen2
+    ip.user_ns.pop("prices")
+
+
+def test_profile_cell_line_carries_its_own_execution_count(ip):
+    res, cap = run(ip, "%%memwatch --trace\nrows = [bytearray(100) for _ in range(100)]")
+    (rec,) = ledger_records(cap)
+    assert rec["execution_count"] == res.execution_count
+    assert cap.outputs[0].data["text/plain"].startswith(f"[memwatch {res.execution_count}]")
+
+
+def test_scan_and_deep_catch_names_bound_indirectly(ip):
+    run(ip, "def bind(name, n):\n    globals()[name] = np.zeros(n)\ny = 0")
+    run(ip, "%memwatch on")
+    try:
+        # the cell names only `bind`, whose bytecode uses globals(): every variable is checked
+        assert _grew(run(ip, "bind('hidden', 10_000)")[1]) == {"hidden": 80_000}
+        assert _grew(run(ip, "globals()['direct'] = np.zeros(1_000)")[1]) == {"direct": 8_000}
+        # bound behind the cells' back (a library or thread writing the namespace): only a scan sees it
+        ip.user_ns["behind"] = np.zeros(2_000)
+        assert _grew(run(ip, "y = 0")[1]) == {}
+        res, cap = run(ip, "%memwatch scan -o")
+        assert "grew behind +15.6 KiB" in cap.stdout
+        assert res.result.set_index("name").loc["behind", "change"] == 16_000
+        run(ip, "%memwatch on --deep")
+        assert "deep variable scan" in run(ip, "%memwatch status")[1].stdout
+        ip.user_ns["behind2"] = np.zeros(3_000)
+        assert _grew(run(ip, "y = 0")[1]) == {"behind2": 24_000}
+    finally:
+        for n in ("bind", "hidden", "direct", "behind", "behind2", "y"):
+            ip.user_ns.pop(n, None)
+
+
+@pytest.mark.parametrize("magic, cell", [
+    ("%gcstats", None), ("%objcount 3", None), ("%memwatch status", None), ("%memwatch report", None),
+    ("%memwatch scan", None), ("%%memwatch", "z = 1"), ("%%leakcheck -n 3", "z = 1"), ("%datapool", None),
+])
+def test_every_magic_prints_unless_q_and_returns_its_result_with_o(ip, magic, cell):
+    if magic == "%datapool" and importlib.util.find_spec("moondev_lab.data") is None:
+        pytest.skip("moondev_lab.data is not written yet")
+    if "report" in magic:
+        run(ip, "%memwatch on")
+        run(ip, "x = 1")
+        run(ip, "%memwatch off")
+
+    name, _, line = magic.lstrip("%").partition(" ")
+
+    def call(flags: str):
+        """The magic alone (run_cell would show a returned value as Out[] itself)."""
+        with capture_output() as cap:
+            if cell is None:
+                result = ip.run_line_magic(name, f"{line} {flags}")
+            else:
+                result = ip.run_cell_magic(name, f"{line} {flags}", cell)
+        return result, bool(cap.stdout.strip() or cap.outputs)
+
+    assert call("") == (None, True)
+    result, shown = call("-o")
+    assert result is not None and shown  # printed AND returned, as %timeit -o
+    result, shown = call("-q -o")
+    assert result is not None and not shown
+    assert call("-q") == (None, False)
+    ip.user_ns.pop("z", None)

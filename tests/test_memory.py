@@ -423,6 +423,131 @@ def test_variable_tracker_fast_path_keeps_its_rules():
     assert t.update(ns, source="keep = np.zeros(10_000)")[0].delta == 80_000
 
 
+# ------------------------------------------------------------ per-cell variables (issue 14)
+def _names(src: str):
+    import ast
+
+    from moondev_lab.memory import CellNames
+
+    return CellNames().collect(ast.parse(src))
+
+
+def test_cell_names_cover_stores_loads_deletes_and_magic_arguments():
+    got = _names("a = 1\nhistory.append(x)\ndf['c'] = df['a'] * 2\ndel old\ntotal += step\n"
+                 "import numpy as np\nfrom os import path\ndef f():\n    global counter\n"
+                 "get_ipython().run_line_magic('time', 'hidden = make()')\n"
+                 "get_ipython().run_cell_magic('capture', 'out', 'rows = [1]')")
+    assert {"a", "history", "x", "df", "old", "total", "step", "np", "path", "f", "counter",
+            "hidden", "make", "out", "rows"} <= got.names
+    assert not got.indirect and got.seen
+    for src in ("globals()['z'] = 1", "exec('z = 1')", "from os import *", "vars()",
+                "get_ipython().run_line_magic('run', 'script.py')"):
+        assert _names(src).indirect, src
+    assert not _names("vars(obj)").indirect  # vars() of an object binds nothing
+
+
+class _CountingNamespace(dict):
+    """A namespace that counts every read of it: the hook behind the flat-cost test."""
+
+    reads = 0
+
+
+def _counting(method: str, whole: bool):
+    def read(self, *args):
+        _CountingNamespace.reads += len(self) if whole else 1  # a walk reads every entry
+        return getattr(dict, method)(self, *args)
+    return read
+
+
+for _method, _whole in (("get", False), ("__getitem__", False), ("__contains__", False), ("__iter__", True),
+                        ("keys", True), ("items", True), ("values", True)):
+    setattr(_CountingNamespace, _method, _counting(_method, _whole))
+
+
+def test_cell_variables_work_per_cell_does_not_grow_with_the_namespace():
+    from moondev_lab.memory import CellVariables
+
+    cells = [{"x"}, {"history", "x"}, {"df"}, {"total"}, {"f"}]
+    per_size = {}
+    for n_globals in (10, 5_000, 20_000):
+        ns = _CountingNamespace({f"g{i}": np.zeros(3) if i % 2 else i for i in range(n_globals)})
+        ns.update(history=[], df=pd.DataFrame({"a": [1.0]}), total=0)
+        exec("def f():\n    history.append(1)", ns)  # a notebook function reaching a global
+        t = CellVariables()
+        t.baseline(ns)
+        _CountingNamespace.reads = 0
+        looked, measured = t.looked_up, t.measured
+        for _ in range(20):
+            for names in cells:
+                ns["x"] = 1
+                t.update(ns, names)
+        per_size[n_globals] = (_CountingNamespace.reads, t.looked_up - looked, t.measured - measured)
+    assert per_size[10] == per_size[5_000] == per_size[20_000], per_size
+    assert per_size[10][0] < 20 * 5 * 10  # a handful of reads per cell, whatever the size
+
+
+def test_cell_variables_report_growth_and_frees_for_every_kind_of_change():
+    from moondev_lab.memory import CellVariables
+
+    ns = {f"unrelated{i}": [i] for i in range(5_000)}
+    ns.update(np=np, history=[], df=pd.DataFrame({"a": np.zeros(10_000)}), total=np.zeros(10),
+              old=np.zeros(50_000))
+    t = CellVariables()
+    t.baseline(ns)
+
+    def change(src: str, names: set[str]):
+        exec(src, ns)
+        grown, freed = t.update(ns, names)
+        return {g.name: g.delta for g in grown}, {g.name: g.delta for g in freed}
+
+    assert change("new = np.zeros(100_000)", {"new", "np"})[0] == {"new": 800_000}
+    assert change("history.append(np.zeros(1_000))", {"history", "np"})[0]["history"] > 8_000
+    assert change("df['c'] = df['a'] * 2", {"df"})[0] == {"df": 80_000}
+    assert change("total = np.concatenate([total, np.zeros(990)])", {"total", "np"})[0] == {"total": 7_920}
+    assert change("total += 1", {"total"}) == ({}, {})  # in place, same size: nothing to report
+    assert change("del old", {"old"})[1] == {"old": -400_000}
+    assert "old" not in t.known
+    assert change("old = np.zeros(10)", {"old", "np"})[0] == {"old": 80}  # a name reborn is new growth
+    # a change that keeps identity and fingerprint (a column's dtype narrowed): only a re-measure sees it
+    assert change("df['a'] = df['a'].astype('float32')", {"df"}) == ({}, {})
+    assert t.scan(ns) == ([], [])
+    assert {g.name: g.delta for g in t.scan(ns, remeasure=True)[1]} == {"df": -40_000}
+
+
+def test_cell_ledger_ring_stays_bounded_and_keeps_the_newest_cells():
+    import tracemalloc
+
+    from moondev_lab.memory import CellLedger, CellRecord
+
+    led = CellLedger(capacity=2_000)
+
+    def rec(i: int) -> CellRecord:
+        return CellRecord(i, f"id-{i}", 100 * MIB, 100 * MIB + i, 101 * MIB + i, True, 0.001, [i % 3, 0, 0],
+                          0.1, 0.1, grown=[("v", i)] if i % 10 == 0 else [])
+
+    tracemalloc.start()
+    try:
+        for i in range(4_000):
+            led.append(rec(i))
+        at_4000 = tracemalloc.get_traced_memory()[0]
+        for i in range(4_000, 10_000):
+            led.append(rec(i))
+        at_10000 = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert at_10000 - at_4000 < 32 * 1024, (at_4000, at_10000)  # full ring: flat
+    assert len(led) == 2_000 and led.total == 10_000 and led.dropped == 8_000
+    assert led[0].execution_count == 8_000 and led[-1].execution_count == 9_999
+    assert led[-10].grown == [("v", 9_990)] and led[0].cell_id == "id-8000"
+    assert len(led._extra) == 200  # side lists evicted with their rows
+    df = led.to_frame()
+    assert list(df["execution_count"][:2]) == [8_000, 8_001] and df["end_rss"].iloc[-1] == 100 * MIB + 9_999
+    assert df["grown"].iloc[-10] == [["v", 9_990]] and df["gc_collections"].iloc[1] == [8_001 % 3, 0, 0]
+    rep = led.report()
+    assert rep.summary.startswith("memwatch: 2,000 cells (the 8,000 oldest dropped")
+    assert "in cell 9999" in rep.summary
+
+
 # ------------------------------------------------------------ health
 def test_health_check_reports_every_area(tmp_path):
     report = health_check()

@@ -11,8 +11,9 @@ Library first; the IPython magics (``%load_ext moondev_lab``) sit on top.
 Modules: :mod:`._peak` (exact peak, sampling fallback, cgroup limits),
 :mod:`.monitor` (thresholds, alerts, pressure actions), :mod:`.leaks`
 (tracemalloc diffs, growth fits, type counts, variable sizes),
-:mod:`.gc_tools`, :mod:`.health`, :mod:`.dashboard`, :mod:`.cell_ledger`
-and :mod:`.watch` (the per-cell ledger behind ``%memwatch``).
+:mod:`.gc_tools`, :mod:`.health`, :mod:`.dashboard`, :mod:`.cell_ledger`,
+:mod:`.cell_vars` (which variables a cell touched) and :mod:`.watch` (the
+per-cell ledger behind ``%memwatch``).
 
 Note: resetting the peak also resets ``getrusage().ru_maxrss`` for the
 whole process (it reads the same kernel high-water mark).
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 from ._peak import (CgroupMemory, PeakMeter, PeakReading, cgroup_memory, exact_peak_supported,
                     format_bytes, measure_peak, parse_size)
-from .cell_ledger import LEDGER_MIME, CellLedger, CellRecord, read_ledger
+from .cell_ledger import LEDGER_MIME, CellLedger, CellRecord, LedgerReport, ledger_report, read_ledger
+from .cell_vars import CellNames, CellVariables
 from .dashboard import Dashboard, dashboard
 from .gc_tools import GCStats, GCWatcher, freeze_after_imports, gc_stats, gc_watcher, set_thresholds
 from .health import HealthReport, health_check
@@ -31,7 +33,8 @@ from .monitor import ActionResult, Alert, Monitor, MonitorReport, Threshold, def
 from .watch import MemWatch
 
 __all__ = [
-    "ActionResult", "Alert", "CellLedger", "CellRecord", "CgroupMemory", "Dashboard", "GCStats",
+    "ActionResult", "Alert", "CellLedger", "CellNames", "CellRecord", "CellVariables", "LedgerReport",
+    "ledger_report", "CgroupMemory", "Dashboard", "GCStats",
     "GCWatcher", "HealthReport", "LEDGER_MIME", "LeakReport", "MemWatch", "Monitor", "MonitorReport",
     "PeakMeter", "PeakReading", "Threshold", "VariableTracker", "cgroup_memory", "dashboard",
     "deep_size", "default_thresholds", "diff_object_counts", "exact_peak_supported", "format_bytes",

@@ -8,6 +8,11 @@ thresholds, and publish one display output carrying both a readable line and
 the machine-readable record (see :mod:`.cell_ledger`). So between cells,
 ``getrusage().ru_maxrss`` shows the last cell's end RSS, not its peak.
 
+The variables checked after a cell are the ones the cell names (see
+:mod:`.cell_vars`): the per-cell cost does not grow with the namespace.
+``deep=True`` (``%memwatch on --deep``) scans every variable after every
+cell instead; :meth:`MemWatch.scan` does it once.
+
 >>> from IPython.core.interactiveshell import InteractiveShell   # doctest: +SKIP
 >>> w = MemWatch(InteractiveShell.instance()).on()               # doctest: +SKIP
 >>> w.ledger.to_frame()                                          # doctest: +SKIP
@@ -22,8 +27,9 @@ import tracemalloc
 
 from ._peak import PeakMeter, cgroup_memory, format_bytes
 from .cell_ledger import CellLedger, CellRecord
+from .cell_vars import CellNames, CellVariables, source_names
 from .gc_tools import gc_watcher
-from .leaks import VariableTracker, take_snapshot, top_allocations
+from .leaks import VariableGrowth, take_snapshot, top_allocations
 from .monitor import Monitor, cache_entries
 
 _clock = time.perf_counter
@@ -92,7 +98,8 @@ class MemWatch:
     (stop a cell that crosses ``limit``), ``autotrace`` (turn tracemalloc on
     for the next cell after a threshold alert), ``actions`` (run the
     monitor's pressure actions on memory alerts), ``publish`` (emit the
-    display output; the ledger is kept either way).
+    display output; the ledger is kept either way), ``deep`` (scan every
+    variable after every cell, not only those the cell names).
     """
 
     def __init__(self, shell, monitor: Monitor | None = None, method: str = "auto") -> None:
@@ -101,7 +108,9 @@ class MemWatch:
         self.gc = gc_watcher(install=False)
         self.monitor = monitor or Monitor(watcher=self.gc)
         self.ledger = CellLedger()
-        self.vars = VariableTracker()
+        self.vars = CellVariables()
+        self.names = CellNames()
+        self.deep = False
         self.limit: int | None = None
         self.interrupt = False
         self.autotrace = False
@@ -123,7 +132,9 @@ class MemWatch:
     def on(self) -> "MemWatch":
         if not self.active:
             self.gc.install()
-            self.vars.update(self.shell.user_ns)  # baseline: don't report old variables
+            self.vars.baseline(self.shell.user_ns)  # once: don't report old variables
+            if self.names not in self.shell.ast_transformers:
+                self.shell.ast_transformers.append(self.names)
             self.shell.events.register("pre_run_cell", self.pre_cell)
             self.shell.events.register("post_run_cell", self.post_cell)
             self.active = True
@@ -136,6 +147,8 @@ class MemWatch:
                     self.shell.events.unregister(name, cb)
                 except ValueError:
                     pass
+            if self.names in self.shell.ast_transformers:
+                self.shell.ast_transformers.remove(self.names)
             self.gc.uninstall()
             self.active = False
         if self._tracing:  # autotrace armed for a cell that will never come
@@ -166,6 +179,7 @@ class MemWatch:
             return
         self._cell_id = getattr(info, "cell_id", None)
         self._source = getattr(info, "raw_cell", None)
+        self.names.clear()
         self.gc.window_values()
         if self._trace_next and not tracemalloc.is_tracing():
             tracemalloc.start()
@@ -185,7 +199,7 @@ class MemWatch:
         start_rss, end_rss, peak_rss = self.meter.stop_values(reset=True)
         exceeded = self._watchdog.disarm() if self._watchdog is not None else False
         gc_cols, gc_pause_ms, gc_max_pause_ms, _ = self.gc.window_values()
-        grown = self.vars.update(self.shell.user_ns, source=self._source)
+        grown, freed = self._changed_variables()
         now = time.monotonic()
         if now - self._cache_t > 1.0:  # cache sizes change slowly; the registry walk is not free
             self._cache_n, self._cache_t = cache_entries(), now
@@ -197,12 +211,32 @@ class MemWatch:
             getattr(result, "execution_count", None), self._cell_id, start_rss, end_rss, peak_rss,
             self.meter.exact, wall, gc_cols, gc_pause_ms, gc_max_pause_ms,
             [(g.name, g.delta) for g in grown] if grown else [], alerts, actions, self.limit, exceeded,
-            self.cgroup_limit, top_sites, traced_peak)
+            self.cgroup_limit, top_sites, traced_peak, "cell", [(g.name, g.delta) for g in freed] if freed else [])
         if self._trace_next:
             rec.alerts.append("autotrace: tracemalloc is on for the next cell")
         self.ledger.append(rec)
         if self.publish:
             self._publish(rec)
+
+    def _changed_variables(self) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
+        ns = self.shell.user_ns
+        if self.deep or self.names.indirect:  # globals(), exec, %run, import *: any name may have changed
+            grown, freed = self.vars.scan(ns)
+            return grown[:self.vars.top], freed[:self.vars.top]
+        # Not parsed by IPython (a syntax error, or our transformer was removed): the cell's text.
+        names = self.names.names if self.names.seen else source_names(self._source or "")
+        return self.vars.update(ns, names)
+
+    def scan(self) -> tuple[list[VariableGrowth], list[VariableGrowth]]:
+        """Measure every user variable again now (``%memwatch scan``): ``(grown, freed)`` since last seen.
+
+        The first scan of a session that never had ``%memwatch on`` only
+        measures (nothing to compare with), and reports no changes.
+        """
+        if not self.vars.scanned:
+            self.vars.baseline(self.shell.user_ns)
+            return [], []
+        return self.vars.scan(self.shell.user_ns, remeasure=True)
 
     def _check(self, peak_rss: int, gc_max_pause_ms: float, now: float) -> tuple[list, list, int | None, list]:
         """Threshold alerts and pressure actions for one cell, and the autotrace result."""
@@ -256,6 +290,8 @@ class MemWatch:
             # The nested run_cell replaces the displayhook's result; keep the
             # outer one so `%%memwatch -o` can still return its value.
             outer = self.shell.displayhook.exec_result
+            names = source_names(cell)
+            self.vars.remember(self.shell.user_ns, names)  # so unchanged old variables are not "new"
             try:
                 result = self.shell.run_cell(cell, store_history=False)
             finally:
@@ -274,12 +310,15 @@ class MemWatch:
                 self.gc.uninstall()
         cols = [a - b for a, b in zip(self.gc.collections, gc0[0])]
         pause = (self.gc.pause_ns - gc0[1]) / 1e6
-        grown = self.vars.update(self.shell.user_ns, source=cell)
+        grown, freed = self.vars.update(self.shell.user_ns, names)
+        # The nested run_cell does not store history, so its count is the *next* cell's: use the outer one.
+        count = getattr(outer, "execution_count", None)
         return CellRecord(
-            execution_count=getattr(result, "execution_count", None), cell_id=None,
+            execution_count=count if count is not None else getattr(result, "execution_count", None),
+            cell_id=None,
             start_rss=reading.start_rss, end_rss=reading.end_rss, peak_rss=reading.peak_rss,
             exact=reading.exact, wall_s=wall, gc_collections=cols, gc_pause_ms=pause,
-            gc_max_pause_ms=0.0, grown=[(g.name, g.delta) for g in grown],
+            gc_max_pause_ms=0.0, grown=[(g.name, g.delta) for g in grown], freed=[(g.name, g.delta) for g in freed],
             cgroup_limit=self.cgroup_limit, top_allocations=sites, traced_peak=traced_peak, kind="profile")
 
     def status(self) -> str:
@@ -287,4 +326,5 @@ class MemWatch:
         limit = (f", soft limit {format_bytes(self.limit)}" + (" (interrupts)" if self.interrupt else "")
                  if self.limit else "")
         method = "exact (clear_refs)" if self.meter.exact else "approximate (sampling)"
-        return f"memwatch {state}: {len(self.ledger)} cells recorded, peak {method}{limit}"
+        deep = ", deep variable scan" if self.deep else ""
+        return f"memwatch {state}: {self.ledger.total:,} cells recorded, peak {method}{limit}{deep}"
