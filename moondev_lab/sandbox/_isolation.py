@@ -385,6 +385,19 @@ def layers(caps: Capabilities, *, root_uid: int | None, cgroup: bool, tmp_mb: in
     return out
 
 
+def host_report() -> dict[str, str]:
+    """The layers a pool started now would use (what ``moondev-lab doctor`` prints).
+
+    >>> host_report()["audit_hook"]
+    'friendly early errors only (not a security layer)'
+    """
+    from ._limits import BASE_UID, PidsCgroup
+
+    root = os.geteuid() == 0
+    caps = probe(task_uid=BASE_UID + os.getpid() if root else None)
+    return layers(caps, root_uid=BASE_UID if root else None, cgroup=PidsCgroup.available())
+
+
 def degraded(report: dict[str, str]) -> list[str]:
     """The layers that are off (the audit hook is never counted)."""
     return [name for name, state in report.items() if state.startswith("off")]

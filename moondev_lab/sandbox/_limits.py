@@ -193,7 +193,45 @@ class TaskContext:
     default_disk_mb: int = 256       # what the standby mounted
 
 
-def enter_sandbox(limits: Limits, ctx: TaskContext) -> dict[str, str]:
+@dataclass
+class Prepared:
+    """Layers built ahead, while the task child waits for its task; only applied at lockdown."""
+
+    landlock: "_landlock.Ruleset | None" = None
+    landlock_error: str | None = None
+    seccomp: "_seccomp.Filter | None" = None
+    seccomp_error: str | None = None
+
+
+def prepare(caps: _isolation.Capabilities, namespaces: bool, read_dirs: tuple[str, ...]) -> Prepared:
+    """Build the Landlock ruleset (all but the per-task working dir) and the seccomp filter."""
+    prep = Prepared()
+    if caps.use_landlock:
+        try:
+            rules = _landlock.Ruleset(caps.landlock_abi)
+            for d in read_dirs:
+                rules.allow(d, _landlock.READ_EXEC)
+            for d in _isolation.SYSTEM_READ:
+                rules.allow(d, _landlock.READ)
+            rules.allow("/dev/null", _landlock.READ_FILE | _landlock.WRITE_FILE | _landlock.TRUNCATE)
+            if namespaces:  # a fresh /proc: only the task's own processes
+                rules.allow("/proc", _landlock.READ)
+                for d in ("/tmp", "/var/tmp", "/dev/shm"):
+                    rules.allow(d, _landlock.READ_WRITE)
+            else:  # the host's /proc: only this process's own entry
+                rules.allow(f"/proc/{os.getpid()}", _landlock.READ)
+            prep.landlock = rules
+        except OSError as exc:
+            prep.landlock_error = f"off: {exc}"
+    if caps.use_seccomp:
+        try:
+            prep.seccomp = _seccomp.Filter(notify=caps.seccomp_notify)
+        except OSError as exc:
+            prep.seccomp_error = f"off: building the filter failed: {exc}"
+    return prep
+
+
+def enter_sandbox(limits: Limits, ctx: TaskContext, prep: Prepared | None = None) -> dict[str, str]:
     """Apply every restriction to the current (trusted, about to run strategy code) process.
 
     Returns the layers as applied (a layer that failed here says so; nothing fails silently).
@@ -207,7 +245,9 @@ def enter_sandbox(limits: Limits, ctx: TaskContext) -> dict[str, str]:
         applied["private_tmp"] = f"on (/tmp, /var/tmp, /dev/shm: one tmpfs of {limits.disk_mb} MiB)"
         if ctx.store_root:
             _isolation.hide_path(ctx.store_root)
-    _blank_other_fds({0, 1, 2, *ctx.keep_fds, *([ctx.channel.fileno()] if ctx.channel else [])})
+    prep = prep or prepare(ctx.caps, ctx.namespaces, ctx.read_dirs)
+    _blank_other_fds({0, 1, 2, *ctx.keep_fds, *([ctx.channel.fileno()] if ctx.channel else []),
+                      *([prep.landlock.fd] if prep.landlock else [])})
     _set_rlimits(limits, nproc_slack=ctx.nproc_slack if ctx.namespaces else _own_uid_tasks())
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -221,14 +261,16 @@ def enter_sandbox(limits: Limits, ctx: TaskContext) -> dict[str, str]:
         _isolation.drop_capabilities()
     listener = None
     if ctx.caps.use_landlock:
-        applied["landlock"] = _apply_landlock(ctx)
+        applied["landlock"] = prep.landlock_error or _apply_landlock(ctx, prep.landlock)
     if ctx.caps.use_seccomp:
-        try:
-            listener = _seccomp.Filter(notify=ctx.caps.seccomp_notify).load()
-            applied["seccomp"] = ("on (refusals reported by the task's supervisor)" if listener is not None
-                                  else "on (refusals not reported: no seccomp user notification)")
-        except OSError as exc:
-            applied["seccomp"] = f"off: loading the filter failed: {exc}"
+        applied["seccomp"] = prep.seccomp_error
+        if prep.seccomp is not None:
+            try:
+                listener = prep.seccomp.load()
+                applied["seccomp"] = ("on (refusals reported by the task's supervisor)" if listener is not None
+                                      else "on (refusals not reported: no seccomp user notification)")
+            except OSError as exc:
+                applied["seccomp"] = f"off: loading the filter failed: {exc}"
     if ctx.channel is not None:
         _send_lockdown(ctx.channel, applied, listener, limits)
         _channel = ctx.channel
@@ -238,23 +280,12 @@ def enter_sandbox(limits: Limits, ctx: TaskContext) -> dict[str, str]:
     return applied
 
 
-def _apply_landlock(ctx: TaskContext) -> str:
+def _apply_landlock(ctx: TaskContext, rules: "_landlock.Ruleset") -> str:
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:  # landlock_restrict_self binds the calling thread only (and its future children)
         raise RuntimeError(f"the task child has {threads} threads; Landlock would miss all but one")
     try:
-        rules = _landlock.Ruleset(ctx.caps.landlock_abi)
-        for d in ctx.read_dirs:
-            rules.allow(d, _landlock.READ_EXEC)
-        for d in _isolation.SYSTEM_READ:
-            rules.allow(d, _landlock.READ)
-        rules.allow("/dev/null", _landlock.READ_FILE | _landlock.WRITE_FILE | _landlock.TRUNCATE)
-        if ctx.namespaces:  # a fresh /proc: only the task's own processes
-            rules.allow("/proc", _landlock.READ)
-            for d in ("/tmp", "/var/tmp", "/dev/shm"):
-                rules.allow(d, _landlock.READ_WRITE)
-        else:  # the host's /proc: only this process's own entry
-            rules.allow(f"/proc/{os.getpid()}", _landlock.READ)
+        if not ctx.namespaces:
             rules.allow(str(ctx.workdir), _landlock.READ_WRITE)
         rules.restrict()
     except OSError as exc:

@@ -354,6 +354,7 @@ class Worker:
                 harness.warm_up(lambda: _readable(task_sock.fileno()), grid=False)
             except BaseException:  # noqa: BLE001 - a failed warm-up only costs speed
                 pass
+        prepared = _limits.prepare(self.caps, namespaces, self.read_dirs)  # before the task: off its clock
         msg, fds, _flags, _addr = socket.recv_fds(task_sock, 1 << 20, 1)
         if not msg:
             os._exit(0)
@@ -374,7 +375,7 @@ class Worker:
                 namespaces=namespaces, store_root=os.path.realpath(ref["root"]), keep_fds=(res_w,),
                 channel=chan, read_dirs=self.read_dirs, nproc_slack=3 if namespaces else 0,
                 default_disk_mb=self.disk_mb)
-            _limits.enter_sandbox(_limits.Limits(**task["limits"]), ctx)
+            _limits.enter_sandbox(_limits.Limits(**task["limits"]), ctx, prepared)
             payload = _execute(task, frame)
         data = _dump(payload)
         sys.stdout.flush()
