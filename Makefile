@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean unpriv-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 ## Run the benchmarks (slow; prints ratios against the baselines).
 bench: $(STAMP)
 	$(BIN)/python bench/data_bench.py
+
+## Build the unprivileged test venv (uid 64123, /usr/bin/python3) used by tests/test_sandbox_unprivileged.py.
+unpriv-venv: $(STAMP)
+	$(BIN)/python tests/test_sandbox_unprivileged.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

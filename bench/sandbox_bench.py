@@ -5,6 +5,8 @@
 
 * dispatch:  one small backtest through the warm pool vs a cold ``python strategy.py``
              subprocess that reads the CSV and runs ``Backtest`` (goal >= 20x).
+* layers:    the same dispatch with each sandbox layer (namespaces, Landlock, seccomp) off in turn:
+             the cost of each layer, and all of them on vs the cold process (goal >= 20x).
 * stability: RSS of the parent and of the pool over N backtests (goal <= 5% growth after warm-up).
 * grids:     a 100-combination SMA-cross grid on the 31k-bar BTC data, ``SandboxPool.optimize``
              vs ``Backtest.optimize``; identical best params and stats; goals: >= same speed,
@@ -104,6 +106,119 @@ def bench_dispatch(home: str, repeats: int) -> dict:
     print(f"  cold process   {cold_s * 1000:8.1f} ms  (min {min(cold) * 1000:.1f}, max {max(cold) * 1000:.1f}, n={len(cold)})")
     print(f"  ratio          {cold_s / warm_s:8.1f}x faster   (goal >= 20x)   [cold stdout: {out.stdout.strip()}]")
     return {"warm_ms": warm_s * 1000, "cold_ms": cold_s * 1000, "ratio": cold_s / warm_s}
+
+
+# --------------------------------------------------------------------------- layers
+LAYER_CONFIGS = {"all layers": "", "no seccomp": "seccomp", "no Landlock": "landlock",
+                 "no namespaces": "userns", "none of the three": "userns,landlock,seccomp"}
+
+
+def bench_layers(home: str, runs: int) -> dict:
+    """Dispatch latency with each sandbox layer switched off in turn (MOONDEV_LAB_SANDBOX_DISABLE),
+    and the cold ``python strategy.py`` baseline, in one run."""
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    ref = DataRef(start="2023-03-01", end="2023-03-02", root=str(Path(home) / "store"))
+    medians = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the degraded configurations warn, by design
+        for label, disabled in LAYER_CONFIGS.items():
+            os.environ["MOONDEV_LAB_SANDBOX_DISABLE"] = disabled
+            with SandboxPool(2) as pool:
+                pool.run(SMA_CROSS, ref)
+                times = []
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    res = pool.run(SMA_CROSS, ref)
+                    times.append(time.perf_counter() - t)
+                    assert res.ok, res.error
+            medians[label] = statistics.median(times)
+    os.environ.pop("MOONDEV_LAB_SANDBOX_DISABLE", None)
+    with tempfile.TemporaryDirectory() as d:
+        script = Path(d) / "strategy.py"
+        script.write_text(COLD_SCRIPT.format(csv=str(CSV)))
+        cold = []
+        for _ in range(max(3, runs // 5)):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+            cold.append(time.perf_counter() - t)
+    cold_s = statistics.median(cold)
+    full = medians["all layers"]
+    print(f"\n== sandbox layers: dispatch of one 193-bar backtest (median of {runs}) ==")
+    for label, m in medians.items():
+        cost = "" if label == "all layers" else f"   layer cost {(full - m) * 1000:+6.2f} ms"
+        print(f"  {label:<18} {m * 1000:7.1f} ms   {cold_s / m:5.1f}x faster than cold{cost}")
+    print(f"  cold process       {cold_s * 1000:7.1f} ms   (goal: all layers >= 20x faster: {cold_s / full:.1f}x)")
+    return {"medians_ms": {k: v * 1000 for k, v in medians.items()}, "cold_ms": cold_s * 1000,
+            "ratio_all_layers": cold_s / full}
+
+
+def _timed_in_child(step) -> float:
+    """Run ``step`` in a fresh fork (layers are one-way) and return its wall time in seconds."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            t = time.perf_counter()
+            step(w)
+            os.write(w, repr(time.perf_counter() - t).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return float(out) if out else float("nan")
+
+
+def bench_layer_steps(repeats: int) -> dict:
+    """Each layer's own set-up cost, timed alone in a fresh fork (no scheduler noise from a pool)."""
+    import ctypes
+
+    from moondev_lab.sandbox import _isolation, _landlock, _limits, _seccomp
+
+    libc = ctypes.CDLL(None)
+    caps = _isolation.probe()
+    plan = _isolation.MountPlan.for_host()
+    read_dirs = _isolation.python_dirs()
+    uid = _limits.BASE_UID + os.getpid() if os.geteuid() == 0 else None
+
+    def namespaces(_w):  # at standby time, before the task exists
+        if uid is not None:
+            _limits.expose_python_install()
+            _isolation.drop_uid(uid)
+        _isolation.enter_namespaces(plan, 256)
+
+    def landlock(_w):  # on the task's critical path
+        libc.prctl(38, 1, 0, 0, 0)
+        rules = _landlock.Ruleset(caps.landlock_abi)
+        for d in read_dirs:
+            rules.allow(d, _landlock.READ_EXEC)
+        for d in _isolation.SYSTEM_READ:
+            rules.allow(d, _landlock.READ)
+        rules.allow("/tmp", _landlock.READ_WRITE)
+        rules.restrict()
+
+    def seccomp(_w):  # on the task's critical path
+        libc.prctl(38, 1, 0, 0, 0)
+        fd = _seccomp.Filter(notify=caps.seccomp_notify).load()
+        if fd is not None:
+            os.close(fd)
+
+    def blank_fds(w):
+        _limits._blank_other_fds({0, 1, 2, w})
+
+    steps = {"namespaces + mounts (standby, off the critical path)": namespaces,
+             "Landlock ruleset + restrict (per task)": landlock,
+             "seccomp filter build + load (per task)": seccomp,
+             "descriptor sweep (per task)": blank_fds}
+    out = {}
+    print(f"\n== sandbox layers: set-up cost of each, alone in a fresh fork (median of {repeats}) ==")
+    for label, step in steps.items():
+        out[label] = statistics.median(_timed_in_child(step) for _ in range(repeats)) * 1000
+        print(f"  {label:<55} {out[label]:7.2f} ms")
+    return out
 
 
 # ------------------------------------------------------------------------ stability
@@ -216,7 +331,7 @@ def bench_grids(home: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="200 stability runs and fewer dispatch repeats")
-    ap.add_argument("--only", choices=["dispatch", "stability", "grids"])
+    ap.add_argument("--only", choices=["dispatch", "layers", "stability", "grids"])
     ap.add_argument("--_grid-side", dest="grid_side", help=argparse.SUPPRESS)
     ap.add_argument("--home", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -231,6 +346,9 @@ def main() -> None:
         print(f"sandbox bench: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
         if args.only in (None, "dispatch"):
             bench_dispatch(home, 5 if args.quick else 10)
+        if args.only in (None, "layers"):
+            bench_layer_steps(10 if args.quick else 30)
+            bench_layers(home, 20 if args.quick else 40)
         if args.only in (None, "stability"):
             bench_stability(home, 200 if args.quick else 1000)
         if args.only in (None, "grids"):

@@ -283,11 +283,19 @@ def cmd_batch(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from .memory import health_check
 
+    from .sandbox._isolation import degraded, host_report
+
     report = health_check()
+    layers = host_report()
     if a.json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "sandbox_layers": layers, "sandbox_degraded": degraded(layers)})
     else:
         print(report)
+        print("sandbox layers:")
+        for name, state in layers.items():
+            print(f"  {'!!' if state.startswith('off') else '  '} {name:<18} {state}")
+        if degraded(layers):
+            print(f"  SANDBOX DEGRADED: {', '.join(degraded(layers))} off; strategy code gets the other layers only")
     return 0 if report.ok else 1
 
 

@@ -1,16 +1,20 @@
-"""Isolation applied to every task child: env scrub, rlimits, uid drop, guards.
+"""Isolation applied to every task child: env scrub, rlimits, capabilities, Landlock, seccomp.
 
-Order matters and is done by :func:`enter_sandbox` in the freshly forked
-task child, while it is still root:
+The namespaces (user, pid, network, mount, IPC) are made earlier, when the standby
+child is forked (:mod:`._isolation`). :func:`enter_sandbox` runs in the task child
+once its task has arrived and its data is mapped, still as trusted code:
 
-1. ``setsid`` (own process group, so a timeout kills the whole group);
-2. join the worker's pids cgroup (bounds fork bombs even if they ``setsid``);
-3. a private network namespace (no interfaces but a down loopback);
-4. rlimits (address space, CPU, file size, processes, no core files);
-5. drop to an unprivileged uid, so RLIMIT_NPROC binds (it never binds root);
-6. a parent-death signal and ``no_new_privs``;
-7. a scrubbed environment and a Python audit hook that refuses sockets,
-   process creation and writes outside the working directory.
+1. the private tmpfs gets the task's quota; the task's store root is covered;
+2. every descriptor but stdio, the result pipe and the supervisor channel becomes
+   ``/dev/null`` (no lock file or store directory stays reachable);
+3. rlimits (address space, CPU, file size, processes, no core files);
+4. a parent-death signal, ``no_new_privs``, no capabilities;
+5. Landlock (read-only Python and system dirs, read-write working dir, no TCP,
+   scoped signals and abstract sockets) and seccomp (see :mod:`._seccomp`);
+6. a scrubbed environment, and a Python audit hook that only turns obviously
+   forbidden calls into a friendly early error (it is *not* a security layer).
+
+Each layer that could not be applied is reported in the result's ``layers``.
 
 >>> from moondev_lab.sandbox._limits import scrubbed_env
 >>> "ANTHROPIC_API_KEY" in scrubbed_env({"ANTHROPIC_API_KEY": "sk-x", "PATH": "/bin"})
@@ -19,15 +23,18 @@ False
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import re
 import resource
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import _isolation, _landlock, _seccomp
 from .errors import ErrorKind, SandboxViolation
 
 #: Variables copied from the parent environment, and only if they look harmless.
@@ -40,11 +47,10 @@ _THREAD_VARS = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL
 _QUIET_VARS = {"TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
                "PYTHONWARNINGS": "ignore"}
 
-#: First uid used for task children when running as root; worker slot i uses BASE_UID + i,
-#: so concurrent tasks cannot signal each other and RLIMIT_NPROC counts per task.
-BASE_UID = 61000
+#: When the pool runs as root, a worker's tasks run as uid BASE_UID + the worker's pid: unique
+#: among live workers of every pool on the machine, and far above ordinary and subordinate uids.
+BASE_UID = 1_000_000_000
 
-_CLONE_NEWNET = 0x40000000
 _CLONE_NEWNS = 0x00020000
 _MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 _PR_SET_PDEATHSIG = 1
@@ -58,7 +64,10 @@ class Limits:
 
     ``memory_mb`` is address space *added* to what the warm worker already maps
     (its libraries and the memory-mapped data), so it means "new allocations".
-    ``cpu_seconds=None`` derives it from the task's wall timeout.
+    ``cpu_seconds=None`` derives it from the task's wall timeout. ``disk_mb`` is the
+    total of everything the task writes (working dir, /tmp, /var/tmp, /dev/shm), where
+    the private tmpfs is available; otherwise only ``file_size_mb`` per file binds.
+    ``uid`` (root only) is the base of the per-worker task uids.
     """
 
     memory_mb: int = 2048
@@ -66,6 +75,7 @@ class Limits:
     file_size_mb: int = 64
     max_processes: int = 32
     output_bytes: int = 64 * 1024
+    disk_mb: int = 256
     network: bool = False
     uid: int | None = None
 
@@ -94,6 +104,11 @@ class PidsCgroup:
 
     path: Path
     _failures_seen: int = field(default=0)
+
+    @staticmethod
+    def available() -> bool:
+        """A writable cgroup-v1 pids hierarchy (root on hosts that still mount one)."""
+        return os.access(_CGROUP_PIDS, os.W_OK)
 
     @classmethod
     def create(cls, name: str, max_pids: int) -> "PidsCgroup | None":
@@ -159,37 +174,158 @@ class PidsCgroup:
 # ---------------------------------------------------------------------------- task child
 _libc = ctypes.CDLL(None, use_errno=True)
 
+#: The supervisor channel (task -> its init) the audit hook reports to; set by enter_sandbox.
+_channel: socket.socket | None = None
 
-def enter_sandbox(limits: Limits, workdir: Path, uid: int | None, cgroup: PidsCgroup | None, *,
-                  in_cgroup: bool = False) -> None:
-    """Apply every restriction to the current (freshly forked, still root) process.
 
-    ``in_cgroup``: the process already joined ``cgroup`` (the worker does that when it
-    forks the standby child, because moving a process between cgroup-v1 groups takes
-    ~10-20 ms, and that should not sit on the task's critical path).
+@dataclass
+class TaskContext:
+    """What the task child knows when it locks itself down (built by the worker)."""
+
+    caps: _isolation.Capabilities
+    workdir: Path
+    namespaces: bool                 # this child is inside the task namespaces
+    store_root: str | None           # the real store root, covered inside the mount namespace
+    keep_fds: tuple[int, ...] = ()   # besides stdio: the result pipe
+    channel: socket.socket | None = None
+    read_dirs: tuple[str, ...] = ()  # the Python installation (Landlock read + execute)
+    nproc_slack: int = 0             # our own supervisor processes, counted by RLIMIT_NPROC
+    default_disk_mb: int = 256       # what the standby mounted
+
+
+@dataclass
+class Prepared:
+    """Layers built ahead, while the task child waits for its task; only applied at lockdown."""
+
+    landlock: "_landlock.Ruleset | None" = None
+    landlock_error: str | None = None
+    seccomp: "_seccomp.Filter | None" = None
+    seccomp_error: str | None = None
+
+
+def prepare(caps: _isolation.Capabilities, namespaces: bool, read_dirs: tuple[str, ...]) -> Prepared:
+    """Build the Landlock ruleset (all but the per-task working dir) and the seccomp filter."""
+    prep = Prepared()
+    if caps.use_landlock:
+        try:
+            rules = _landlock.Ruleset(caps.landlock_abi)
+            for d in read_dirs:
+                rules.allow(d, _landlock.READ_EXEC)
+            for d in _isolation.SYSTEM_READ:
+                rules.allow(d, _landlock.READ)
+            rules.allow("/dev/null", _landlock.READ_FILE | _landlock.WRITE_FILE | _landlock.TRUNCATE)
+            if namespaces:  # a fresh /proc: only the task's own processes
+                rules.allow("/proc", _landlock.READ)
+                for d in ("/tmp", "/var/tmp", "/dev/shm"):
+                    rules.allow(d, _landlock.READ_WRITE)
+            else:  # the host's /proc: only this process's own entry
+                rules.allow(f"/proc/{os.getpid()}", _landlock.READ)
+            prep.landlock = rules
+        except OSError as exc:
+            prep.landlock_error = f"off: {exc}"
+    if caps.use_seccomp:
+        try:
+            prep.seccomp = _seccomp.Filter(notify=caps.seccomp_notify)
+        except OSError as exc:
+            prep.seccomp_error = f"off: building the filter failed: {exc}"
+    return prep
+
+
+def enter_sandbox(limits: Limits, ctx: TaskContext, prep: Prepared | None = None) -> dict[str, str]:
+    """Apply every restriction to the current (trusted, about to run strategy code) process.
+
+    Returns the layers as applied (a layer that failed here says so; nothing fails silently).
+    The caller sends them, with the seccomp listener, to the supervisor, which reports them.
     """
-    os.setsid()
-    if cgroup is not None and not in_cgroup:
-        cgroup.add_self()
-    if not limits.network and _libc.unshare(_CLONE_NEWNET) != 0:
-        pass  # no CAP_SYS_ADMIN (not root): the audit hook below still refuses sockets
-    if os.geteuid() == 0 and uid is not None:
-        _expose_python_install()
-    # With a pids cgroup, let it refuse forks first: it counts refusals (classification),
-    # RLIMIT_NPROC stays as the backstop for machines without one.
-    _set_rlimits(limits, nproc_slack=16 if cgroup is not None else 0)
-    if os.geteuid() == 0 and uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
+    global _channel
+    applied: dict[str, str] = {}
+    if ctx.namespaces:
+        if limits.disk_mb != ctx.default_disk_mb:
+            _isolation.resize_tmp(limits.disk_mb)
+        applied["private_tmp"] = f"on (/tmp, /var/tmp, /dev/shm: one tmpfs of {limits.disk_mb} MiB)"
+        if ctx.store_root:
+            _isolation.hide_path(ctx.store_root)
+    prep = prep or prepare(ctx.caps, ctx.namespaces, ctx.read_dirs)
+    _blank_other_fds({0, 1, 2, *ctx.keep_fds, *([ctx.channel.fileno()] if ctx.channel else []),
+                      *([prep.landlock.fd] if prep.landlock else [])})
+    _set_rlimits(limits, nproc_slack=ctx.nproc_slack if ctx.namespaces else _own_uid_tasks())
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over-size writes raise OSError(EFBIG) instead
-    os.chdir(workdir)
+    os.chdir(ctx.workdir)
     os.environ.clear()
-    os.environ.update(scrubbed_env({}, HOME=str(workdir), TMPDIR=str(workdir)))
+    tmp = _isolation.TASK_TMP if ctx.namespaces else str(ctx.workdir)
+    os.environ.update(scrubbed_env({}, HOME=str(ctx.workdir), TMPDIR=tmp))
     sys.dont_write_bytecode = True
-    _install_guard(str(workdir), allow_network=limits.network)
+    if ctx.namespaces:
+        _isolation.drop_capabilities()
+    listener = None
+    if ctx.caps.use_landlock:
+        applied["landlock"] = prep.landlock_error or _apply_landlock(ctx, prep.landlock)
+    if ctx.caps.use_seccomp:
+        applied["seccomp"] = prep.seccomp_error
+        if prep.seccomp is not None:
+            try:
+                listener = prep.seccomp.load()
+                applied["seccomp"] = ("on (refusals reported by the task's supervisor)" if listener is not None
+                                      else "on (refusals not reported: no seccomp user notification)")
+            except OSError as exc:
+                applied["seccomp"] = f"off: loading the filter failed: {exc}"
+    if ctx.channel is not None:
+        _send_lockdown(ctx.channel, applied, listener, limits)
+        _channel = ctx.channel
+    if listener is not None:
+        os.close(listener)
+    _install_guard(str(ctx.workdir), allow_network=limits.network)
+    return applied
+
+
+def _apply_landlock(ctx: TaskContext, rules: "_landlock.Ruleset") -> str:
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # landlock_restrict_self binds the calling thread only (and its future children)
+        raise RuntimeError(f"the task child has {threads} threads; Landlock would miss all but one")
+    try:
+        if not ctx.namespaces:
+            rules.allow(str(ctx.workdir), _landlock.READ_WRITE)
+        rules.restrict()
+    except OSError as exc:
+        return f"off: {exc}"
+    return f"on (ABI {ctx.caps.landlock_abi}: {', '.join(_landlock.Ruleset.features_for(ctx.caps.landlock_abi))})"
+
+
+def _send_lockdown(channel: socket.socket, applied: dict, listener: int | None, limits: Limits) -> None:
+    msg = (json.dumps({"layers": applied, "max_processes": limits.max_processes}) + "\n").encode()
+    channel.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
+        (ctypes.c_int * 1)(listener)).cast("B")))] if listener is not None else [])
+
+
+def _blank_other_fds(keep: set[int]) -> None:
+    """Point every other descriptor at /dev/null (closing them would let a later close() of a
+    library's cached number, e.g. an mmap's, hit a descriptor we still use)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd not in keep and fd != devnull:
+                try:
+                    os.dup2(devnull, fd, inheritable=False)
+                except OSError:
+                    pass  # the listdir's own, already closed descriptor
+    finally:
+        os.close(devnull)
+
+
+def _own_uid_tasks() -> int:
+    """Without a user namespace RLIMIT_NPROC counts every task (thread) of our uid, system-wide."""
+    uid, count = os.getuid(), 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{name}/task"))
+            except OSError:
+                pass
+    return count
 
 
 def hidden_python_dirs() -> dict[str, list[str]]:
@@ -218,28 +354,22 @@ def hidden_python_dirs() -> dict[str, list[str]]:
 _HIDDEN_DIRS = hidden_python_dirs()
 
 
-def _expose_python_install() -> None:
+def expose_python_install() -> None:
     """In a private mount namespace: hide each closed ancestor behind an empty tmpfs,
     and bind the Python install back in, read-only. The rest of e.g. ``/root``
     (dotfiles, keys, the default store) stays invisible to the strategy.
     """
     if not _HIDDEN_DIRS or _libc.unshare(_CLONE_NEWNS) != 0:
         return
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    _isolation.mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     for top, prefixes in _HIDDEN_DIRS.items():
         keep = [os.open(p, os.O_PATH) for p in prefixes]
-        _mount(b"tmpfs", top, b"tmpfs", 0, b"mode=0755,size=1m")
+        _isolation.mount(b"tmpfs", top, b"tmpfs", 0, b"mode=0755,size=1m")
         for prefix, fd in zip(prefixes, keep):
             os.makedirs(prefix, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}".encode(), prefix, None, _MS_BIND | _MS_REC)
-            _mount(None, prefix, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_REC)
+            _isolation.mount(f"/proc/self/fd/{fd}".encode(), prefix, None, _MS_BIND | _MS_REC)
+            _isolation.mount(None, prefix, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_REC)
             os.close(fd)
-
-
-def _mount(source, target: str, fstype, flags: int, data=None) -> None:
-    if _libc.mount(source, os.fsencode(target), fstype, flags, data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
 def _set_rlimits(limits: Limits, nproc_slack: int = 0) -> None:
@@ -277,6 +407,15 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _ALWAYS_WRITABLE = ("/dev/null",)
 
 
+def _report(kind: ErrorKind, message: str) -> None:
+    violations.append((kind, message))
+    if _channel is not None:
+        try:  # the supervisor tags these as reported by the hook: the strategy can forge or stop them
+            _channel.send((json.dumps({"hook": {"kind": kind.value, "detail": message[:300]}}) + "\n").encode())
+        except OSError:
+            pass
+
+
 def _install_guard(workdir: str, allow_network: bool) -> None:
     root = os.path.realpath(workdir) + os.sep
 
@@ -288,7 +427,7 @@ def _install_guard(workdir: str, allow_network: bool) -> None:
         return not (real + os.sep).startswith(root) and real not in _ALWAYS_WRITABLE
 
     def refuse(kind: ErrorKind, message: str):
-        violations.append((kind, message))
+        _report(kind, message)
         raise SandboxViolation(kind, message)
 
     def hook(event: str, args: tuple) -> None:

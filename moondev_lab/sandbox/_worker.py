@@ -1,24 +1,33 @@
-"""The sandbox's processes: one template, N warm workers, one child per task.
+"""The sandbox's processes: one template, N warm workers, and per task a chain of three.
 
 ::
 
     parent (your kernel) --exec, scrubbed env--> template: imports numpy, pandas (without
         pyarrow), backtesting (bokeh deferred to the first plot), talib, pandas_ta once, then only forks
             +--fork--> worker 0 (warm; finds the series; serves tasks one by one)
-            |              +--fork--> task child: maps the data, setsid, rlimits, uid drop, runs the code, exits
+            |     +--fork--> standby: (root: own uid) unshare user+pid+net+mount+IPC, private mounts
+            |           +--fork--> init (pid 1 of the task's pid namespace; trusted supervisor)
+            |                 +--fork--> task child: pre-warms, waits for its task, maps the data,
+            |                            locks itself down (rlimits, Landlock, seccomp), runs the code
             +--fork--> worker 1 ...
 
 * The template is started with ``exec`` and an allowlisted environment, so no
   secret from the parent is ever in its memory (a fork of the parent would copy it).
 * Workers are forked from the template, so their imported libraries are shared
   copy-on-write (low PSS); the parent hands each new worker a socket via SCM_RIGHTS.
-* Each task runs in a fresh fork of the warm worker: hostile code can never
-  poison the worker, and a timeout kills the child's whole process group and
-  pids cgroup.
+* The whole chain is forked *before* the task arrives (namespaces, mounts and the
+  warm-up all happen while the worker is idle), so a task only pays its lockdown.
+* The init is the task's trusted supervisor: it mounts the fresh ``/proc``, reaps,
+  answers seccomp notifications (recording each refusal), watches the process
+  count, and reports to the worker on a pipe the task cannot write. When it exits
+  the kernel kills everything left in the pid namespace (daemons included).
+* Without user namespaces (degraded, loudly) the standby is the supervisor itself,
+  and leftovers are found as the worker's orphans (it is their subreaper).
 * Results come back as JSON (NaN kept): the worker never unpickles anything the
   untrusted child wrote, and passes the bytes on unparsed; the parent parses them.
-* Market data is memory-mapped from the store by path, so every process shares
-  one copy in the page cache; nothing is pickled to workers.
+* Market data is memory-mapped from the store by the task child through a
+  directory descriptor the worker opened: the store itself is not visible in the
+  task's mount namespace, and the descriptor is gone before the strategy runs.
 
 Run as ``python -m moondev_lab.sandbox._worker CTRL_FD``; only the pool does this.
 """
@@ -36,22 +45,28 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._lean import without_pyarrow
 
 with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
-    from . import _limits, harness
+    from . import _isolation, _limits, _seccomp, harness
 from ._wire import encode_reply, parse_result, recv_msg, send_msg
 from .errors import ErrorKind
 
 _RESULT_CAP = 64 * 2**20
+_MAX_VIOLATIONS = 100
 _libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+#: Probed once by the template (inherited by every worker).
+_CAPS: _isolation.Capabilities | None = None
 
 
 # --------------------------------------------------------------------------- template
 def template_main(ctrl_fd: int) -> None:
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the parent
+    global _CAPS
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the parent
     parent = os.getppid()
     ctrl = socket.socket(fileno=ctrl_fd)
     _quiet_stdio()
@@ -62,13 +77,22 @@ def template_main(ctrl_fd: int) -> None:
         harness.warm_up()
 
     _remove_leftovers()
+    config = json.loads(os.environ.get("MOONDEV_LAB_SANDBOX_CONFIG", "{}"))
+    try:
+        _CAPS = _isolation.probe(frozenset(config.get("disabled", ())),
+                                 task_uid=config.get("base_uid", _limits.BASE_UID) + os.getpid())
+        report = _isolation.layers(_CAPS, root_uid=config.get("base_uid", _limits.BASE_UID) if os.geteuid() == 0
+                                   else None, cgroup=_limits.PidsCgroup.available())
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        send_msg(ctrl, json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
+        return
     gc.collect()
     gc.freeze()  # keep the imported objects' pages shared with every fork
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
-    send_msg(ctrl, b'{"ready": true}')
+    send_msg(ctrl, json.dumps({"ready": True, "layers": report}).encode())
     while os.getppid() == parent:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(ctrl, 4096, 1)
+            msg, fds, _flags, _addr = socket.recv_fds(ctrl, 1 << 16, 1)
         except ConnectionError:  # the pool closed its end: a normal shutdown
             return
         if not msg:
@@ -112,8 +136,26 @@ def _remove_leftovers() -> None:
 
 
 # ----------------------------------------------------------------------------- worker
+@dataclass
+class _Standby:
+    """The next task's process chain, forked ahead of time, and the worker's ends of its pipes."""
+
+    pid: int            # the standby process (outside the task's pid namespace)
+    task_sock: socket.socket
+    res_r: int
+    out_r: int
+    err_r: int
+    status_r: int       # written by the supervisor only
+    warming: bool
+
+    def close(self) -> None:
+        self.task_sock.close()
+        for fd in (self.res_r, self.out_r, self.err_r, self.status_r):
+            os.close(fd)
+
+
 class Worker:
-    """A warm worker: keeps one DataPool per store root and forks a child per task."""
+    """A warm worker: keeps one DataPool per store root and forks a process chain per task."""
 
     def __init__(self, sock: socket.socket, slot: int, config: dict):
         self.sock = sock
@@ -121,16 +163,25 @@ class Worker:
         self.tasks_done = 0
         self.pools: dict[str, object] = {}
         self.prewarm = bool(config.get("prewarm", True))
-        self.standby: tuple | None = None  # (pid, task_w, res_r, out_r, err_r, warming) of the next child
+        self.standby: _Standby | None = None
+        self.caps = _CAPS or _isolation.probe(frozenset(config.get("disabled", ())))
+        self.mounts = _isolation.MountPlan.for_host(tuple(config.get("hide", ())))
+        self.read_dirs = tuple(_isolation.python_dirs())
+        self.disk_mb = int(config.get("disk_mb", _limits.Limits.disk_mb))
         self.cgroup = _limits.PidsCgroup.create(str(os.getpid()), 64)
         self.tmp_root = Path(tempfile.mkdtemp(prefix=f"moondev_sandbox_{os.getpid()}_"))
         os.chmod(self.tmp_root, 0o711)
         base_uid = config.get("base_uid", _limits.BASE_UID)
-        self.uid = base_uid + slot if os.geteuid() == 0 else None
+        # Unique per worker across every pool on the machine: no two live workers share a pid.
+        self.uid = base_uid + os.getpid() if os.geteuid() == 0 else None
+        self.layers = _isolation.layers(self.caps, root_uid=base_uid if self.uid is not None else None,
+                                        cgroup=self.cgroup is not None)
+        # Lifting SCHED_IDLE needs CAP_SYS_NICE: without it a pre-warming standby would keep it.
+        self.idle_warmup = os.geteuid() == 0
 
     def serve(self) -> None:
-        _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-        _libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of a task come to us to be reaped
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a task come to us to be killed
         try:
             self._fork_standby()
             while True:
@@ -150,11 +201,8 @@ class Worker:
             return
         finally:
             if self.standby is not None:
-                pid, task_w, *fds, _warming = self.standby
-                for fd in (task_w, *fds):
-                    os.close(fd)
-                self._kill_group(pid)
-                os.waitpid(pid, 0)
+                self.standby.close()
+                self._kill_task(self.standby.pid)
             if self.cgroup is not None:
                 self.cgroup.remove()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
@@ -167,10 +215,6 @@ class Worker:
             pool = self.pools[ref["root"]] = DataPool(ref["root"])
         return pool
 
-    def _frame(self, ref: dict):
-        return self._pool(ref).get(ref["symbol"], ref["timeframe"], source=ref.get("source"),
-                                   start=ref.get("start"), end=ref.get("end"))
-
     def run(self, task: dict) -> dict:
         started = time.perf_counter()
         try:
@@ -179,6 +223,7 @@ class Worker:
             # them anyway, and the file's pages are shared through the page cache either way.
             ref = task["data"]
             self._pool(ref).manifest(ref["symbol"], ref["timeframe"], source=ref.get("source"))
+            store_fd = os.open(ref["root"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except Exception as exc:  # noqa: BLE001
             return {"result": b"", "error": _data_error(exc), "stdout": "", "stderr": "",
                     "duration_s": time.perf_counter() - started}
@@ -188,96 +233,167 @@ class Worker:
             os.chown(workdir, self.uid, self.uid)
         if self.cgroup is not None:
             try:
-                (self.cgroup.path / "pids.max").write_text(str(limits.max_processes))
+                (self.cgroup.path / "pids.max").write_text(str(limits.max_processes + 3))
             except OSError:
                 pass
         try:
-            reply = self._fork_and_wait(task, limits, workdir)
+            reply = self._dispatch(task, limits, workdir, store_fd)
         finally:
+            os.close(store_fd)
             shutil.rmtree(workdir, ignore_errors=True)
         reply["duration_s"] = time.perf_counter() - started
         return reply
 
-    def _fork_and_wait(self, task: dict, limits, workdir: Path) -> dict:
+    def _dispatch(self, task: dict, limits, workdir: Path, store_fd: int) -> dict:
         if self.standby is None:
             self._fork_standby(warm=False)
-        pid, task_w, res_r, out_r, err_r, warming = self.standby
-        self.standby = None
-        if warming:
-            _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
-        try:
-            _write_all(task_w, pickle.dumps((task, str(workdir))))  # worker -> child: trusted direction
+        chain, self.standby = self.standby, None
+        if chain.warming:
+            for pid in _chain_pids(chain.pid):
+                _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
+        oom_before = _oom_kills()
+        try:  # worker -> child: the trusted direction
+            socket.send_fds(chain.task_sock, [pickle.dumps((task, str(workdir)))], [store_fd])
+            chain.task_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the standby died; _collect reports how
-        return self._collect(pid, res_r, out_r, err_r, task["timeout"], limits)
+        return self._collect(chain, task["timeout"], limits, oom_before)
 
+    # ------------------------------------------------------------------ the process chain
     def _fork_standby(self, warm: bool = True) -> None:
-        """Fork the next task child now and let it pre-warm while the CPU is idle.
+        """Fork the next task's process chain now, and let its task child pre-warm while idle.
 
         A fresh fork pays ~20 ms of copy-on-write page faults the first time it
-        runs a backtest. The standby pays them on a dummy backtest before any task
-        exists (as trusted code, still unsandboxed), then blocks until the worker
-        sends it the task. The warm-up runs under SCHED_IDLE, so it only uses CPU
-        nobody else wants, and it stops within a few bars once the task arrives
-        (the worker lifts SCHED_IDLE first): under full load it costs ~nothing,
-        with idle time between tasks it halves dispatch latency.
+        runs a backtest. The task child pays them on a dummy backtest before any
+        task exists (as trusted code, still unsandboxed), then blocks until the
+        worker sends it the task. As root the warm-up runs under SCHED_IDLE, so it
+        only uses CPU nobody else wants, and it stops within a few bars once the
+        task arrives (the worker lifts SCHED_IDLE first).
         """
         warm = warm and self.prewarm
-        task_r, task_w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         res_r, res_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        status_r, status_w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # ------------------------------------------------ task child
-            me = os.getpid()
-            status = 0
+        if pid == 0:  # ------------------------------------------------ standby
             try:
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
-                for fd in (task_w, res_r, out_r, err_r, out_w, err_w, self.sock.fileno()):
+                ours.close()
+                self.sock.close()
+                for fd in (res_r, out_r, err_r, status_r, out_w, err_w):
                     os.close(fd)
-                # Join the worker's pids cgroup now, while idle: a cgroup-v1 move takes ~10-20 ms.
-                # Only this child is ever in it (the next standby is forked after the task ends).
-                in_cgroup = False
-                if self.cgroup is not None:
-                    try:
-                        self.cgroup.add_self()
-                        in_cgroup = True
-                    except OSError:
-                        pass  # enter_sandbox tries again, on the task's time
-                if warm:
-                    try:
-                        harness.warm_up(lambda: _readable(task_r), grid=False)
-                    except BaseException:  # noqa: BLE001 - a failed warm-up only costs speed
-                        pass
-                raw = _read_all(task_r)
-                if not raw:
-                    os._exit(0)
-                task, workdir = pickle.loads(raw)
-                try:
-                    frame = self._frame(task["data"])
-                except Exception as exc:  # noqa: BLE001 - e.g. the file was damaged since the worker looked
-                    payload = {"ok": False, "error": _data_error(exc)}
-                else:
-                    _limits.enter_sandbox(_limits.Limits(**task["limits"]), Path(workdir), self.uid,
-                                          self.cgroup, in_cgroup=in_cgroup)
-                    payload = harness.execute(task, frame)
-                data = _dump(payload)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                _write_all(res_w, data)
+                self._standby_main(theirs, res_w, status_w, warm)
             except BaseException:  # noqa: BLE001 - never return into the worker's loop
+                import traceback
+
+                os.write(2, f"sandbox setup failed:\n{traceback.format_exc()[-3000:]}".encode())
+            os._exit(70)
+        # -------------------------------------------------------------- worker side
+        theirs.close()
+        for fd in (res_w, out_w, err_w, status_w):
+            os.close(fd)
+        idle = warm and self.idle_warmup and _set_idle_priority(pid, True)  # inherited by the chain
+        self.standby = _Standby(pid, ours, res_r, out_r, err_r, status_r, idle)
+
+    def _standby_main(self, task_sock: socket.socket, res_w: int, status_w: int, warm: bool) -> None:
+        os.setsid()  # one process group for the chain (the timeout kills it)
+        if self.cgroup is not None:
+            try:  # while idle: a cgroup-v1 move takes ~10-20 ms
+                self.cgroup.add_self()
+            except OSError:
+                pass
+        if self.uid is not None:
+            _limits.expose_python_install()  # as root: hide /root, bind the interpreter back
+            _isolation.drop_uid(self.uid)
+        namespaces = self.caps.use_namespaces
+        if namespaces:
+            _isolation.enter_namespaces(self.mounts, self.disk_mb)
+            init = os.fork()
+            if init:  # the standby only waits: the namespace's init is the supervisor
+                os.closerange(0, 1 << 20)  # (not via /proc/self: the init is replacing /proc right now)
+                _, status = os.waitpid(init, 0)
+                os._exit(0)
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if self.caps.proc is None:
+                _isolation.mount_proc()
+        chan_sup, chan_task = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child = os.fork()
+        if child == 0:  # ------------------------------------------- task child
+            status = 0
+            me = os.getpid()
+            try:
+                chan_sup.close()
+                os.close(status_w)
+                self._task_main(task_sock, res_w, chan_task, warm, namespaces)
+            except BaseException:  # noqa: BLE001
                 status = 70
             finally:
                 os._exit(status if os.getpid() == me else 0)
-        # -------------------------------------------------------------- worker side
-        for fd in (task_r, res_w, out_w, err_w):
-            os.close(fd)
-        self.standby = (pid, task_w, res_r, out_r, err_r, warm and _set_idle_priority(pid, True))
+        # --------------------------------------------------------------- supervisor
+        task_sock.close()
+        chan_task.close()
+        os.close(res_w)
+        _blank_all_but((status_w, chan_sup.fileno()))
+        supervisor = _Supervisor(child, chan_sup, status_w, in_pid_namespace=namespaces)
+        try:
+            supervisor.run()
+        except BaseException:  # noqa: BLE001 - a bug here: report it (the task dies with us)
+            import traceback
 
-    def _collect(self, pid: int, res_r: int, out_r: int, err_r: int, timeout: float, limits) -> dict:
+            supervisor.emit({"internal": traceback.format_exc()[-4000:]})
+        os._exit(0)
+
+    def _task_main(self, task_sock: socket.socket, res_w: int, chan: socket.socket, warm: bool,
+                   namespaces: bool) -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if warm:
+            try:
+                harness.warm_up(lambda: _readable(task_sock.fileno()), grid=False)
+            except BaseException:  # noqa: BLE001 - a failed warm-up only costs speed
+                pass
+        prepared = _limits.prepare(self.caps, namespaces, self.read_dirs)  # before the task: off its clock
+        msg, fds, _flags, _addr = socket.recv_fds(task_sock, 1 << 20, 1)
+        if not msg:
+            os._exit(0)
+        chunks = [msg]
+        while chunk := task_sock.recv(1 << 20):
+            chunks.append(chunk)
+        task_sock.close()
+        task, workdir = pickle.loads(b"".join(chunks))  # from the worker: trusted
+        ref = task["data"]
+        try:
+            # Through the worker's descriptor: the store is hidden in this mount namespace.
+            frame = self._frame({**ref, "root": f"/proc/self/fd/{fds[0]}"})
+        except Exception as exc:  # noqa: BLE001 - e.g. the file was damaged since the worker looked
+            payload = {"ok": False, "error": _data_error(exc)}
+        else:
+            ctx = _limits.TaskContext(
+                caps=self.caps, workdir=Path(_isolation.TASK_WORKDIR if namespaces else workdir),
+                namespaces=namespaces, store_root=os.path.realpath(ref["root"]), keep_fds=(res_w,),
+                channel=chan, read_dirs=self.read_dirs, nproc_slack=3 if namespaces else 0,
+                default_disk_mb=self.disk_mb)
+            _limits.enter_sandbox(_limits.Limits(**task["limits"]), ctx, prepared)
+            payload = _execute(task, frame)
+        data = _dump(payload)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _write_all(res_w, data)
+
+    def _frame(self, ref: dict):
+        from moondev_lab.data import DataPool
+
+        return DataPool(ref["root"], import_sample=False).get(
+            ref["symbol"], ref["timeframe"], source=ref.get("source"), start=ref.get("start"), end=ref.get("end"))
+
+    # ------------------------------------------------------------------ waiting for it
+    def _collect(self, chain: _Standby, timeout: float, limits, oom_before: int) -> dict:
+        pid = chain.pid
         pidfd = os.pidfd_open(pid)
-        caps = {res_r: _RESULT_CAP, out_r: limits.output_bytes, err_r: limits.output_bytes}
+        caps = {chain.res_r: _RESULT_CAP, chain.out_r: limits.output_bytes, chain.err_r: limits.output_bytes,
+                chain.status_r: 1 << 20}
         bufs = {fd: bytearray() for fd in caps}
         truncated = {fd: False for fd in caps}
         open_fds = set(caps)
@@ -306,58 +422,279 @@ class Worker:
             for fd in ready:
                 if fd == pidfd:
                     exited = True
-                    self._kill_group(pid)  # leftovers (daemons, fork-bomb children) go now
                 else:
                     drain(fd)
-        self._kill_group(pid)
-        _, status = os.waitpid(pid, 0)
-        for fd in (pidfd, res_r, out_r, err_r):
-            os.close(fd)
+        self._kill_task(pid)
+        os.close(pidfd)
+        chain.close()
+        events = _supervisor_events(bufs[chain.status_r])
         forks_refused = self.cgroup.new_failures() if self.cgroup is not None else 0
-        reply = {"stdout": _text(bufs[out_r]), "stderr": _text(bufs[err_r]),
-                 "stdout_truncated": truncated[out_r], "stderr_truncated": truncated[err_r], "error": None}
+        if events.process_limit:
+            forks_refused = max(forks_refused, 1)
+        reply = {"stdout": _text(bufs[chain.out_r]), "stderr": _text(bufs[chain.err_r]),
+                 "stdout_truncated": truncated[chain.out_r], "stderr_truncated": truncated[chain.err_r],
+                 "error": None, "layers": {**self.layers, **events.layers}, "violations": events.violations}
         result = b""
         if timed_out:
             reply["error"] = _err(ErrorKind.TIMEOUT, "TimeoutError",
-                                  f"wall timeout of {timeout:g} s exceeded; the process group was killed")
-        elif truncated[res_r]:
+                                  f"wall timeout of {timeout:g} s exceeded; every process of the task was killed")
+        elif truncated[chain.res_r]:
             reply["error"] = _err(ErrorKind.RESULT_INVALID, "ResultTooLarge",
                                   f"the result exceeded {_RESULT_CAP} bytes")
-        elif bufs[res_r]:
-            result = bytes(bufs[res_r])  # passed on unparsed: see _wire.encode_reply
+        elif bufs[chain.res_r]:
+            result = bytes(bufs[chain.res_r])  # passed on unparsed: see _wire.encode_reply
+        elif events.status is not None:
+            reply["error"] = _status_error(events.status, limits, _oom_kills() > oom_before)
+        elif events.internal:
+            reply["error"] = {**_err(ErrorKind.INTERNAL_ERROR, "SupervisorError", "the task's supervisor failed"),
+                              "traceback": events.internal}
         else:
-            reply["error"] = _status_error(status, limits)
+            reply["error"] = _err(ErrorKind.KILLED, "Killed", "the task's supervisor was killed before the "
+                                  "task ended (by a signal from outside the sandbox)")
         if forks_refused:
             error = reply["error"] or parse_result(result)[1]
             if error is None or error["kind"] in (ErrorKind.TIMEOUT, ErrorKind.STRATEGY_ERROR, ErrorKind.EXITED,
                                                   ErrorKind.KILLED, ErrorKind.RESULT_INVALID):
                 reply["error"] = _err(ErrorKind.PROCESS_LIMIT, "ProcessLimit",
-                                      f"{forks_refused} fork(s) refused by the process limit "
-                                      f"({limits.max_processes}); "
-                                      + (error["message"] if error else "the task ended"))
+                                      f"the task reached its process limit ({limits.max_processes}) and forks "
+                                      "were refused; " + (error["message"] if error else "the task ended"))
                 result = b""
         reply["result"] = result
         return reply
 
-    def _kill_group(self, pid: int) -> None:
-        """Kill the task's process group and everything in its cgroup, and reap orphans."""
+    def _kill_task(self, pid: int) -> None:
+        """Kill the chain, its cgroup, and every orphan that came to us; reap them all.
+
+        With namespaces, killing the chain kills the pid namespace's init and so every
+        process of the task. Without them, escaped processes (setsid daemons) are
+        re-parented to this worker, their subreaper: everything that is our child now
+        belongs to a finished task (the next standby is forked afterwards).
+        """
         deadline = time.monotonic() + 3
+        status_seen = False
         while True:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    target()
+                except (ProcessLookupError, PermissionError):
+                    pass
             if self.cgroup is not None:
                 self.cgroup.kill_all()
-            _reap_orphans(keep=pid)
-            if self.cgroup is None or not self.cgroup.pids() or time.monotonic() > deadline:
+            kids = _children()
+            for kid in kids:
+                try:
+                    os.kill(kid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for kid in kids:
+                try:
+                    os.waitpid(kid, 0 if kid == pid else os.WNOHANG)
+                    status_seen |= kid == pid
+                except ChildProcessError:
+                    status_seen |= kid == pid
+            if not _children() or time.monotonic() > deadline:
                 break
-            time.sleep(0.005)
-        # Everything in the cgroup is dead now, but some of it may still be zombies on their
-        # way to us (the subreaper) as their parents die: reap until only the task child is left.
-        settle = time.monotonic() + 0.5
-        while _reap_orphans(keep=pid) and time.monotonic() < settle:
             time.sleep(0.001)
+        if not status_seen:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+class _Supervisor:
+    """The pid namespace's init (or, degraded, the standby): watches one task child.
+
+    Trusted code outside the task's Landlock domain and seccomp filter. It answers
+    the filter's notifications (so every refused call is recorded, even if the
+    strategy catches the error), reaps, counts the namespace's processes, and
+    writes JSON lines to the worker: ``layers``, ``violation``, ``process_limit``, ``exit``.
+    """
+
+    def __init__(self, child: int, chan: socket.socket, status_w: int, in_pid_namespace: bool):
+        self.child, self.chan, self.status_w = child, chan, status_w
+        self.in_pid_namespace = in_pid_namespace
+        self.listener: int | None = None
+        self.kinds = _seccomp.rule_names()
+        self.max_processes: int | None = None
+        self.hook_reports = 0
+        self.buf = b""
+        self.reported_limit = False
+        self.status: int | None = None
+
+    def emit(self, event: dict) -> None:
+        try:
+            os.write(self.status_w, (json.dumps(event) + "\n").encode())
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        pidfd = os.pidfd_open(self.child)
+        chan_open = True
+        while self.status is None:
+            watch = [pidfd] + ([self.chan] if chan_open else []) + ([self.listener] if self.listener else [])
+            poll = 0.05 if self.in_pid_namespace and self.max_processes else None
+            ready, _, _ = select.select(watch, [], [], poll)
+            if self.chan in ready:
+                chan_open = self._read_channel()
+            if self.listener is not None and self.listener in ready:
+                self._answer()
+            if self.in_pid_namespace:
+                self._reap()
+                self._count_processes()
+            if pidfd in ready and self.status is None:
+                _, self.status = os.waitpid(self.child, 0)
+        self.emit({"exit": self.status})
+
+    def _read_channel(self) -> bool:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.chan, 1 << 16, 1)
+        except OSError:
+            return False
+        if not msg:
+            return False
+        if self.max_processes is None:  # the first message: sent by trusted code, before the strategy ran
+            first, _, rest = msg.partition(b"\n")
+            try:
+                lockdown = json.loads(first)
+                self.max_processes = int(lockdown.get("max_processes", 32))
+                self.emit({"layers": {str(k): str(v) for k, v in dict(lockdown.get("layers", {})).items()}})
+            except (ValueError, TypeError, AttributeError):
+                self.max_processes = 32
+            if fds:
+                self.listener = fds[0]
+            msg = rest
+        self.buf = (self.buf + msg)[-8192:]
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:  # the audit hook's reports: the strategy can forge or suppress these
+            if self.hook_reports >= _MAX_VIOLATIONS:
+                break
+            try:
+                hook = json.loads(line)["hook"]
+                self.emit({"violation": {"kind": str(hook["kind"])[:40], "source": "audit_hook",
+                                         "detail": str(hook["detail"])[:300]}})
+                self.hook_reports += 1
+            except (ValueError, KeyError, TypeError):
+                continue
+        return True
+
+    def _answer(self) -> None:
+        note = _seccomp.receive(self.listener)
+        if note is None:
+            return
+        nid, _pid, nr, args = note
+        name, kind = self.kinds.get(nr, (f"syscall {nr}", "forbidden_syscall"))
+        _seccomp.refuse(self.listener, nid)
+        self.emit({"violation": {"kind": kind, "source": "seccomp", "detail": _seccomp.describe(name, args)}})
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child:
+                self.status = status
+
+    def _count_processes(self) -> None:
+        if self.reported_limit or not self.max_processes:
+            return
+        tasks = 0
+        for name in os.listdir("/proc"):
+            if name.isdigit() and name != "1":
+                try:
+                    tasks += len(os.listdir(f"/proc/{name}/task"))
+                except OSError:
+                    pass
+        if tasks >= self.max_processes:
+            self.reported_limit = True
+            self.emit({"process_limit": tasks})
+
+
+@dataclass
+class _Events:
+    layers: dict
+    violations: list
+    process_limit: bool
+    status: int | None
+    internal: str | None = None
+
+
+def _supervisor_events(buf: bytearray) -> _Events:
+    """Parse the supervisor's JSON lines (trusted, but parsed defensively all the same)."""
+    events = _Events({}, [], False, None)
+    for line in bytes(buf).splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if "layers" in event:
+            events.layers = event["layers"]
+        elif "violation" in event and len(events.violations) < _MAX_VIOLATIONS:
+            events.violations.append(event["violation"])
+        elif "process_limit" in event:
+            events.process_limit = True
+        elif "exit" in event:
+            events.status = int(event["exit"])
+        elif "internal" in event:
+            events.internal = str(event["internal"])
+    return events
+
+
+def _execute(task: dict, frame) -> dict:
+    """harness.execute, plus what it cannot classify itself (an exception whose ``__str__`` raises)."""
+    try:
+        return harness.execute(task, frame)
+    except MemoryError:
+        return {"ok": False, "error": _err(ErrorKind.MEMORY_LIMIT, "MemoryError", "out of memory")}
+    except BaseException as exc:  # noqa: BLE001 - str(exc) is what failed: never call it again
+        try:
+            name = str(type(exc).__name__)[:200]
+        except BaseException:  # noqa: BLE001 - even the type's name can be a hostile property
+            name = "BaseException"
+        return {"ok": False, "error": _err(ErrorKind.STRATEGY_ERROR, name,
+                                           "the strategy raised an exception that cannot be shown as text "
+                                           "(its __str__ raised)")}
+
+
+def _chain_pids(pid: int) -> list[int]:
+    """The standby and its descendants (init, task child) as this worker sees them."""
+    out, todo = [], [pid]
+    while todo and len(out) < 8:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(k) for k in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _children() -> list[int]:
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+
+
+def _blank_all_but(keep: tuple[int, ...]) -> None:
+    _limits._blank_other_fds({*keep})
+
+
+def _oom_kills() -> int:
+    """The kernel's count of OOM kills (so a SIGKILL is only blamed on memory if one happened)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _set_idle_priority(pid: int, idle: bool) -> bool:
@@ -373,34 +710,18 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def _reap_orphans(keep: int) -> int:
-    """Reap dead re-parented grandchildren (we are their subreaper), never the task child itself.
-
-    Returns how many other children were there (reaped or still alive).
-    """
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            kids = [int(k) for k in f.read().split()]
-    except OSError:
-        return 0
-    others = [kid for kid in kids if kid != keep]
-    for kid in others:
-        try:
-            os.waitpid(kid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-    return len(others)
-
-
-def _status_error(status: int, limits) -> dict:
+def _status_error(status: int, limits, oom_killed: bool) -> dict:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU:
             return _err(ErrorKind.CPU_LIMIT, "CPULimit", f"CPU time limit of {limits.cpu_seconds} s exceeded")
         if sig == signal.SIGXFSZ:
             return _err(ErrorKind.FILE_TOO_LARGE, "FileTooLarge", f"file size limit of {limits.file_size_mb} MiB")
+        if sig == signal.SIGKILL and oom_killed:
+            return _err(ErrorKind.MEMORY_LIMIT, "Killed", "killed by the kernel's out-of-memory killer")
         if sig == signal.SIGKILL:
-            return _err(ErrorKind.MEMORY_LIMIT, "Killed", "killed by SIGKILL (most likely out of memory)")
+            return _err(ErrorKind.KILLED, "Killed", "killed by SIGKILL, sent by the task itself or by another "
+                        "process (no out-of-memory kill happened)")
         return _err(ErrorKind.KILLED, "Killed", f"killed by signal {signal.Signals(sig).name}")
     code = os.WEXITSTATUS(status)
     return _err(ErrorKind.EXITED, "Exited", f"the process exited with status {code} without returning a result "
@@ -415,12 +736,22 @@ def _data_error(exc: Exception) -> dict:
     return {**harness.classify(exc), "kind": ErrorKind.DATA_ERROR.value}
 
 
+_ENCODE_OOM = json.dumps({"ok": False, "error": _err(ErrorKind.MEMORY_LIMIT, "MemoryError",
+                                                     "out of memory while encoding the result")}).encode()
+
+
 def _dump(payload: dict) -> bytes:
+    """The result as JSON; a strategy's object that will not encode becomes a classified error."""
     try:
         return json.dumps(payload, default=str).encode()
-    except (MemoryError, ValueError, TypeError) as exc:
-        return json.dumps({"ok": False, "error": _err(ErrorKind.RESULT_INVALID, type(exc).__name__,
-                                                      f"could not encode the result: {exc}")}).encode()
+    except MemoryError:
+        return _ENCODE_OOM  # built in advance: there may be no memory left to build it now
+    except BaseException as exc:  # noqa: BLE001 - RecursionError, a hostile __str__/__repr__, ...
+        try:
+            return json.dumps({"ok": False, "error": _err(ErrorKind.RESULT_INVALID, type(exc).__name__,
+                                                          "could not encode the result")}).encode()
+        except MemoryError:
+            return _ENCODE_OOM
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -428,14 +759,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         view = view[os.write(fd, view):]
     os.close(fd)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
 
 
 def _text(buf: bytearray) -> str:

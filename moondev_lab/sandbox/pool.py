@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 import psutil
 
 from .. import _registry, config
-from . import _limits
+from . import _isolation, _limits
 from ._limits import Limits
 from ._wire import decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
@@ -89,6 +89,8 @@ class BacktestResult:
     skipped_orders: int = 0
     plot_html: str | None = None  # backtesting.py's HTML plot, when run(..., plot=True)
     plot_error: str | None = None
+    layers: dict = field(default_factory=dict)      # sandbox layer -> "on ..." / "off: why"
+    violations: list = field(default_factory=list)  # refused attempts, even those the strategy caught
 
     @classmethod
     def _from_reply(cls, reply: dict) -> "BacktestResult":
@@ -104,7 +106,8 @@ class BacktestResult:
                    duration_s=float(reply.get("duration_s") or 0.0), worker_pid=reply.get("worker_pid"),
                    strategy=payload.get("strategy"), size_adjustments=int(payload.get("size_adjustments", 0)),
                    skipped_orders=int(payload.get("skipped_orders", 0)),
-                   plot_html=payload.get("plot_html"), plot_error=payload.get("plot_error"))
+                   plot_html=payload.get("plot_html"), plot_error=payload.get("plot_error"),
+                   layers=dict(reply.get("layers") or {}), violations=list(reply.get("violations") or []))
 
     @classmethod
     def _failure(cls, kind: ErrorKind, type_: str, message: str, **kw) -> "BacktestResult":
@@ -172,16 +175,20 @@ class _WorkerHandle:
         self.tasks_done = 0
         self.rss = 0
 
-    def request(self, task: dict, timeout: float) -> dict:
+    def exchange(self, task: dict, timeout: float) -> bytearray:
+        """Send a task, and return the raw reply; the watchdog: all of it within ``timeout``."""
+        deadline = time.monotonic() + timeout
         self.sock.settimeout(timeout)
         send_msg(self.sock, pickle.dumps(task))
-        raw = recv_msg(self.sock)
+        raw = recv_msg(self.sock, deadline)
         if raw is None:
             raise ConnectionError("the worker closed its connection")
-        reply = decode_reply(raw)
-        self.tasks_done = reply.get("tasks_done", self.tasks_done + 1)
-        self.rss = reply.get("worker_rss", 0)
-        return reply
+        return raw
+
+    def note(self, reply: dict) -> None:
+        tasks_done, rss = reply.get("tasks_done"), reply.get("worker_rss")
+        self.tasks_done = tasks_done if isinstance(tasks_done, int) else self.tasks_done + 1
+        self.rss = rss if isinstance(rss, int) else 0
 
     def stop(self, force: bool = False) -> None:
         try:
@@ -234,6 +241,9 @@ class SandboxPool:
         self._closed = False
         self._retired: list[int] = []  # stopped workers still cleaning up (waited for at close)
         self._tasks = self._failures = self._recycles = 0
+        self._sandbox_config = _sandbox_config(self.limits, self.prewarm)
+        #: Sandbox layer -> "on ..." / "off: why", as the template probed them (see ``doctor``).
+        self.layers: dict[str, str] = {}
         self._start_template()
         _registry.register_pool(self)
         _live_pools.add(self)
@@ -244,6 +254,7 @@ class SandboxPool:
         env = _limits.scrubbed_env()
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root  # the worker imports this very moondev_lab
+        env["MOONDEV_LAB_SANDBOX_CONFIG"] = json.dumps(self._sandbox_config)
         self._template = subprocess.Popen(
             [self._python, "-m", "moondev_lab.sandbox._worker", str(child.fileno())],
             pass_fds=[child.fileno()], env=env, cwd="/", stdin=subprocess.DEVNULL,
@@ -258,13 +269,18 @@ class SandboxPool:
                 self._start_template()
             if not self._template_ready:
                 self._ctrl.settimeout(120)
-                if recv_msg(self._ctrl) is None:
+                ready = recv_msg(self._ctrl)
+                if ready is None:
                     raise RuntimeError("the sandbox template process failed to start "
                                        f"(exit code {self._template.poll()})")
+                ready = json.loads(ready)
+                if not ready.get("ready"):
+                    raise RuntimeError(f"the sandbox template could not probe its layers: {ready.get('error')}")
+                self.layers = dict(ready.get("layers") or {})
+                _isolation.warn_if_degraded(self.layers)
                 self._template_ready = True
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            request = {"slot": slot, "config": {"base_uid": self.limits.uid or _limits.BASE_UID,
-                                                  "prewarm": self.prewarm}}
+            request = {"slot": slot, "config": self._sandbox_config}
             socket.send_fds(self._ctrl, [json.dumps(request).encode()], [theirs.fileno()])
             theirs.close()
             self._ctrl.settimeout(30)
@@ -375,16 +391,28 @@ class SandboxPool:
                 self._retired = [p for p in self._retired if Path(f"/proc/{p}").exists()] + [w.pid]
 
     def _request(self, task: dict) -> dict:
+        """One task on one worker. Never raises for anything a worker or task sends back:
+        a dead or silent worker is ``worker_crashed``, a reply that cannot be handled is
+        ``result_invalid``; either way the worker is released and replaced."""
         w = self._acquire()
+        stage = "exchange"
         try:
-            reply = w.request(task, task["timeout"] + _GRACE_S)
-        except (OSError, ConnectionError, ValueError) as exc:
+            raw = w.exchange(task, task["timeout"] + _GRACE_S)
+            stage = "decode"
+            reply = decode_reply(raw)
+            del raw
+            w.note(reply)
+        except BaseException as exc:  # noqa: BLE001 - e.g. KeyboardInterrupt: the worker is still busy
             self._release(w, broken=True)
             with self._cond:
                 self._failures += 1
-            return {"error": {"kind": ErrorKind.WORKER_CRASHED.value, "type": type(exc).__name__,
-                              "message": f"worker {w.pid} failed and was replaced: {exc}"},
-                    "worker_pid": w.pid}
+            if not isinstance(exc, Exception):
+                raise
+            kind = ErrorKind.WORKER_CRASHED if stage == "exchange" else ErrorKind.RESULT_INVALID
+            what = "failed and was replaced" if stage == "exchange" else "sent a reply that could not be handled; " \
+                "it was replaced"
+            return {"error": {"kind": kind.value, "type": type(exc).__name__,
+                              "message": f"worker {w.pid} {what}: {str(exc)[:500]}"}, "worker_pid": w.pid}
         self._release(w)
         with self._cond:
             self._tasks += 1
@@ -408,7 +436,7 @@ class SandboxPool:
         ``plot=True`` also returns backtesting.py's HTML plot in ``.plot_html``.
         """
         task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot)
-        return BacktestResult._from_reply(self._request(task))
+        return _to_result(self._request(task))
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
                **kwargs) -> "Future[BacktestResult]":
@@ -512,6 +540,23 @@ class SandboxPool:
         s = self.stats()
         return (f"SandboxPool(size={self.size}, workers={s.workers}, busy={s.busy}, tasks={s.tasks}, "
                 f"failures={s.failures}, recycles={s.recycles}{', closed' if self._closed else ''})")
+
+
+def _sandbox_config(limits: Limits, prewarm: bool) -> dict:
+    """What the template and its workers need to build each task's sandbox (JSON)."""
+    hide = [os.path.expanduser("~"), str(config.home()), os.getcwd(), str(Path(__file__).resolve().parents[2])]
+    return {"base_uid": limits.uid or _limits.BASE_UID, "prewarm": prewarm, "disk_mb": limits.disk_mb,
+            "disabled": sorted(_isolation.disabled_layers()), "hide": hide}
+
+
+def _to_result(reply: dict) -> BacktestResult:
+    """The result of a reply; a payload with fields of the wrong kind is ``result_invalid``, not a crash."""
+    try:
+        return BacktestResult._from_reply(reply)
+    except Exception as exc:  # noqa: BLE001 - anything the task child managed to put in its payload
+        return BacktestResult._failure(ErrorKind.RESULT_INVALID, type(exc).__name__,
+                                       f"malformed result from the sandbox: {str(exc)[:300]}",
+                                       worker_pid=reply.get("worker_pid") if isinstance(reply, dict) else None)
 
 
 def _first_best(scores: list) -> int:
