@@ -243,7 +243,7 @@ class _StatsStrategy:
 def compute_stats(trades: list, equity: np.ndarray, ohlc: pd.DataFrame, warmup_nbars: int,
                   indicators=()) -> pd.Series:
     """backtesting.py's ``compute_stats`` on settled trades (objects with ``Trade``'s attributes)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # as noisy as Backtest.run otherwise
         return _bt_compute_stats(trades=trades, equity=equity, ohlc_data=ohlc,
                                  strategy_instance=_StatsStrategy(len(ohlc), warmup_nbars, indicators),
                                  risk_free_rate=0.0)
