@@ -10,8 +10,10 @@ Two things live here:
   trades and equity that the trusted broker settled.
 
 >>> from moondev_lab._bt_compat import RecordingBacktest
->>> stats = RecordingBacktest(df, SmaCross, cash=1e6).run()      # doctest: +SKIP
->>> log = stats_log = RecordingBacktest.last_log                  # doctest: +SKIP
+>>> bt = RecordingBacktest(df, SmaCross, cash=1e6)                # doctest: +SKIP
+>>> stats = bt.run()                                              # doctest: +SKIP
+>>> bt.order_log                                                  # doctest: +SKIP
+OrderLog(SmaCross: 1367 decisions (orders=684, sltp=0, closes=683, cancels=0), start=30, bars=31066)
 """
 from __future__ import annotations
 
