@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from moondev_lab.ledger import Ledger
 
 WILD = '''import pandas as pd
 from backtesting import Backtest, Strategy
@@ -96,8 +97,9 @@ def test_rbi_command_with_ideas_file(tmp_path, lab_home):
     ok, bad = rep["results"]
     assert ok["status"] == "ok" and not math.isnan(ok["out_of_sample"]["Return [%]"])
     assert bad["status"] == "failed" and bad["error_kind"] == "not_understood"
-    run_dir = lab_home / "runs" / f"run-{ok['run_id']:05d}"
-    assert {p.name for p in run_dir.iterdir()} == {"strategy.py", "stats.json", "plot.html"}
+    run_dir = lab_home / "runs" / f"run-{ok['run_id']:05d}-{Ledger(lab_home / 'ledger.sqlite').ledger_id[:8]}"
+    assert ok["run_dir"] == str(run_dir)
+    assert {p.name for p in run_dir.iterdir()} == {"strategy.py", "stats.json", "result.json", "plot.html"}
     assert "sk-ant-test" not in out.stdout + out.stderr
     table = cli("rbi", "Buy when RSI(14) < 30, sell when RSI > 70, 2% stop", "--model", "offline")
     assert "skipped" in table.stdout and "leaderboard" in table.stdout  # deduped, leaderboard still shown
