@@ -115,7 +115,7 @@ def backtest_plot(stats: pd.Series, data: pd.DataFrame, title: str, **kwargs) ->
     """backtesting.py's chart (candles, equity, P/L, trades, volume) for ``stats`` on ``data``."""
     from ._bt_compat import build_plot
 
-    with warnings.catch_warnings():
+    with _no_timezone_notice():
         # The chart resamples 31k bars to ~10k candles for the browser, and says so; that is by design here.
         warnings.filterwarnings("ignore", message="Data contains too many candlesticks")
         fig = build_plot(stats, data, **kwargs)
@@ -139,7 +139,8 @@ def heatmap_plot(heatmap: pd.Series, title: str, agg: str = "max") -> Plot:
     if heatmap.index.nlevels >= 2:
         from ._bt_compat import build_heatmaps
 
-        fig = build_heatmaps(heatmap, agg=agg, ncols=min(3, heatmap.index.nlevels), plot_width=900)
+        with _no_timezone_notice():
+            fig = build_heatmaps(heatmap, agg=agg, ncols=min(3, heatmap.index.nlevels), plot_width=900)
         _set_title(fig, title)
         return Plot(fig, title)
     x = [str(v) for v in heatmap.index]

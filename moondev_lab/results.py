@@ -91,6 +91,47 @@ def _text_table(df: pd.DataFrame, index: bool = True) -> str:
     return formatted(df).to_string(index=index) if len(df) else "(empty)"
 
 
+def stats_table(stats: dict, keys: tuple = STAT_KEYS) -> str:
+    """Headline stats as an aligned two-column text table, numbers rounded.
+
+    >>> print(stats_table({"Return [%]": 16.237029, "# Trades": 94.0}))
+    Return [%]  16.24
+    # Trades       94
+    """
+    rows = [(k, format_value(stats[k])) for k in keys if k in stats]
+    if not rows:
+        return "(no stats)"
+    w, v = max(len(k) for k, _ in rows), max(len(x) for _, x in rows)
+    return "\n".join(f"{k:<{w}}  {x:>{v}}" for k, x in rows)
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)): ?(.*)$", re.M)
+_STRATEGY_FRAME = re.compile(r'File "<strategy>", line (\d+)')
+
+
+def explain_error(error: Any, code: str = "") -> str:
+    """A failed run in a few lines: the root exception, the strategy's line, and what wrapped it.
+
+    backtesting.py re-raises an indicator's exception as ``RuntimeError: Indicator "λ"
+    error. See traceback above.``; the cause is in the traceback, which the sandbox keeps.
+    """
+    tb = getattr(error, "traceback", "") or ""
+    kind = getattr(getattr(error, "kind", None), "value", getattr(error, "kind", ""))
+    shown = f"{error.type}: {error.message}"
+    found = _EXC_LINE.findall(tb)
+    root = f"{found[0][0]}: {found[0][1]}" if found else shown
+    lines = [f"[{kind}] {root}"]
+    frames = _STRATEGY_FRAME.findall(tb)
+    if frames:
+        n = int(frames[0])
+        src = code.splitlines()
+        text = src[n - 1].strip() if 0 < n <= len(src) else ""
+        lines.append(f"  at strategy line {n}: {text}" if text else f"  at strategy line {n}")
+    if found and root != shown:
+        lines.append(f"  (raised as {shown})")
+    return "\n".join(lines)
+
+
 class StrategyCode(str):
     """Strategy source: a plain ``str``, shown highlighted in a notebook."""
 
