@@ -57,31 +57,60 @@ def build_heatmaps(heatmap: pd.Series, agg: str = "max", ncols: int = 3, plot_wi
         return plotting.plot_heatmaps(heatmap, agg, ncols, plot_width=plot_width, open_browser=False)
 
 
-def quiet_notebook_detection() -> None:
-    """backtesting warns "Jupyter Notebook detected" on import in a kernel, and loads BokehJS from a CDN.
-
-    We render every plot ourselves with inline resources, so the detection only
-    adds a warning and a remote script: import the plotting module with the
-    detection switched off, then leave it off.
-    """
+@contextlib.contextmanager
+def _notebook_detection_off():
     import os
-    import sys
     import warnings
 
-    if "backtesting._plotting" in sys.modules:  # too late to keep the warning away; switch it off
-        sys.modules["backtesting._plotting"].set_bokeh_output(notebook=False)
-        return
-    saved = os.environ.pop("JPY_PARENT_PID", None), os.environ.get("MPLBACKEND")
-    if saved[1] and "inline" in saved[1]:
-        os.environ.pop("MPLBACKEND")
+    saved = {k: os.environ.pop(k) for k in ("JPY_PARENT_PID",) if k in os.environ}
+    if "inline" in os.environ.get("MPLBACKEND", ""):
+        saved["MPLBACKEND"] = os.environ.pop("MPLBACKEND")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Jupyter Notebook detected")
-            import backtesting._plotting as plotting
+            yield
     finally:
-        if saved[0] is not None:
-            os.environ["JPY_PARENT_PID"] = saved[0]
-        if saved[1] is not None:
-            os.environ["MPLBACKEND"] = saved[1]
-    plotting.set_bokeh_output(notebook=False)
+        os.environ.update(saved)
 
+
+class _QuietPlottingFinder:
+    """Import hook: ``backtesting._plotting`` is executed with its notebook detection off, once."""
+
+    name = "backtesting._plotting"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.machinery
+        import sys
+
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        real = spec.loader.exec_module
+
+        def exec_module(module):
+            with _notebook_detection_off():
+                real(module)
+            module.set_bokeh_output(notebook=False)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def quiet_notebook_detection() -> None:
+    """Keep backtesting's import-time "Jupyter Notebook detected" warning and CDN BokehJS load away.
+
+    In a kernel, ``import backtesting`` warns and calls ``output_notebook()``, which
+    loads BokehJS from a CDN (offline: "Loading BokehJS ..." forever). We render every
+    plot ourselves with inline resources, so that detection is switched off: now if
+    backtesting is already imported, else by a one-shot import hook, so that
+    ``%load_ext moondev_lab`` does not pay for importing backtesting and bokeh.
+    """
+    import sys
+
+    if "backtesting._plotting" in sys.modules:  # too late to keep the warning away; switch it off
+        sys.modules["backtesting._plotting"].set_bokeh_output(notebook=False)
+    elif not any(isinstance(f, _QuietPlottingFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietPlottingFinder())
