@@ -544,3 +544,34 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
         res.findings = saved.get("findings", [])
         res.backtests = {k: BacktestRun.from_json(v) for k, v in saved.get("backtests", {}).items()}
     return res
+
+
+# ----------------------------------------------------------------------------- notebooks as batch units
+#: The MIME type under which a notebook records an idea's result, for a batch to read back.
+RESULT_MIME = "application/vnd.moondev.rbi-result+json"
+
+
+def publish_result(result: IdeaResult, ledger_path: str | None = None) -> None:
+    """Record ``result`` in the running notebook's outputs as machine-readable JSON (and a short text).
+
+    >>> publish_result(report.results[0])            # the last cell of rbi_template.ipynb  # doctest: +SKIP
+    """
+    from IPython.display import publish_display_data
+
+    payload = {**result.to_json(), "ledger": ledger_path}
+    text = (f"run {result.run_id} ({result.status}): OOS {result.metric} "
+            f"{format_value(result.out_of_sample.get(result.metric))}, {format_value(result.out_of_sample.get('# Trades'))} "
+            f"OOS trades; run folder {result.run_dir}")
+    publish_display_data({RESULT_MIME: json.loads(json.dumps(payload, default=str)), "text/plain": text})
+
+
+def read_results(notebook: str | Path) -> list[dict]:
+    """Every result a notebook recorded with :func:`publish_result` (an executed notebook's file).
+
+    >>> read_results("out/rbi_template.out.ipynb")[0]["run_id"]          # doctest: +SKIP
+    """
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    return [o["data"][RESULT_MIME] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if RESULT_MIME in o.get("data", {})]
