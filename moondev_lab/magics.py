@@ -158,10 +158,12 @@ class MemoryMagics(Magics):
     @argument("name", nargs="?", help="a DataPool variable; default: every DataPool of this session")
     @line_magic
     def datapool(self, line: str):
-        """Stats of your DataPool(s): ``%datapool pool``, or every live pool (yours and the default one)."""
+        """Stats of your DataPool(s): ``%datapool pool``, or every pool in your variables (else the default one).
+
+        ``-o`` returns the stats of the named pool, or of the first one shown.
+        """
         args = parse_argstring(self.datapool, line)
         try:
-            from . import _registry
             from .data import DataPool
         except ImportError as exc:
             print(f"%datapool: the data layer is not available ({exc}).")
@@ -172,20 +174,17 @@ class MemoryMagics(Magics):
                 print(f"%datapool: {args.name!r} is not a DataPool")
                 return None
             pools = {args.name: pool}
-        else:
-            names = {id(v): k for k, v in self.shell.user_ns.items()
-                     if isinstance(v, DataPool) and not k.startswith("_")}
-            pools = {names.get(id(p), f"(a pool of {p.store.root})"): p
-                     for p in _registry.caches() if isinstance(p, DataPool)}
-        if not pools:  # nothing made yet: the default pool, which the library itself uses
-            from .data import default_pool
+        else:  # the pools the user holds in variables; the library's default pool if there are none
+            pools = {k: v for k, v in self.shell.user_ns.items() if isinstance(v, DataPool) and not k.startswith("_")}
+            if not pools:
+                from .data import default_pool
 
-            pools = {"default_pool()": default_pool()}
+                pools = {"default_pool()": default_pool()}
         stats = {name: p.stats() for name, p in pools.items()}
         for name, st in stats.items():
             display(_labelled(name, st))
-        out = next(iter(stats.values())) if len(stats) == 1 else stats
-        return out if args.output else None
+        first = next(iter(stats.values()))
+        return first if args.output else None
 
 
 def _labelled(name: str, stats):

@@ -163,7 +163,8 @@ def equity_overlay(curves: dict[str, pd.Series], title: str) -> Plot:
             continue
         rel = curve / float(curve.iloc[0])
         idx = curve.index.tz_convert(None) if getattr(curve.index, "tz", None) is not None else curve.index
-        fig.line(idx, rel.to_numpy(), legend_label=name[:60], color=colors[k % 10], line_width=1.5)
+        with _no_timezone_notice():
+            fig.line(idx, rel.to_numpy(), legend_label=name[:60], color=colors[k % 10], line_width=1.5)
     if fig.legend:
         fig.legend.location = "top_left"
         fig.legend.click_policy = "hide"

@@ -42,12 +42,14 @@ _ISO_DURATION = re.compile(r"^-?P(\d+)DT(\d+)H(\d+)M(\d+(?:\.\d+)?)S$")
 def format_value(value: Any, digits: int = 2) -> str:
     """One value for reading: ``16.24`` not ``16.237029``, ``94`` not ``94.0``, durations in days.
 
+    Every kind of missing value (None, NaN, pd.NA, NaT) reads the same: blank.
+
     >>> format_value(16.237029), format_value(94.0), format_value(float("nan")), format_value(None)
-    ('16.24', '94', 'NaN', '')
+    ('16.24', '94', '', '')
     >>> format_value("P323DT19H15M0S"), format_value("2023-03-01T12:30:00+00:00")
     ('323 days 19:15', '2023-03-01 12:30')
     """
-    if value is None or value is pd.NaT:
+    if value is None or value is pd.NaT or value is pd.NA:
         return ""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
@@ -56,7 +58,7 @@ def format_value(value: Any, digits: int = 2) -> str:
     if isinstance(value, (float, np.floating)):
         f = float(value)
         if math.isnan(f):
-            return "NaN"
+            return ""
         if f.is_integer() and abs(f) < 1e15:
             return str(int(f))
         return f"{f:,.{digits}f}" if abs(f) >= 1e4 else f"{f:.{digits}f}"

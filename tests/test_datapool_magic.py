@@ -17,10 +17,10 @@ def test_datapool_reports_the_users_pool(lab_home):
         with capture_output() as cap:
             res = ip.run_cell("%datapool -o")
         shown = "".join(str(o.data) for o in cap.outputs)
-        assert res.success and "mine" in shown
+        assert res.success and "mine" in shown and res.result.entries == 1
         with capture_output() as cap:
             ip.run_cell("%datapool df")
         assert "is not a DataPool" in cap.stdout
     finally:
         ip.run_cell("%unload_ext moondev_lab")
-        ip.run_cell("del mine, df")
+        ip.run_cell("mine.clear(); del mine, df; import gc; gc.collect()")  # leave no cache for later tests

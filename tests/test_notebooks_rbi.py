@@ -6,6 +6,7 @@ import re
 import nbformat
 import papermill as pm
 import pytest
+from traitlets.config import Config
 
 from conftest import REPO
 from moondev_lab.memory import read_ledger
@@ -16,8 +17,9 @@ NOTEBOOKS = REPO / "notebooks"
 
 def execute(name: str, tmp_path, **parameters):
     out = tmp_path / name.replace(".ipynb", ".out.ipynb")
+    # IPC transport: no "Kernel is running over TCP without encryption" warning from the kernel
     pm.execute_notebook(str(NOTEBOOKS / name), str(out), kernel_name="python3", parameters=parameters,
-                        progress_bar=False, cwd=str(tmp_path))
+                        progress_bar=False, cwd=str(tmp_path), config=Config({"KernelManager": {"transport": "ipc"}}))
     return out, nbformat.read(str(out), as_version=4)
 
 
