@@ -11,7 +11,6 @@ file whose title names the strategy and the run.
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import threading
@@ -52,14 +51,6 @@ def _in_kernel() -> bool:
     return ip is not None and getattr(ip, "kernel", None) is not None
 
 
-@contextlib.contextmanager
-def _no_timezone_notice():
-    """Bokeh warns on every UTC timestamp it serialises; the chart's axis shows UTC, as the data is."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="no explicit representation of timezones")
-        yield
-
-
 class Plot:
     """A bokeh figure with a title: shows inline in notebooks, saves to one offline HTML file."""
 
@@ -74,8 +65,7 @@ class Plot:
         """A complete HTML page, BokehJS inline: opens without any network."""
         from bokeh.embed import file_html
 
-        with _no_timezone_notice():
-            return file_html(self.figure, _resources(), title=self.title)
+        return file_html(self.figure, _resources(), title=self.title)
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_html` to ``path`` (atomically: a reader never sees half a file)."""
@@ -91,8 +81,7 @@ class Plot:
 
         if _in_kernel():
             _ensure_bokehjs()
-        with _no_timezone_notice():
-            script, div, _doc = notebook_content(self.figure)
+        script, div, _doc = notebook_content(self.figure)
         body = (f"<div class='moondev-plot' title='{html.escape(self.title, quote=True)}'>{div}</div>"
                 f"<script type='text/javascript'>{script}</script>")
         return {"text/html": body, "text/plain": repr(self)}
@@ -115,12 +104,34 @@ def backtest_plot(stats: pd.Series, data: pd.DataFrame, title: str, **kwargs) ->
     """backtesting.py's chart (candles, equity, P/L, trades, volume) for ``stats`` on ``data``."""
     from ._bt_compat import build_plot
 
-    with _no_timezone_notice():
+    stats, data = _naive_utc(stats, data)
+    with warnings.catch_warnings():
         # The chart resamples 31k bars to ~10k candles for the browser, and says so; that is by design here.
         warnings.filterwarnings("ignore", message="Data contains too many candlesticks")
         fig = build_plot(stats, data, **kwargs)
     _set_title(fig, title)
     return Plot(fig, title)
+
+
+def _naive_utc(stats: pd.Series, data: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
+    """Bars, equity and trade times in UTC *without* a timezone, for bokeh.
+
+    Tz-aware times reach bokeh as object arrays, and numpy warns on each conversion
+    ("no explicit representation of timezones"); the axis shows UTC either way.
+    """
+    if getattr(data.index, "tz", None) is None:
+        return stats, data
+    data = data.copy(deep=False)
+    data.index = data.index.tz_convert(None)
+    equity = stats["_equity_curve"].copy(deep=False)
+    equity.index = data.index
+    trades = stats["_trades"].copy(deep=False)
+    for col in ("EntryTime", "ExitTime"):
+        if col in trades and getattr(trades[col].dt, "tz", None) is not None:
+            trades[col] = trades[col].dt.tz_convert(None)
+    stats = stats.copy()
+    stats["_equity_curve"], stats["_trades"] = equity, trades
+    return stats, data
 
 
 def _set_title(fig, title: str) -> None:
@@ -139,8 +150,7 @@ def heatmap_plot(heatmap: pd.Series, title: str, agg: str = "max") -> Plot:
     if heatmap.index.nlevels >= 2:
         from ._bt_compat import build_heatmaps
 
-        with _no_timezone_notice():
-            fig = build_heatmaps(heatmap, agg=agg, ncols=min(3, heatmap.index.nlevels), plot_width=900)
+        fig = build_heatmaps(heatmap, agg=agg, ncols=min(3, heatmap.index.nlevels), plot_width=900)
         _set_title(fig, title)
         return Plot(fig, title)
     x = [str(v) for v in heatmap.index]
@@ -163,8 +173,7 @@ def equity_overlay(curves: dict[str, pd.Series], title: str) -> Plot:
             continue
         rel = curve / float(curve.iloc[0])
         idx = curve.index.tz_convert(None) if getattr(curve.index, "tz", None) is not None else curve.index
-        with _no_timezone_notice():
-            fig.line(idx, rel.to_numpy(), legend_label=name[:60], color=colors[k % 10], line_width=1.5)
+        fig.line(idx, rel.to_numpy(), legend_label=name[:60], color=colors[k % 10], line_width=1.5)
     if fig.legend:
         fig.legend.location = "top_left"
         fig.legend.click_policy = "hide"
