@@ -195,9 +195,8 @@ def cmd_backtest(a: argparse.Namespace) -> int:
     res = run_file(a.path, ref, timeout=a.timeout, settings=settings)
     plot_path = None
     if res.ok:
-        run = BacktestRun.from_result(res, {k: v for k, v in ref.resolved().items() if k != "root"},
-                                      settings.kwargs(), f"{res.strategy} - {Path(a.path).name} "
-                                      f"({a.symbol} {a.timeframe})")
+        title = f"{res.strategy} - {Path(a.path).name} ({a.symbol} {a.timeframe})"
+        run = BacktestRun.from_result(res, ref.resolved(), settings.kwargs(), title)
         plot_path = Path(a.plot) if a.plot else _backtest_dir(Path(a.path).stem) / "plot.html"
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         run.plot().save(plot_path)

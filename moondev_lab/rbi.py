@@ -420,9 +420,7 @@ def _is_model_unavailable(exc: BaseException) -> bool:
 
 
 def _ref_fields(ref: Any) -> dict:
-    d = ref.resolved()
-    d.pop("root", None)  # the store is found again from MOONDEV_LAB_HOME when the run is loaded
-    return d
+    return ref.resolved()  # with the store's root: a run loads its bars from the store it ran on
 
 
 def _slim(stats: dict | None) -> dict:

@@ -246,12 +246,19 @@ class BacktestRun:
     # -- data
     @cached_property
     def market_data(self) -> pd.DataFrame:
-        """The OHLCV bars this run saw, from the pool (memory-mapped, no copy)."""
-        from .data import default_pool
+        """The OHLCV bars this run saw, from the pool (memory-mapped, no copy).
+
+        From the store the run used when it is still there (the demo's, say), else from
+        the current one (``$MOONDEV_LAB_HOME``).
+        """
+        from . import config
+        from .data import DataPool, default_pool
 
         d = self.data
-        return default_pool().get(d["symbol"], d["timeframe"], source=d.get("source"),
-                                  start=d.get("start"), end=d.get("end"))
+        root = d.get("root")
+        own = root and Path(root).is_dir() and Path(root).resolve() != config.store_dir().resolve()
+        pool = DataPool(root) if own else default_pool()
+        return pool.get(d["symbol"], d["timeframe"], source=d.get("source"), start=d.get("start"), end=d.get("end"))
 
     @cached_property
     def trades(self) -> pd.DataFrame:
@@ -453,7 +460,7 @@ class IdeaResult:
 
     def to_json(self) -> dict:
         """Everything except the code and the full backtests, JSON-able."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("code", "equity_exact")}
+        return {k: v for k, v in self.to_dict().items() if k != "code"}
 
 
 # ----------------------------------------------------------------------------- many ideas
