@@ -33,6 +33,10 @@ _LAZY = {
     "BrokerCore": "moondev_lab.broker",
     # RBI loop
     "run_rbi": "moondev_lab.rbi",
+    "load_run": "moondev_lab.results",
+    "IdeaResult": "moondev_lab.results",
+    "RBIReport": "moondev_lab.results",
+    "RBIConfig": "moondev_lab.rbi",
     "Ledger": "moondev_lab.ledger",
     "run_notebooks": "moondev_lab.batch",
     # robustness: deflated Sharpe, PBO, walk-forward (issue 15)
@@ -69,9 +73,11 @@ def __getattr__(name: str):
 
 
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext moondev_lab``: register the memory magics."""
+    """``%load_ext moondev_lab``: register the memory magics; plots render offline (inline BokehJS)."""
+    from .plotting import quiet_notebook_detection
     from .magics import load_ipython_extension as _load
 
+    quiet_notebook_detection()
     _load(ipython)
 
 

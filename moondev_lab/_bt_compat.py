@@ -17,7 +17,9 @@ OrderLog(SmaCross: 1367 decisions (orders=684, sltp=0, closes=683, cancels=0), s
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from functools import partial
 
 import backtesting
@@ -267,3 +269,51 @@ def strategy_params(stats: pd.Series, names) -> dict:
     """The values of parameters ``names`` on the strategy instance a run used (``stats._strategy``)."""
     strategy = stats._strategy
     return {name: getattr(strategy, name) for name in names}
+
+
+# ------------------------------------------------------------------ plotting (no show, no global reset, no tracking)
+_plot_lock = threading.Lock()
+
+
+def drawdown_duration(drawdown: pd.Series) -> pd.Series:
+    """backtesting.py's ``DrawdownDuration`` column of ``_equity_curve`` for a drawdown series."""
+    from backtesting._stats import compute_drawdown_duration_peaks
+
+    duration, _peaks = compute_drawdown_duration_peaks(drawdown)
+    return duration
+
+
+@contextlib.contextmanager
+def _silent_plotting():
+    """backtesting.py's plotting with its show, global reset and remote tracking hook switched off.
+
+    ``backtesting._plotting.plot`` always resets bokeh's global output state, shows
+    the figure (CDN resources, or a file named after the strategy) and adds a
+    document hook that loads a tracking iframe from the internet. Those three
+    module-level hooks become no-ops, under a lock, for the duration of one call;
+    the caller decides how to render (inline resources).
+    """
+    import backtesting._plotting as plotting
+
+    names = ("show", "_bokeh_reset", "_add_popcon")
+    with _plot_lock:
+        saved = {n: getattr(plotting, n) for n in names}
+        for n in names:
+            setattr(plotting, n, lambda *a, **k: None)
+        try:
+            yield plotting
+        finally:
+            for n, f in saved.items():
+                setattr(plotting, n, f)
+
+
+def build_plot(results: pd.Series, df: pd.DataFrame, **kwargs):
+    """backtesting.py's interactive figure for ``results`` on ``df``, *without* showing or saving it."""
+    with _silent_plotting() as plotting:
+        return plotting.plot(results=results, df=df, indicators=[], open_browser=False, **kwargs)
+
+
+def build_heatmaps(heatmap: pd.Series, agg: str = "max", ncols: int = 3, plot_width: int = 1200):
+    """backtesting.py's ``plot_heatmaps`` figure, without showing it."""
+    with _silent_plotting() as plotting:
+        return plotting.plot_heatmaps(heatmap, agg, ncols, plot_width=plot_width, open_browser=False)

@@ -16,7 +16,7 @@ ledger with its records in one transaction, so ``resume=`` skips exactly what fi
 Notebook batches over parameter sets (no ideas):
 
 >>> from moondev_lab.batch import run_notebooks
->>> report = run_notebooks("notebooks/01_data_pool.ipynb",
+>>> report = run_notebooks("notebooks/01_data.ipynb",
 ...                        [{"start": "2023-02-01"}, {"start": "2023-05-01"}])   # doctest: +SKIP
 >>> report.table()[["start", "status", "max_cell_peak_mib"]]                    # doctest: +SKIP
 

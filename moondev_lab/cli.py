@@ -135,19 +135,27 @@ def read_ideas(path: str) -> list[str]:
 
 
 def _rbi_report(report, as_json: bool, board=None) -> None:
+    from .results import formatted
+
     if as_json:
         _print_json(report.to_json())
         return
     print(report)
+    print(f"\nresults: run folders under {report.runs_dir}\n         ledger {report.ledger_path}")
+    for r in report.results:
+        if r.run_dir:
+            print(f"  run {r.run_id}: {r.run_dir}")
     if board is not None and len(board):
-        print("\nleaderboard (out-of-sample, held-out last 30% of the data):")
-        print(board.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+        print(f"\nleaderboard (out-of-sample, held-out last 30% of the data; fewer than {report.min_trades} "
+              "OOS trades ranked below):")
+        print(formatted(board).to_string(index=False))
 
 
 def _rbi_config(a: argparse.Namespace):
     from .rbi import RBIConfig
 
-    given = {k: getattr(a, k) for k in ("symbol", "timeframe", "source", "max_debug", "max_optimize", "grid_engine")}
+    given = {k: getattr(a, k, None) for k in ("symbol", "timeframe", "source", "max_debug", "max_optimize",
+                                             "grid_engine", "force", "min_trades")}
     return RBIConfig(**{k: v for k, v in given.items() if v is not None})  # unset: RBIConfig's own default
 
 
@@ -164,41 +172,85 @@ def cmd_rbi(a: argparse.Namespace) -> int:
     if not ideas:
         raise ValueError("give an idea in quotes, --ideas FILE, or --from SOURCE")
     ledger = Ledger()
-    report = run_rbi(ideas, model=a.model, cfg=_rbi_config(a), ledger=ledger, parallel=a.parallel,
+    cfg = _rbi_config(a)
+    report = run_rbi(ideas, model=a.model, cfg=cfg, ledger=ledger, parallel=a.parallel,
                      progress=not a.json)
-    _rbi_report(report, a.json, ledger.leaderboard(limit=10))
-    return 0 if any(r.status == "ok" for r in report.results) else 1
+    _rbi_report(report, a.json, ledger.leaderboard(limit=10, min_trades=cfg.min_trades))
+    return 0 if any(r.status in ("ok", "skipped") for r in report.results) else 1
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    import os
+
     from . import config
     from .data import ensure_sample
     from .ledger import Ledger
     from .rbi import run_rbi
 
+    # The demo keeps its whole state (store, ledger, run folders) under its own home, so it never
+    # mixes with your runs; each demo adds new runs (forced), it never overwrites earlier ones.
+    demo_home = config.demo_home()
+    os.environ["MOONDEV_LAB_HOME"] = str(demo_home)
     m = ensure_sample()
     if not a.json:
-        print(f"store: {config.store_dir()}\nseries: {m.symbol} {m.timeframe}, {m.rows} candles {m.first} .. {m.last}")
+        print(f"demo home: {demo_home} (store, ledger.sqlite and runs/ of the demo)")
+        print(f"series: {m.symbol} {m.timeframe}, {m.rows} candles {m.first} .. {m.last}")
         print(f"running the RBI loop offline on {len(DEMO_IDEAS)} example ideas ...")
-    demo_ledger = config.home() / "demo" / "ledger.sqlite"
-    for f in demo_ledger.parent.glob("ledger.sqlite*"):
-        f.unlink()  # the demo always runs the loop afresh
-    ledger = Ledger(demo_ledger)
-    report = run_rbi(DEMO_IDEAS, model="offline", cfg=_rbi_config(a), ledger=ledger, progress=not a.json)
-    _rbi_report(report, a.json, ledger.leaderboard(limit=10))
+    ledger = Ledger(config.ledger_path())
+    cfg = _rbi_config(a)
+    cfg.force = True
+    report = run_rbi(DEMO_IDEAS, model="offline", cfg=cfg, ledger=ledger, progress=not a.json)
+    _rbi_report(report, a.json, ledger.leaderboard(limit=10, min_trades=cfg.min_trades))
+    if not a.json:
+        print(f"\nnext: look at a run with  .venv/bin/moondev-lab runs show {report.results[0].run_id} "
+              f"--ledger {ledger.path}")
+        print("      (or `source .venv/bin/activate` once, then plain `moondev-lab ...`; "
+              "notebooks/00_quickstart.ipynb walks the same loop)")
     return 0 if any(r.status == "ok" for r in report.results) else 1
 
 
 def cmd_backtest(a: argparse.Namespace) -> int:
-    from .sandbox import DataRef, run_file
+    from pathlib import Path
 
-    res = run_file(a.path, DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end),
-                   timeout=a.timeout)
+    from .codeextract import extract_code
+    from .results import BacktestRun, explain_error, format_value, stats_table
+    from .sandbox import BacktestSettings, DataRef, run_file
+
+    settings = BacktestSettings(cash=a.cash, commission=a.commission)
+    ref = DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end)
+    res = run_file(a.path, ref, timeout=a.timeout, settings=settings)
+    plot_path = None
+    if res.ok:
+        title = f"{res.strategy} - {Path(a.path).name} ({a.symbol} {a.timeframe})"
+        run = BacktestRun.from_result(res, ref.resolved(), settings.kwargs(), title)
+        plot_path = Path(a.plot) if a.plot else _backtest_dir(Path(a.path).stem) / "plot.html"
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        run.plot().save(plot_path)
     if a.json:
-        _print_json(res.to_dict())
-    else:
-        print(res)
-    return 0 if res.ok else 1
+        _print_json({**res.to_dict(), "settings": settings.kwargs(), "plot_html": None,
+                     "plot_path": str(plot_path) if plot_path else None})
+        return 0 if res.ok else 1
+    if not res.ok:
+        try:
+            code = extract_code(Path(a.path).read_text(encoding="utf-8", errors="replace"))
+        except Exception:  # noqa: BLE001 - the error itself says the code could not be read
+            code = ""
+        print(f"backtest failed: {explain_error(res.error, code)}")
+        return 1
+    print(f"{res.strategy} on {a.symbol} {a.timeframe}: {format_value(res.stats.get('Start'))} .. "
+          f"{format_value(res.stats.get('End'))}")
+    print(f"cash {settings.cash:,.0f}, commission {settings.commission:.2%} of each trade's value, per side")
+    print(stats_table(res.stats))
+    print(f"plot: {plot_path}")
+    return 0
+
+
+def _backtest_dir(stem: str):
+    import time
+
+    from . import config
+
+    return config.home() / "backtests" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _batch_notebook_params(a: argparse.Namespace) -> int:
@@ -233,6 +285,11 @@ def _batch_notebook_params(a: argparse.Namespace) -> int:
         _print_json(report.table().to_dict("records"))
     else:
         print(report)
+        outputs = report.table().get("output")
+        if outputs is not None and len(outputs):
+            from pathlib import Path
+
+            print(f"executed notebooks in {Path(outputs.iloc[0]).parent}")
     return 0 if report.ok else 1
 
 
@@ -278,6 +335,82 @@ def cmd_batch(a: argparse.Namespace) -> int:
         print(f"interrupted; carry on with: moondev-lab batch --resume {totals['out']}", file=sys.stderr)
         return 130
     return 0 if totals["ok"] or not totals["failed"] else 1
+
+
+# ----- runs -------------------------------------------------------------------------
+def _ledger(a: argparse.Namespace):
+    from pathlib import Path
+
+    from .ledger import Ledger
+
+    if a.ledger and not Path(a.ledger).exists():
+        raise FileNotFoundError(f"no ledger at {a.ledger}")
+    return Ledger(a.ledger) if a.ledger else Ledger()
+
+
+def cmd_runs_ls(a: argparse.Namespace) -> int:
+    from .results import formatted
+
+    runs = _ledger(a).runs(limit=a.limit)
+    if a.json:
+        _print_json(runs.to_dict("records"))
+        return 0
+    shown = runs.assign(idea=runs["idea"].str.slice(0, 50), symbol=runs["symbol"].fillna("?"),
+                        timeframe=runs["timeframe"].fillna("?"))
+    cols = ["run_id", "idea", "symbol", "timeframe", "model", "status", "error_kind", "run_dir"]
+    print(formatted(shown[cols]).to_string(index=False) if len(shown) else "(no runs yet)")
+    return 0
+
+
+def _load(a: argparse.Namespace):
+    from .results import load_run
+
+    return load_run(a.run_id, _ledger(a))
+
+
+def cmd_runs_show(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .results import formatted
+
+    r = _load(a)
+    plot_path = None
+    if a.plot:
+        plot_path = Path(r.run_dir) / "plot.html" if r.run_dir else None
+        if plot_path is None or not plot_path.exists():  # a run folder is never rewritten: a fresh file instead
+            plot_path = _backtest_dir(f"run-{r.run_id}") / "plot.html"
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            r.plot().save(plot_path)
+    if a.json:
+        _print_json({**r.to_json(), "plot_path": str(plot_path) if plot_path else None})
+        return 0
+    print(r)
+    if r.datasets:
+        print("\nper quarter:\n" + formatted(r.per_quarter).to_string())
+    if r.run_dir:
+        print(f"\nrun folder: {r.run_dir}")
+    if plot_path:
+        print(f"plot: {plot_path}")
+    return 0
+
+
+def cmd_runs_export(a: argparse.Namespace) -> int:
+    r = _load(a)
+    if not (a.trades or a.equity):
+        raise ValueError("say what to export: --trades FILE.csv and/or --equity FILE.csv")
+    written = {}
+    if a.trades:
+        r.trades.to_csv(a.trades, index=False)
+        written["trades"] = {"path": a.trades, "rows": len(r.trades)}
+    if a.equity:
+        r.equity.to_csv(a.equity, index_label="time")
+        written["equity"] = {"path": a.equity, "rows": len(r.equity)}
+    if a.json:
+        _print_json(written)
+    else:
+        for what, w in written.items():
+            print(f"{w['rows']} {what} rows of run {r.run_id} written to {w['path']}")
+    return 0
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
@@ -352,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         data_args(sp)
         sp.add_argument("--max-debug", type=int, help="debug-loop iterations (default 3)")
         sp.add_argument("--max-optimize", type=int, help="optimize-loop iterations (default 2)")
+        sp.add_argument("--min-trades", type=int,
+                        help="fewer out-of-sample trades than this are flagged 'too few trades' (default 10)")
         sp.add_argument("--grid-engine", choices=["pool", "backtesting"],
                         help="parameter grid on the sandbox pool (default), or with backtesting.py's own "
                              "Backtest.optimize")
@@ -363,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an idea from an article URL, a PDF, a YouTube URL or a .txt/.md file (repeatable)")
     sp.add_argument("--model", default="auto", help="offline, auto (Claude if ANTHROPIC_API_KEY is set) or a Claude model")
     sp.add_argument("--parallel", type=int, help="ideas in flight at once")
+    sp.add_argument("--force", action="store_true", default=None,
+                    help="run ideas again even if done or given up on this symbol/timeframe/model")
     loop_args(sp)
     sp = add(sub, "backtest", cmd_backtest, "run a strategy file in the sandbox on pooled data")
     sp.add_argument("path")
@@ -370,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start")
     sp.add_argument("--end")
     sp.add_argument("--timeout", type=float, default=120.0)
+    sp.add_argument("--cash", type=float, default=1_000_000, help="starting cash (default 1,000,000)")
+    sp.add_argument("--commission", type=float, default=0.001,
+                    help="commission as a fraction of each trade's value, per side (default 0.001 = 0.1%%)")
+    sp.add_argument("--plot", metavar="PATH", help="where to write plot.html (default: a new folder under "
+                    "$MOONDEV_LAB_HOME/backtests/)")
     sp = add(sub, "batch", cmd_batch, "run a batch of ideas through the RBI loop on Dask, with a leaderboard "
              "(or, with --params, one notebook over parameter sets)")
     sp.add_argument("ideas", nargs="?", metavar="IDEAS", help="IDEAS: a text file (one per line) or a CSV with an 'idea' column; "
@@ -397,6 +539,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--params", help="notebook batch: a JSON list of parameter objects, or a CSV with one run per row")
     sp.add_argument("--parallel", type=int, default=2, help="notebook batch: kernels at once")
     sp.add_argument("--dask-workers", type=int, default=0, help="notebook batch: on a local Dask cluster of N workers")
+    runs = sub.add_parser("runs", help="past RBI runs").add_subparsers(dest="runs_command", required=True)
+
+    def ledger_arg(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--ledger", help="a ledger file (default $MOONDEV_LAB_HOME/ledger.sqlite; the demo's is "
+                        "$MOONDEV_LAB_HOME/demo/ledger.sqlite)")
+        return sp
+
+    ledger_arg(add(runs, "ls", cmd_runs_ls, "list runs, newest first")).add_argument("--limit", type=int)
+    sp = ledger_arg(add(runs, "show", cmd_runs_show, "one run: stats in and out of sample, per quarter, folder"))
+    sp.add_argument("run_id", type=int)
+    sp.add_argument("--plot", action="store_true", help="print the path of the run's plot.html (made if missing)")
+    sp = ledger_arg(add(runs, "export", cmd_runs_export, "write a run's trades or equity curve to CSV"))
+    sp.add_argument("run_id", type=int)
+    sp.add_argument("--trades", metavar="FILE.csv")
+    sp.add_argument("--equity", metavar="FILE.csv")
     add(sub, "doctor", cmd_doctor, "health check: memory, CPU, disk, cgroup limit, store")
     loop_args(add(sub, "demo", cmd_demo, "run the RBI loop offline on the bundled data, ending with a leaderboard"))
     return p
@@ -409,15 +566,24 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataValidationError, StoreError
     from .data.fetch import FetchError
     from .errors import MoondevError
+    from .models import ModelUnavailable
 
     try:
         return args.handler(args)
-    except (MoondevError, DataValidationError, StoreError, FetchError, FileNotFoundError, ValueError) as e:
+    except (MoondevError, DataValidationError, StoreError, FetchError, FileNotFoundError, ValueError,
+            ModelUnavailable) as e:
         if getattr(args, "json", False):
             _print_json({"error": type(e).__name__, "message": str(e)})
         else:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `moondev-lab runs ls | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and stop quietly.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

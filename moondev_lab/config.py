@@ -47,3 +47,8 @@ def runs_dir() -> Path:
 def ledger_path() -> Path:
     """The SQLite results ledger."""
     return _inside_home("ledger.sqlite")
+
+
+def demo_home() -> Path:
+    """Where ``moondev-lab demo`` keeps its whole state (store, ledger, runs): ``<home>/demo``."""
+    return home() / "demo"

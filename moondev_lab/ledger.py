@@ -5,28 +5,42 @@
 >>> idea = led.add_idea("Buy when RSI(14) < 30,  sell when RSI > 70")
 >>> idea.id == led.add_idea("buy when rsi(14) < 30, sell when rsi > 70.").id   # deduped
 True
+>>> exp = led.experiment(idea.id, "BTC/USD", "15m", "offline")
+>>> led.may_run(exp), exp.key
+(True, ('BTC/USD', '15m', 'offline'))
 
-Ideas are deduplicated on normalised text and carry a failure budget: an
-idea that failed ``failure_budget`` times is marked ``gave_up`` and is never
-run again, so a batch cannot loop forever on one bad idea.
+An idea's text is deduplicated; what is run, skipped or given up is an
+*experiment*: one idea on one symbol and timeframe with one model. Each
+experiment carries a failure budget: once it failed ``failure_budget`` times it
+is given up and not run again (unless forced), so a batch cannot loop forever on
+one bad idea. A model outage is not the idea's fault: it is recorded as
+``model_unavailable``, left to be retried, and never charged to the budget.
+
+The file has a schema version (``PRAGMA user_version``); opening an older ledger
+upgrades it in place, inside one transaction, keeping every row. Several
+processes may write one ledger at once: WAL, a busy timeout, and short
+``BEGIN IMMEDIATE`` transactions.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import sqlite3
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 
 from . import config
 
-SCHEMA = """
+#: Version 1 is the schema of the first releases (no user_version set, ideas keyed on text only).
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS ideas (
     id INTEGER PRIMARY KEY, text TEXT NOT NULL, norm_hash TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL DEFAULT 'new', failures INTEGER NOT NULL DEFAULT 0, last_error TEXT,
@@ -46,6 +60,55 @@ CREATE TABLE IF NOT EXISTS usage (
     cost_usd REAL NOT NULL DEFAULT 0, created TEXT NOT NULL DEFAULT (datetime('now')));
 """
 
+#: Version 2: experiments (idea x symbol x timeframe x model) carry status and failure budget;
+#: runs record their symbol, timeframe and money settings; the ledger gets a unique id (run folders
+#: are named with it, so two ledgers never share one). Rows written by version 1 keep their data;
+#: their symbol and timeframe were never recorded, so they stay NULL ("?" in tables).
+_SCHEMA_V2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE experiments (
+    id INTEGER PRIMARY KEY, idea_id INTEGER NOT NULL REFERENCES ideas(id),
+    symbol TEXT, timeframe TEXT, model TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'new', failures INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    created TEXT NOT NULL DEFAULT (datetime('now')),
+    UNIQUE (idea_id, symbol, timeframe, model));
+ALTER TABLE runs ADD COLUMN experiment_id INTEGER REFERENCES experiments(id);
+ALTER TABLE runs ADD COLUMN symbol TEXT;
+ALTER TABLE runs ADD COLUMN timeframe TEXT;
+ALTER TABLE runs ADD COLUMN settings TEXT;
+CREATE INDEX runs_experiment ON runs(experiment_id);
+-- version-1 history: one experiment per (idea, model) that ran, carrying the idea's status and budget
+INSERT INTO experiments (idea_id, symbol, timeframe, model, status, failures, last_error)
+    SELECT DISTINCT r.idea_id, NULL, NULL, r.model, i.status, i.failures, i.last_error
+    FROM runs r JOIN ideas i ON i.id = r.idea_id;
+UPDATE runs SET experiment_id = (SELECT e.id FROM experiments e
+                                 WHERE e.idea_id = runs.idea_id AND e.model = runs.model AND e.symbol IS NULL);
+"""
+
+
+def _migrate_v2(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V2):
+        db.execute(statement)
+    db.execute("INSERT INTO meta(key, value) VALUES ('ledger_id', ?)", (uuid.uuid4().hex,))
+
+
+def _statements(script: str) -> list[str]:
+    body = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+def _migrate_v1(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V1):
+        db.execute(statement)
+
+
+#: ``MIGRATIONS[k]`` upgrades a ledger from version ``k`` to ``k + 1``; append, never edit.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: Statuses after which an experiment is not run again unless forced.
+_FINAL = ("done", "gave_up")
+
 
 def normalise_idea(text: str) -> str:
     """Lower-case, single-spaced, without trailing punctuation: the dedup key."""
@@ -61,32 +124,78 @@ def _loads(s: str | None) -> Any:
     return None if s is None else json.loads(s)
 
 
+class LedgerError(ValueError):
+    """A ledger that cannot be used: newer than this code, or a missing run."""
+
+
 @dataclass(frozen=True)
 class Idea:
     id: int
     text: str
-    status: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One idea on one symbol and timeframe with one model: what is run, skipped or given up."""
+
+    id: int
+    idea_id: int
+    text: str
+    symbol: str | None
+    timeframe: str | None
+    model: str
+    status: str  # new | running | done | failed | retry | gave_up
     failures: int
     last_error: str | None
 
+    @property
+    def key(self) -> tuple:
+        return (self.symbol, self.timeframe, self.model)
+
+    def why_not_run(self) -> str:
+        """Why a finished experiment is skipped, in words."""
+        where = f"on {self.symbol} {self.timeframe} with {self.model}"
+        if self.status == "gave_up":
+            last = f" (last: {self.last_error[:200]})" if self.last_error else ""
+            return f"gave up after {self.failures} failures {where}{last}; use force=True (--force) to run it again"
+        return f"already done {where}; use force=True (--force) to run it again"
+
 
 class Ledger:
-    """Thread-safe SQLite ledger (one connection, WAL, a lock around each statement)."""
+    """Thread- and process-safe SQLite ledger (WAL, busy timeout, short transactions)."""
 
-    def __init__(self, path: str | Path | None = None, failure_budget: int = 3):
+    def __init__(self, path: str | Path | None = None, failure_budget: int = 3, busy_timeout_s: float = 60.0):
         self.path = str(path) if path is not None else str(config.ledger_path())
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.failure_budget = failure_budget
         # Re-entrant: a transaction() holds it while the calls inside it take it again.
         self._lock = threading.RLock()
-        # timeout= is SQLite's busy timeout: writers from other processes wait, never "database is locked".
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=busy_timeout_s)
         self._db.row_factory = sqlite3.Row
-        with self._lock:
-            if self.path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._upgrade()
+        self.ledger_id: str = self._one("SELECT value FROM meta WHERE key='ledger_id'")[0]
+
+    def _upgrade(self) -> None:
+        """Run the missing migrations, all in one transaction: an upgrade is complete or absent."""
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerError(f"{self.path} has ledger schema version {version}, newer than this "
+                                  f"moondev_lab ({SCHEMA_VERSION}); upgrade moondev_lab to open it")
+            for migrate in MIGRATIONS[version:]:
+                migrate(db)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._one("PRAGMA user_version")[0]
 
     def __repr__(self) -> str:
         n = self._one("SELECT count(*) FROM ideas")[0]
@@ -95,6 +204,18 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _exec(self, sql: str, args: Iterable = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -122,38 +243,75 @@ class Ledger:
                 raise
             self._db.execute("COMMIT")
 
-    # ----- ideas ---------------------------------------------------------------------
+    def _all(self, sql: str, args: Iterable = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # ----- ideas and experiments ---------------------------------------------------------
     def add_idea(self, text: str) -> Idea:
         """Insert an idea, or return the existing one with the same normalised text."""
         h = hashlib.sha256(normalise_idea(text).encode()).hexdigest()
-        self._exec("INSERT OR IGNORE INTO ideas(text, norm_hash) VALUES (?, ?)", (text.strip(), h))
-        return self._idea(self._one("SELECT * FROM ideas WHERE norm_hash=?", (h,)))
-
-    @staticmethod
-    def _idea(row: sqlite3.Row) -> Idea:
-        return Idea(row["id"], row["text"], row["status"], row["failures"], row["last_error"])
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO ideas(text, norm_hash) VALUES (?, ?)", (text.strip(), h))
+            row = db.execute("SELECT id, text FROM ideas WHERE norm_hash=?", (h,)).fetchone()
+        return Idea(row["id"], row["text"])
 
     def idea(self, idea_id: int) -> Idea:
-        return self._idea(self._one("SELECT * FROM ideas WHERE id=?", (idea_id,)))
+        row = self._one("SELECT id, text FROM ideas WHERE id=?", (idea_id,))
+        if row is None:
+            raise LedgerError(f"no idea {idea_id} in {self.path}")
+        return Idea(row["id"], row["text"])
 
-    def may_run(self, idea: Idea) -> bool:
-        """False once the idea has succeeded or used up its failure budget."""
-        current = self.idea(idea.id)
-        return current.status not in ("done", "gave_up")
+    _EXPERIMENT = ("SELECT e.id, e.idea_id, i.text, e.symbol, e.timeframe, e.model, e.status, e.failures, "
+                   "e.last_error FROM experiments e JOIN ideas i ON i.id = e.idea_id ")
 
-    def record_failure(self, idea_id: int, error: str) -> Idea:
-        self._exec("UPDATE ideas SET failures=failures+1, last_error=?, "
-                   "status=CASE WHEN failures+1 >= ? THEN 'gave_up' ELSE 'failed' END WHERE id=?",
-                   (error[:2000], self.failure_budget, idea_id))
-        return self.idea(idea_id)
+    def experiment(self, idea: Idea | int | str, symbol: str, timeframe: str, model: str) -> Experiment:
+        """The experiment of ``idea`` on ``symbol``/``timeframe`` with ``model``, created on first use."""
+        if isinstance(idea, str):
+            idea = self.add_idea(idea)
+        idea_id = idea.id if isinstance(idea, Idea) else int(idea)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO experiments(idea_id, symbol, timeframe, model) VALUES (?,?,?,?)",
+                       (idea_id, symbol, timeframe, model))
+            row = db.execute(self._EXPERIMENT + "WHERE e.idea_id=? AND e.symbol=? AND e.timeframe=? AND e.model=?",
+                             (idea_id, symbol, timeframe, model)).fetchone()
+        return Experiment(*row)
 
-    def record_success(self, idea_id: int) -> None:
-        self._exec("UPDATE ideas SET status='done', last_error=NULL WHERE id=?", (idea_id,))
+    def experiment_by_id(self, experiment_id: int) -> Experiment:
+        row = self._one(self._EXPERIMENT + "WHERE e.id=?", (experiment_id,))
+        if row is None:
+            raise LedgerError(f"no experiment {experiment_id} in {self.path}")
+        return Experiment(*row)
+
+    def may_run(self, experiment: Experiment) -> bool:
+        """False once the experiment succeeded or used up its failure budget."""
+        return self.experiment_by_id(experiment.id).status not in _FINAL
+
+    def record_failure(self, experiment_id: int, error: str, *, charge: bool = True) -> Experiment:
+        """Count a failure against the budget; ``charge=False`` (a model outage) only marks it for a retry."""
+        if charge:
+            self._exec("UPDATE experiments SET failures=failures+1, last_error=?, "
+                       "status=CASE WHEN failures+1 >= ? THEN 'gave_up' ELSE 'failed' END WHERE id=?",
+                       (error[:2000], self.failure_budget, experiment_id))
+        else:
+            self._exec("UPDATE experiments SET status='retry', last_error=? WHERE id=?", (error[:2000], experiment_id))
+        return self.experiment_by_id(experiment_id)
+
+    def record_success(self, experiment_id: int) -> None:
+        self._exec("UPDATE experiments SET status='done', last_error=NULL WHERE id=?", (experiment_id,))
+
+    def last_ok_run(self, experiment_id: int) -> int | None:
+        row = self._one("SELECT max(id) FROM runs WHERE experiment_id=? AND status='ok'", (experiment_id,))
+        return row[0]
 
     # ----- runs ----------------------------------------------------------------------
-    def start_run(self, idea_id: int, model: str) -> int:
-        self._exec("UPDATE ideas SET status='running' WHERE id=?", (idea_id,))
-        return self._exec("INSERT INTO runs(idea_id, model) VALUES (?, ?)", (idea_id, model)).lastrowid
+    def start_run(self, experiment: Experiment, settings: dict | None = None) -> int:
+        with self._tx() as db:
+            db.execute("UPDATE experiments SET status='running' WHERE id=?", (experiment.id,))
+            return db.execute("INSERT INTO runs(idea_id, experiment_id, model, symbol, timeframe, settings) "
+                              "VALUES (?,?,?,?,?,?)",
+                              (experiment.idea_id, experiment.id, experiment.model, experiment.symbol,
+                               experiment.timeframe, _dumps(settings))).lastrowid
 
     def add_code(self, run_id: int, stage: str, iteration: int, code: str,
                  error: str | None = None, stats: dict | None = None) -> int:
@@ -174,29 +332,44 @@ class Ledger:
                    (status, error_kind, (error_message or "")[:4000] or None, _dumps(in_sample), _dumps(out_of_sample),
                     _dumps(datasets), _dumps(params), int(saved), run_dir, run_id))
 
+    _RUN = ("SELECT r.*, i.text AS idea FROM runs r JOIN ideas i ON i.id = r.idea_id ")
+
     def run(self, run_id: int) -> dict:
-        row = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
+        row = self._one(self._RUN + "WHERE r.id=?", (run_id,))
+        if row is None:
+            raise LedgerError(f"no run {run_id} in {self.path}")
         out = dict(row)
-        for k in ("in_sample", "out_of_sample", "datasets", "params"):
+        for k in ("in_sample", "out_of_sample", "datasets", "params", "settings"):
             out[k] = _loads(out[k])
         return out
 
+    def runs(self, limit: int | None = None) -> pd.DataFrame:
+        """Every run, newest first: ``run_id, idea, symbol, timeframe, model, status, error, run_dir``..."""
+        rows = self._all(self._RUN + "ORDER BY r.id DESC" + (f" LIMIT {int(limit)}" if limit else ""))
+        recs = [{"run_id": r["id"], "idea": r["idea"], "symbol": r["symbol"], "timeframe": r["timeframe"],
+                 "model": r["model"], "status": r["status"], "error_kind": r["error_kind"],
+                 "error": r["error_message"], "run_dir": r["run_dir"], "started": r["started"],
+                 "finished": r["finished"]} for r in rows]
+        return pd.DataFrame(recs, columns=["run_id", "idea", "symbol", "timeframe", "model", "status", "error_kind",
+                                           "error", "run_dir", "started", "finished"])
+
     def code_versions(self, run_id: int) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM code_versions WHERE run_id=? ORDER BY id", (run_id,)).fetchall()
+        rows = self._all("SELECT * FROM code_versions WHERE run_id=? ORDER BY id", (run_id,))
         return [{**dict(r), "stats": _loads(r["stats"])} for r in rows]
 
     # ----- reports -------------------------------------------------------------------
-    def leaderboard(self, metric: str = "Return [%]", limit: int = 20) -> pd.DataFrame:
-        """Best finished runs by out-of-sample ``metric``."""
-        with self._lock:
-            rows = self._db.execute("SELECT r.id, i.text, r.model, r.in_sample, r.out_of_sample, r.params "
-                                    "FROM runs r JOIN ideas i ON i.id=r.idea_id WHERE r.status='ok'").fetchall()
-        recs = [{"run": r["id"], "idea": r["text"][:60], "model": r["model"],
+    def leaderboard(self, metric: str = "Return [%]", limit: int = 20, min_trades: int = 10) -> pd.DataFrame:
+        """Best finished runs by out-of-sample ``metric``; runs with too few OOS trades ranked below."""
+        rows = self._all("SELECT r.id, i.text, r.model, r.symbol, r.timeframe, r.in_sample, r.out_of_sample, r.params "
+                         "FROM runs r JOIN ideas i ON i.id=r.idea_id WHERE r.status='ok'")
+        recs = [{"run": r["id"], "idea": r["text"][:60], "symbol": r["symbol"] or "?",
+                 "timeframe": r["timeframe"] or "?", "model": r["model"],
+                 "params": format_params(_loads(r["params"]) or {}),
                  **metric_columns(_loads(r["in_sample"]) or {}, _loads(r["out_of_sample"]) or {}, metric)}
                 for r in rows]
-        df = pd.DataFrame(recs, columns=["run", "idea", "model", *metric_columns({}, {}, metric)])
-        return rank_by_oos(df, metric).head(limit)
+        df = pd.DataFrame(recs, columns=["run", "idea", "symbol", "timeframe", "model", "params",
+                                         *metric_columns({}, {}, metric)])
+        return rank_by_oos(df, metric, min_trades).head(limit).reset_index(drop=True)
 
     def usage_summary(self, run_ids: Iterable[int] | None = None) -> dict:
         """Model calls, tokens and cost: of the whole ledger, or of the given runs only."""
@@ -209,18 +382,51 @@ class Ledger:
         return {"calls": row[0], "input_tokens": row[1], "output_tokens": row[2], "cost_usd": round(row[3], 6)}
 
     def ideas(self) -> pd.DataFrame:
+        """One row per experiment (ideas never run have one row with no symbol)."""
         with self._lock:
-            return pd.read_sql_query("SELECT id, text, status, failures, last_error FROM ideas ORDER BY id", self._db)
+            return pd.read_sql_query(
+                "SELECT i.id, i.text, e.symbol, e.timeframe, e.model, coalesce(e.status, 'new') AS status, "
+                "coalesce(e.failures, 0) AS failures, e.last_error FROM ideas i "
+                "LEFT JOIN experiments e ON e.idea_id = i.id ORDER BY i.id, e.id", self._db)
+
+
+def format_params(params: dict) -> str:
+    """Tuned parameters in one short cell: ``n1=10, n2=30``.
+
+    >>> format_params({"rsi_n": 18, "low": 38.0, "k": 1.23456})
+    'rsi_n=18, low=38, k=1.235'
+    """
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
 def metric_columns(in_sample: dict, out_of_sample: dict, metric: str) -> dict:
     """The ranking columns of every results table: in-sample and out-of-sample ``metric``, and more."""
+    trades = out_of_sample.get("# Trades")
     return {f"IS {metric}": in_sample.get(metric), f"OOS {metric}": out_of_sample.get(metric),
-            "OOS Sharpe": out_of_sample.get("Sharpe Ratio"), "OOS trades": out_of_sample.get("# Trades")}
+            "OOS Sharpe": out_of_sample.get("Sharpe Ratio"),
+            "OOS trades": None if trades is None else int(trades)}
 
 
-def rank_by_oos(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Best out-of-sample ``metric`` first; runs without one last."""
+TOO_FEW_TRADES = "too few trades"
+
+
+def rank_by_oos(df: pd.DataFrame, metric: str, min_trades: int = 10) -> pd.DataFrame:
+    """Best out-of-sample ``metric`` first; runs with fewer than ``min_trades`` OOS trades, then none, last.
+
+    A run with 3 out-of-sample trades and a great Sharpe is luck, not evidence:
+    it is flagged ``too few trades`` in the ``flag`` column and ranked below the rest.
+    """
     key = f"OOS {metric}"
+    df = df.copy()
     df[key] = pd.to_numeric(df[key], errors="coerce")
-    return df.sort_values(key, ascending=False, na_position="last").reset_index(drop=True)
+    trades = pd.to_numeric(df["OOS trades"], errors="coerce")
+    df["OOS trades"] = trades.astype("Int64")
+    few = trades.isna() | (trades < min_trades)
+    ok = df["status"].eq("ok") if "status" in df else pd.Series(True, index=df.index)
+    df["flag"] = [TOO_FEW_TRADES if f and o else "" for f, o in zip(few, ok)]
+    tier = (~ok).astype(int) * 2 + (few & ok).astype(int)
+    df = df.assign(_tier=tier).sort_values(["_tier", key], ascending=[True, False], na_position="last")
+    return df.drop(columns="_tier").reset_index(drop=True)

@@ -209,18 +209,45 @@ class MemoryMagics(Magics):
     @magic_arguments()
     @_OUTPUT
     @_QUIET
+    @argument("name", nargs="?", help="a DataPool variable; default: every DataPool of this session")
     @line_magic
     def datapool(self, line: str):
-        """Stats of the process-wide DataPool (entries, bytes, hits)."""
+        """Stats of your DataPool(s): ``%datapool pool``, or every pool in your variables (else the default one).
+
+        ``-o`` returns the stats of the named pool, or of the first one shown.
+        """
         args = parse_argstring(self.datapool, line)
         try:
-            from .data import default_pool
+            from .data import DataPool
         except ImportError as exc:
             print(f"%datapool: the data layer is not available ({exc}).")
             return None
-        stats = default_pool().stats()
-        _show(args, stats)
-        return stats if args.output else None
+        if args.name:
+            pool = self.shell.user_ns.get(args.name)
+            if not isinstance(pool, DataPool):
+                print(f"%datapool: {args.name!r} is not a DataPool")
+                return None
+            pools = {args.name: pool}
+        else:  # the pools the user holds in variables; the library's default pool if there are none
+            pools = {k: v for k, v in self.shell.user_ns.items() if isinstance(v, DataPool) and not k.startswith("_")}
+            if not pools:
+                from .data import default_pool
+
+                pools = {"default_pool()": default_pool()}
+        stats = {name: p.stats() for name, p in pools.items()}
+        for name, st in stats.items():
+            if not args.quiet:
+                display(_labelled(name, st))
+        first = next(iter(stats.values()))
+        return first if args.output else None
+
+
+def _labelled(name: str, stats):
+    """One pool's stats, labelled with the variable that holds it."""
+    from IPython.display import HTML, Pretty
+
+    html_repr = getattr(stats, "_repr_html_", None)
+    return HTML(f"<b>{name}</b>" + html_repr()) if html_repr else Pretty(f"{name}: {stats!r}")
 
 
 _loaded: dict[int, MemoryMagics] = {}

@@ -19,14 +19,15 @@ Design points, each answering a known failure of ad-hoc scripts:
 """
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,8 +35,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import config
-from .ledger import Ledger, metric_columns, rank_by_oos
+from .ledger import Experiment, Ledger
 from .models.offline import class_params
+from .results import RESULT_FILE, STAT_KEYS, BacktestRun, IdeaResult, RBIReport, StrategyCode, load_run
+
+__all__ = ["RBI", "RBIConfig", "IdeaResult", "RBIReport", "run_rbi", "param_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -61,65 +65,8 @@ class RBIConfig:
     timeout: float = 120.0
     quarters: bool = True  # multi-dataset test: every calendar quarter of the full series
     runs_dir: Path | None = None
-
-
-@dataclass
-class IdeaResult:
-    """What happened to one idea."""
-
-    idea: str
-    status: str  # ok | failed | skipped
-    idea_id: int | None = None
-    run_id: int | None = None
-    error_kind: str | None = None
-    error: str | None = None
-    in_sample: dict = field(default_factory=dict)
-    out_of_sample: dict = field(default_factory=dict)
-    datasets: list = field(default_factory=list)
-    params: dict = field(default_factory=dict)
-    debug_iterations: int = 0
-    optimize_iterations: int = 0
-    saved: bool = False
-    run_dir: str | None = None
-    code: str | None = None
-    findings: list = field(default_factory=list)
-
-    def row(self, metric: str) -> dict:
-        return {"idea": self.idea[:50], "status": self.status,
-                **metric_columns(self.in_sample, self.out_of_sample, metric),
-                "debug": self.debug_iterations, "optimize": self.optimize_iterations,
-                "error": (f"{self.error_kind}: {self.error}"[:80] if self.error else ""), "run_dir": self.run_dir}
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-@dataclass
-class RBIReport:
-    results: list[IdeaResult]
-    metric: str
-    elapsed_s: float
-    usage: dict
-
-    def table(self) -> pd.DataFrame:
-        df = pd.DataFrame([r.row(self.metric) for r in self.results])
-        return rank_by_oos(df, self.metric) if len(df) else df
-
-    def __repr__(self) -> str:
-        ok = sum(r.status == "ok" for r in self.results)
-        head = f"RBIReport: {ok}/{len(self.results)} ideas ok in {self.elapsed_s:.1f}s; usage {self.usage}"
-        cols = ["idea", "status", f"IS {self.metric}", f"OOS {self.metric}", "OOS trades", "error"]
-        t = self.table()
-        return head + ("\n" + t[cols].to_string(float_format=lambda x: f"{x:.2f}") if len(t) else "")
-
-    def _repr_html_(self) -> str:
-        ok = sum(r.status == "ok" for r in self.results)
-        return (f"<b>RBIReport</b>: {ok}/{len(self.results)} ideas ok in {self.elapsed_s:.1f}s; "
-                f"usage {html.escape(str(self.usage))}" + self.table().to_html(index=False, na_rep="NaN"))
-
-    def to_json(self) -> dict:
-        return {"metric": self.metric, "elapsed_s": self.elapsed_s, "usage": self.usage,
-                "results": [{k: v for k, v in r.to_dict().items() if k != "code"} for r in self.results]}
+    force: bool = False  # run ideas again even when done or given up on this symbol/timeframe/model
+    min_trades: int = 10  # fewer out-of-sample trades than this: flagged "too few trades", ranked below
 
 
 # ----- helpers ------------------------------------------------------------------------
@@ -226,40 +173,65 @@ class RBI:
                                   getattr(u, "input_tokens", 0), getattr(u, "output_tokens", 0),
                                   getattr(u, "cost_usd", 0.0))
 
-    def run_one(self, text: str) -> IdeaResult:
-        idea = self.ledger.add_idea(text)
-        res = IdeaResult(text, "skipped", idea_id=idea.id)
-        if not self.ledger.may_run(idea):
-            res.error_kind = "skipped"
-            res.error = f"idea is {idea.status} (failures: {idea.failures}); not run again"
-            return res
-        res.run_id = run_id = self.ledger.start_run(idea.id, self.model.name)
+    def run_one(self, text: str, force: bool | None = None) -> IdeaResult:
+        """One idea through the whole loop; ``force`` runs it again even when done or given up."""
+        force = self.cfg.force if force is None else force
+        exp = self.ledger.experiment(text, self.cfg.symbol, self.cfg.timeframe, self.model.name)
+        if not force and not self.ledger.may_run(exp):
+            return self._skipped(text, exp)
+        res = IdeaResult(text, "failed", idea_id=exp.idea_id, experiment_id=exp.id, symbol=self.cfg.symbol,
+                         timeframe=self.cfg.timeframe, model=self.model.name, metric=self.cfg.metric)
+        res.run_id = run_id = self.ledger.start_run(exp, settings=asdict(self.sandbox.settings))
         try:
             self._run(text, res)
+        except ModelOutage as e:
+            self._fail(res, MODEL_UNAVAILABLE, str(e))
         except Exception as e:  # one idea's crash must never stop the batch
-            log.exception("RBI idea crashed: %s", text[:80])
-            res.status, res.error_kind, res.error = "failed", "internal", f"{type(e).__name__}: {e}"
+            if _is_model_unavailable(e):
+                self._fail(res, MODEL_UNAVAILABLE, f"{type(e).__name__}: {e}")
+            else:
+                log.exception("RBI idea crashed: %s", text[:80])
+                self._fail(res, "internal", f"{type(e).__name__}: {e}")
         if res.status == "ok":
-            self.ledger.record_success(idea.id)
+            self.ledger.record_success(exp.id)
         else:
-            self.ledger.record_failure(idea.id, f"{res.error_kind}: {res.error}")
+            # A model outage is not the idea's fault: retried later, never charged to its failure budget.
+            self.ledger.record_failure(exp.id, f"{res.error_kind}: {res.error}",
+                                       charge=res.error_kind != MODEL_UNAVAILABLE)
         self.ledger.finish_run(run_id, res.status, error_kind=res.error_kind, error_message=res.error,
                                in_sample=res.in_sample, out_of_sample=res.out_of_sample, datasets=res.datasets,
                                params=res.params, saved=res.saved, run_dir=res.run_dir)
         return res
 
+    def _skipped(self, text: str, exp: Experiment) -> IdeaResult:
+        """A skipped idea still shows its last successful run, when it has one."""
+        last = self.ledger.last_ok_run(exp.id)
+        res = load_run(last, self.ledger) if last is not None else IdeaResult(
+            text, "skipped", idea_id=exp.idea_id, experiment_id=exp.id, symbol=exp.symbol,
+            timeframe=exp.timeframe, model=exp.model, metric=self.cfg.metric)
+        res.status, res.error_kind = "skipped", "skipped"
+        res.error = exp.why_not_run() + (f" (results of run {last} shown)" if last is not None else "")
+        return res
+
     def _fail(self, res: IdeaResult, kind: Any, error: str) -> None:
         res.status, res.error_kind, res.error = "failed", getattr(kind, "value", kind), error
 
+    def _ask(self, step: str, run_id: int, call, *args):
+        """One model call: usage recorded, an outage (network, 5xx, 429 after retries) raised as such."""
+        result = call(*args)
+        self._usage(run_id, step, result)
+        outage = _outage_message(result)
+        if outage:
+            raise ModelOutage(f"{step}: {outage}")
+        return result
+
     def _run(self, text: str, res: IdeaResult) -> None:
         cfg, run_id = self.cfg, res.run_id
-        research = self.model.research(text)
-        self._usage(run_id, "research", research)
+        research = self._ask("research", run_id, self.model.research, text)
         if not research.ok:
             missing = ", ".join(getattr(research, "not_understood", []) or []) or research.text
             return self._fail(res, "not_understood", f"could not map the idea to a strategy: {missing}")
-        code_res = self.model.write_code(text, research)
-        self._usage(run_id, "write_code", code_res)
+        code_res = self._ask("write_code", run_id, self.model.write_code, text, research)
         if not code_res.ok:
             return self._fail(res, "codegen", code_res.error or "no code")
         code = code_res.code
@@ -286,40 +258,40 @@ class RBI:
             seen.add(sig)
             if it == cfg.max_debug:
                 return self._fail(res, err.kind, f"still failing after {cfg.max_debug} fixes: {err.type}: {err.message}")
-            fix = self.model.fix_code(code, err.type or err.kind, err.message or "", getattr(err, "traceback", "") or "")
-            self._usage(run_id, "fix_code", fix)
+            fix = self._ask("fix_code", run_id, self.model.fix_code, code, err.type or err.kind, err.message or "",
+                            getattr(err, "traceback", "") or "")
             res.debug_iterations += 1
             if not fix.ok:
                 return self._fail(res, err.kind, f"{err.type}: {err.message} (and no fix: {fix.error})")
             code = fix.code
-        best_code, best_stats, best_params = code, run.stats, {}
+        best_code, best_run, best_params = code, run, {}
 
         # Optimize loop on the training part only.
         for it in range(cfg.max_optimize):
-            if _metric(best_stats, cfg.metric) >= cfg.target:
+            if _metric(best_run.stats, cfg.metric) >= cfg.target:
                 break
-            cand = self.model.improve(best_code, best_stats, {"metric": cfg.metric, "value": cfg.target})
-            self._usage(run_id, "improve", cand)
+            cand = self._ask("improve", run_id, self.model.improve, best_code, best_run.stats,
+                             {"metric": cfg.metric, "value": cfg.target})
             if not cand.ok:
                 break
             res.optimize_iterations += 1
             r = self.sandbox.run(cand.code, self.train, timeout=cfg.timeout)
             self.ledger.add_code(run_id, "optimize", it, cand.code, error=None if r.ok else r.error.message,
                                  stats=r.stats if r.ok else None)
-            if r.ok and _metric(r.stats, cfg.metric) > _metric(best_stats, cfg.metric):
-                best_code, best_stats = cand.code, r.stats
+            if r.ok and _metric(r.stats, cfg.metric) > _metric(best_run.stats, cfg.metric):
+                best_code, best_run = cand.code, r
         if cfg.grid:
             params = class_params(best_code)
             grid = param_grid(params, cfg.max_grid) if params else {}
             if grid and math.prod(len(v) for v in grid.values()) > 1:
-                g_stats, g_params = self._grid(best_code, grid)
-                if g_stats and _metric(g_stats, cfg.metric) > _metric(best_stats, cfg.metric):
-                    best_stats, best_params = g_stats, g_params
-                    self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g_stats, "_params": best_params})
+                g_run, g_params, res.grid = self._grid(best_code, grid)
+                if g_run is not None and _metric(g_run.stats, cfg.metric) > _metric(best_run.stats, cfg.metric):
+                    best_run, best_params = g_run, g_params
+                    self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g_run.stats, "_params": best_params})
 
         # Held-out and multi-dataset tests.
-        res.code, res.params, res.in_sample = best_code, best_params, _slim(best_stats)
-        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout, plot=True)
+        res.code, res.params, res.in_sample = StrategyCode(best_code), best_params, _slim(best_run.stats)
+        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout)
         if not oos.ok:
             return self._fail(res, oos.error.kind, f"out-of-sample run failed: {oos.error.type}: {oos.error.message}")
         res.out_of_sample = _slim(oos.stats)
@@ -328,21 +300,28 @@ class RBI:
             res.datasets.append({"dataset": name, **({k: _slim(q.stats).get(k) for k in
                                  (cfg.metric, "Sharpe Ratio", "# Trades", "Max. Drawdown [%]")} if q.ok
                                  else {"error": q.error.message})})
+        settings = asdict(self.sandbox.settings)
+        for segment, ref, result in (("in_sample", self.train, best_run), ("out_of_sample", self.test, oos)):
+            label = segment.replace("_", "-")
+            title = f"{result.strategy} - run {run_id} ({label}, {self.cfg.symbol} {self.cfg.timeframe}): {text[:60]}"
+            res.backtests[segment] = BacktestRun.from_result(result, _ref_fields(ref), settings, title)
         res.status = "ok"
         res.saved = _metric(res.out_of_sample, cfg.metric) > cfg.save_threshold
-        res.run_dir = str(self._write_run_dir(res, getattr(oos, "plot_html", None)))
+        res.run_dir = str(self._write_run_dir(res))
 
-    def _grid(self, code: str, grid: dict[str, list]) -> tuple[dict | None, dict]:
-        """Best in-sample stats and parameters over ``grid``, on the training data."""
+    def _grid(self, code: str, grid: dict[str, list]) -> tuple[Any, dict, list]:
+        """The best in-sample run, its parameters and every combination's score over ``grid`` (training data)."""
         cfg = self.cfg
         if cfg.grid_engine == "pool":
             g = self.sandbox.optimize(code, grid, self.train, maximize=cfg.metric, timeout=cfg.timeout)
             ok = g.result is not None and g.result.ok
-            return (g.stats, dict(g.best_params)) if ok else (None, {})
+            scores = [(dict(p), s) for p, s in g.heatmap]
+            return (g.result, dict(g.best_params), scores) if ok else (None, {}, scores)
         if cfg.grid_engine != "backtesting":
             raise ValueError(f"grid_engine must be 'pool' or 'backtesting', not {cfg.grid_engine!r}")
         # backtesting.py's own optimizer, run as a script inside one sandbox task: the
         # harness gives its Backtest the pooled data and the harness's money settings.
+        # It returns only the best run, so this engine leaves no heatmap.
         from .codeextract import extract_strategy
 
         name = extract_strategy(code).strategy_name
@@ -351,22 +330,46 @@ class RBI:
         timeout = cfg.timeout * max(1, math.prod(len(v) for v in grid.values()) // 4)
         r = self.sandbox.run(code + driver, self.train, timeout=timeout)
         if not r.ok:
-            return None, {}
+            return None, {}, []
         chosen = r.stats.get("_strategy") or {}
-        return r.stats, {k: chosen[k] for k in grid if k in chosen}
+        return r, {k: chosen[k] for k in grid if k in chosen}, []
 
-    def _write_run_dir(self, res: IdeaResult, plot_html: str | None) -> Path:
-        d = self.runs_dir / f"run-{res.run_id:05d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "strategy.py").write_text(res.code or "")
-        (d / "stats.json").write_text(json.dumps({"idea": res.idea, "params": res.params, "in_sample": res.in_sample,
-                                                  "out_of_sample": res.out_of_sample, "datasets": res.datasets,
-                                                  "findings": res.findings}, indent=2, default=str, allow_nan=True))
-        if plot_html:
-            (d / "plot.html").write_text(plot_html)
-        return d
+    def _write_run_dir(self, res: IdeaResult) -> Path:
+        """The run's folder, written in a temp folder and renamed into place: complete or absent, never reused.
 
-    def run_many(self, ideas: Iterable[str], parallel: int | None = None, progress: bool = True) -> RBIReport:
+        Named by run id *and* ledger id, so two ledgers (the demo's, a test's, yours)
+        sharing one ``runs/`` never write into each other's folders.
+        """
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        final = self.runs_dir / f"run-{res.run_id:05d}-{self.ledger.ledger_id[:8]}"
+        tmp = self.runs_dir / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        try:
+            (tmp / "strategy.py").write_text(res.code or "")
+            meta = {"idea": res.idea, "run_id": res.run_id, "ledger": self.ledger.path,
+                    "ledger_id": self.ledger.ledger_id, "symbol": res.symbol, "timeframe": res.timeframe,
+                    "model": res.model, "metric": res.metric, "params": res.params, "in_sample": res.in_sample,
+                    "out_of_sample": res.out_of_sample, "datasets": res.datasets, "findings": res.findings,
+                    "settings": res.backtests["out_of_sample"].settings}
+            (tmp / "stats.json").write_text(json.dumps(meta, indent=2, default=str, allow_nan=True))
+            full = {"metric": res.metric, "grid": res.grid, "findings": res.findings,
+                    "backtests": {k: v.to_json() for k, v in res.backtests.items()}}
+            (tmp / RESULT_FILE).write_text(json.dumps(full, default=str, allow_nan=True))
+            try:
+                res.plot().save(tmp / "plot.html")
+            except Exception as e:  # a plot must never lose a run: say why it is missing
+                log.warning("run %s: no plot.html (%s: %s)", res.run_id, type(e).__name__, e)
+                (tmp / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
+            if final.exists():
+                raise FileExistsError(f"run folder {final} already exists; refusing to overwrite it")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def run_many(self, ideas: Iterable[str], parallel: int | None = None, progress: bool = True,
+                 force: bool | None = None) -> RBIReport:
         """Run ideas concurrently; model calls on threads, backtests on the sandbox pool."""
         ideas = [i.strip() for i in ideas if i and i.strip()]
         t0 = time.perf_counter()
@@ -374,7 +377,7 @@ class RBI:
         slots = parallel or max(2, min(8, getattr(self.sandbox, "size", 2)))
         results: list[IdeaResult | None] = [None] * len(ideas)
         with ThreadPoolExecutor(max_workers=max(1, min(slots, len(ideas) or 1)), thread_name_prefix="rbi") as ex:
-            futs = {ex.submit(self.run_one, text): k for k, text in enumerate(ideas)}
+            futs = {ex.submit(self.run_one, text, force): k for k, text in enumerate(ideas)}
             for f in tqdm(as_completed(futs), total=len(futs), desc="RBI", unit="idea", disable=not progress):
                 k = futs[f]
                 try:
@@ -383,25 +386,55 @@ class RBI:
                     results[k] = IdeaResult(ideas[k], "failed", error_kind="internal", error=str(e))
         done = [r for r in results if r is not None]
         return RBIReport(done, self.cfg.metric, time.perf_counter() - t0,
-                         self.ledger.usage_summary(r.run_id for r in done if r.run_id is not None))
+                         self.ledger.usage_summary(r.run_id for r in done if r.run_id is not None),
+                         min_trades=self.cfg.min_trades, runs_dir=str(self.runs_dir), ledger_path=self.ledger.path)
 
 
-_STAT_KEYS = ("Start", "End", "Duration", "Exposure Time [%]", "Equity Final [$]", "Return [%]",
-              "Buy & Hold Return [%]", "Return (Ann.) [%]", "Volatility (Ann.) [%]", "Sharpe Ratio",
-              "Sortino Ratio", "Calmar Ratio", "Max. Drawdown [%]", "# Trades", "Win Rate [%]",
-              "Profit Factor", "Expectancy [%]", "SQN")
+MODEL_UNAVAILABLE = "model_unavailable"
+
+
+class ModelOutage(RuntimeError):
+    """The model could not be reached (network, HTTP 5xx/429 after retries): not the idea's fault."""
+
+
+# The model clients report a failed call as text (ClaudeModel._call); these are the transient ones.
+_OUTAGE = re.compile(r"^API connection failed|^API error HTTP (408|409|429|5\d\d)\b")
+
+
+def _outage_message(result: Any) -> str | None:
+    if getattr(result, "ok", True) or getattr(result, "usage", None) is not None:
+        return None
+    text = getattr(result, "error", None) or getattr(result, "text", None) or ""
+    return text if _OUTAGE.search(text) else None
+
+
+def _is_model_unavailable(exc: BaseException) -> bool:
+    from .models import ModelUnavailable
+
+    if isinstance(exc, ModelUnavailable):
+        return True
+    try:
+        import anthropic
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (anthropic.APIConnectionError, anthropic.InternalServerError, anthropic.RateLimitError))
+
+
+def _ref_fields(ref: Any) -> dict:
+    return ref.resolved()  # with the store's root: a run loads its bars from the store it ran on
 
 
 def _slim(stats: dict | None) -> dict:
     """The headline stats (NaN kept), without trade lists or equity curves."""
-    return {k: stats[k] for k in _STAT_KEYS if stats and k in stats}
+    return {k: stats[k] for k in STAT_KEYS if stats and k in stats}
 
 
 def run_rbi(ideas: str | Iterable[str], model: Any = "auto", cfg: RBIConfig | None = None,
             ledger: Ledger | None = None, sandbox: Any = None, parallel: int | None = None,
-            progress: bool = True, executor: Any = None) -> RBIReport:
+            progress: bool = True, force: bool = False, executor: Any = None) -> RBIReport:
     """Run the whole RBI loop for one idea or many; see :class:`RBIConfig` for the knobs.
 
+    ``force=True`` runs ideas again that are done (or were given up) on this symbol, timeframe and model.
     ``executor``: any ``concurrent.futures.Executor`` (e.g. a Dask ``client.get_executor()``)
     runs each idea as one task there; this process still writes the ledger.
     """
@@ -412,4 +445,4 @@ def run_rbi(ideas: str | Iterable[str], model: Any = "auto", cfg: RBIConfig | No
 
         return run_on_executor(ideas, executor, model=model, cfg=cfg, ledger=ledger, progress=progress)
     with RBI(model, cfg, ledger, sandbox) as engine:
-        return engine.run_many(ideas, parallel=parallel, progress=progress)
+        return engine.run_many(ideas, parallel=parallel, progress=progress, force=force or None)

@@ -8,7 +8,7 @@ from conftest import REPO
 from moondev_lab.batch import run_notebooks
 from moondev_lab.memory import read_ledger
 
-NB = REPO / "notebooks" / "01_data_pool.ipynb"
+NB = REPO / "notebooks" / "01_data.ipynb"
 PARAMS = [{"start": "2023-02-01", "end": "2023-02-07"}, {"start": "2023-04-01", "end": "2023-04-03"},
           {"start": "not a date", "end": "2023-04-03"}]
 

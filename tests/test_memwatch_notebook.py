@@ -10,7 +10,7 @@ import pytest
 from moondev_lab.memory import exact_peak_supported, read_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "notebooks" / "02_memwatch.ipynb"
+DEMO = ROOT / "notebooks" / "04_memory.ipynb"
 MIB = 2**20
 pytestmark = pytest.mark.skipif(not exact_peak_supported(), reason="/proc/self/clear_refs not writable here")
 
@@ -24,7 +24,7 @@ def test_papermill_output_carries_the_ledger(tmp_path, monkeypatch):
     import papermill as pm
 
     monkeypatch.setenv("MOONDEV_LAB_HOME", str(tmp_path / "home"))
-    out = tmp_path / "02_memwatch.out.ipynb"
+    out = tmp_path / "04_memory.out.ipynb"
     pm.execute_notebook(str(DEMO), str(out), kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
 
     df = read_ledger(out)

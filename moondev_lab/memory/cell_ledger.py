@@ -5,7 +5,7 @@ readable line (``text/plain``) and the record itself under
 :data:`LEDGER_MIME`. Frontends show the line; papermill and nbclient keep
 the JSON in the output notebook, so a batch can collect every cell's peak:
 
->>> df = read_ledger("notebooks/02_memwatch.ipynb")   # doctest: +SKIP
+>>> df = read_ledger("notebooks/04_memory.ipynb")   # doctest: +SKIP
 >>> df[["cell_index", "peak_above_start"]]               # doctest: +SKIP
 
 In the kernel, :class:`CellLedger` keeps the records as one row of 14
