@@ -8,4 +8,4 @@ from __future__ import annotations
 
 
 class MoondevError(Exception):
-    """Base of every error moondev_lab raises on purpose."""
+    """Base class of every error moondev_lab raises on purpose."""
