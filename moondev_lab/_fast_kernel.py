@@ -15,9 +15,10 @@ import numpy as np
 from numba import njit
 
 from . import _broker_kernel  # noqa: F401 - sets numba's cache dir under $MOONDEV_LAB_HOME first
-from ._broker_kernel import (A_CASH, C_NACTIVE, C_NCLOSED, C_NTRADES, E_CANCEL, E_CLOSE, E_CONTINGENT, E_NEW,
+from ._broker_kernel import (A_CASH, C_NACTIVE, C_NCLOSED, C_NQ, C_NTRADES, E_CANCEL, E_CLOSE, E_CONTINGENT, E_NEW,
                              NEED_ROOM, OK, OUT_OF_MONEY, T_COMM, T_ENTRY, T_ENTRY_BAR, T_EXIT, T_SIZE, T_SL,
-                             T_SL_ORD, T_TAG, _close_order_size, apply_event, finalize, next_bar, room)
+                             T_SL_ORD, T_TAG, _close_order_size, _equity, apply_event, finalize, next_bar,
+                             room)
 
 #: Stop kinds (``Stop.kind``): none, a percent of the price, a multiple of ATR.
 STOP_NONE, STOP_PCT, STOP_ATR = 0, 1, 2
@@ -69,17 +70,21 @@ def run_combo(O, H, L, C, long_setup, short_setup, exit_long, exit_short, atr, s
     cap = len(ev_bar)
     stopped = False
     for i in range(start, n):
-        if not room(qf, tf, cnt, 1):
-            return NEED_ROOM
-        status, eq = next_bar(qf, qi, tf, ti, active, closed, cnt, acc, O[i], H[i], L[i], C[i], C[i - 1], i,
-                              spread, fixed, rel, leverage, toc, hedging)
-        if status == OUT_OF_MONEY:
-            equity[i:] = 0.0
-            stopped = True
-            break
-        if status != OK:
-            return status
-        equity[i] = eq
+        eq = _equity(tf, active, cnt, acc, C[i]) if cnt[C_NQ] == 0 else 0.0
+        if eq > 0:  # nothing to fill: the broker only marks equity (most bars), as run_bars does
+            equity[i] = eq
+        else:
+            if not room(qf, tf, cnt, 1):
+                return NEED_ROOM
+            status, eq = next_bar(qf, qi, tf, ti, active, closed, cnt, acc, O[i], H[i], L[i], C[i], C[i - 1], i,
+                                  spread, fixed, rel, leverage, toc, hedging)
+            if status == OUT_OF_MONEY:
+                equity[i:] = 0.0
+                stopped = True
+                break
+            if status != OK:
+                return status
+            equity[i] = eq
         # ---- Strategy.next() at bar i (len(self.data) == i + 1)
         if i < 2 or nev[0] + 2 * cnt[C_NACTIVE] + 2 > cap:
             if i >= 2:
