@@ -44,6 +44,9 @@ _LAZY = {
     "BacktestingEvaluator": "moondev_lab.robustness",
     "ReturnsEvaluator": "moondev_lab.robustness",
     "SandboxEvaluator": "moondev_lab.robustness",
+    # fast grids of spec strategies (issue 13)
+    "grid": "moondev_lab.fast",
+    "GridResult": "moondev_lab.fast",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
