@@ -61,6 +61,9 @@ _LAZY = {
     # ideas from URLs, PDFs, videos and files
     "extract_idea": "moondev_lab.sources",
     "run_batch": "moondev_lab.batch",
+    # fast grids of spec strategies (issue 13)
+    "grid": "moondev_lab.fast",
+    "GridResult": "moondev_lab.fast",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

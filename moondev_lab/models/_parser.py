@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .. import signals as registry
 from .spec import Signal, StrategySpec, Stop
 
 NUM = r"(\d+(?:\.\d+)?)"
@@ -279,21 +280,12 @@ def _thresholds(seg: str) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-_OSC_NAMES = {
-    "stochrsi": (r"stoch(?:astic)?[ -]?rsi", 14, 20, 80),
-    "rsi": (r"(?<![\w-])rsi\b|relative strength index", 14, 30, 70),
-    "stoch": (r"stochastics?(?: oscillator)?|\bstoch\b|%k\b", 14, 20, 80),
-    "cci": (r"\bcci\b|commodity channel index", 20, -100, 100),
-    "willr": (r"williams\s*%?\s*r\b|\bwillr\b|williams percent range", 14, -80, -20),
-    "mfi": (r"\bmfi\b|money flow index", 14, 20, 80),
-    "cmo": (r"chande momentum oscillator|\bcmo\b", 14, -50, 50),
-}
-
-
 def _oscillators(clause: str, role: str, direction_hint: str, ctx: _Ctx, offset: int) -> list[_Hit]:
     hits = []
     taken: list[tuple[int, int]] = []
-    for kind, (pat, n_def, lo_def, hi_def) in _OSC_NAMES.items():
+    for osc in registry.kinds("oscillator"):
+        kind, pat = osc.name, osc.pattern
+        n_def, lo_def, hi_def = osc.defaults["n"], osc.defaults["low"], osc.defaults["high"]
         for m in re.finditer(pat, clause):
             if any(a <= m.start() < b for a, b in taken):
                 continue
@@ -465,118 +457,14 @@ def _bands(clause: str, role: str, ctx: _Ctx, offset: int, full: str) -> list[_H
 
 
 def _others(clause: str, role: str, ctx: _Ctx, offset: int) -> list[_Hit]:
+    """Kinds of the registry's "other" family, each read by its own entry, in registration order."""
     hits = []
 
     def add(kind, params, m):
         hits.append(_Hit(kind, params, m.group(0), (offset + m.start(), offset + m.end())))
 
-    m = re.search(r"\bmacd\b", clause)
-    if m:
-        p = re.search(r"macd\s*\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)", clause)
-        fast, slow, sig = (int(p.group(1)), int(p.group(2)), int(p.group(3))) if p else (12, 26, 9)
-        mode = "zero" if re.search(r"zero|0[- ]line|cent(?:er|re)[- ]?line|positive|negative", clause) and \
-            not re.search(r"histogram", clause) else "signal"
-        add("macd", {"fast": fast, "slow": slow, "signal": sig, "mode": mode}, m)
-    m = re.search(r"donchian(?:\s*channels?)?", clause) or \
-        re.search(r"(\d+)" + UNIT + r"\s+(?:high|highs|low|lows|range|channel)(?:\s*(?:/|or|and)\s*(?:high|low)s?)?\s*"
-                  r"(?:breakout|break)|break\w*\s+(?:above|below|out of|through)\s+(?:the\s+)?(?:prior\s+|previous\s+|"
-                  r"recent\s+)?(\d+)" + UNIT + r"\s+(?:high|low|range)|(?:highest high|lowest low)s?\s+(?:of|over|in)\s+"
-                  r"(?:the\s+)?(?:last\s+|past\s+)?(\d+)" + UNIT + r"?|(\d+)" + UNIT + r"\s+breakouts?", clause)
-    if m:
-        nums = [g for g in m.groups() if g] if m.groups() else []
-        n = int(nums[0]) if nums else _period_near(clause, m.start(), m.end())
-        if n is None:
-            n = 20
-            ctx.note("Donchian period not given: 20")
-        add("donchian", {"n": n, "exit_n": max(2, n // 2)}, m)
-    # volume: only plain volume (volume-weighted things are refused as blockers)
-    for m in re.finditer(r"(?<!on-balance )(?<!on balance )\bvolume\b(?![- ]?(?:weighted|profile|oscillator|nodes?))", clause):
-        seg = clause[max(0, m.start() - 35): m.end() + 70]
-        below = re.search(r"declin|decreas|\blow\b|lower|drops?|falls?|below|dry|diminish|contract|fading|weak|thin", seg) \
-            and not re.search(r"spike|surge|above|exceed|increas|rising|rises|jump|expan|high|heavy|strong|confirm", seg)
-        mult = None
-        mm = re.search(NUM + r"\s*(?:x|×|times)\b", seg)
-        if mm:
-            mult = float(mm.group(1))
-        elif re.search(r"twice|double|2-fold", seg):
-            mult = 2.0
-        elif re.search(r"triple|three times|3-fold", seg):
-            mult = 3.0
-        else:
-            mp = re.search(r"(\d+(?:\.\d+)?)\s*%\s*(?:above|higher|more|over|greater|increase)", seg)
-            if mp:
-                mult = 1 + float(mp.group(1)) / 100
-        na = re.search(r"(\d+)" + UNIT + r"?\s*(?:moving\s+|simple\s+|rolling\s+)?(?:average|avg|ma|sma|mean|median)\b", seg) or \
-            re.search(r"(?:average|avg|mean)\s+(?:of|over)\s+(?:the\s+)?(?:last\s+|past\s+)?(\d+)", seg)
-        n = int(na.group(1)) if na else 20
-        if not na:
-            ctx.note("volume average length not given: 20 bars")
-        if mult is None:
-            if re.search(r"spike|surge|jump|burst|heavy|explod", seg):
-                mult = 2.0
-                ctx.note("a volume spike/surge without a size: 2x its average")
-            else:
-                mult = 1.0
-        add("volume", {"n": n, "mult": _int_or_float(mult), "cmp": "below" if below else "above"}, m)
-        break
-    m = re.search(r"\badx\b|average directional (?:index|movement)", clause)
-    if m and not re.search(r"adx crossover|adx cross(?:es)?\b(?! (?:above|below))|\+di|di\+|-di|di-|dmi", clause):
-        seg = clause[m.end(): m.end() + 50]
-        lo, hi = _thresholds(seg)
-        n = _period_near(clause, m.start(), m.end()) or 14
-        if lo is not None and (hi is None or re.search(_BELOW, seg).start() < re.search(_ABOVE, seg).start()):
-            add("adx", {"n": n, "level": _int_or_float(lo), "cmp": "below"}, m)
-        elif hi is not None:
-            add("adx", {"n": n, "level": _int_or_float(hi), "cmp": "above"}, m)
-        elif re.search(r"below|weak|low|falling|declin|under", seg):
-            add("adx", {"n": n, "level": 20, "cmp": "below"}, m)
-            ctx.note("weak ADX read as ADX < 20")
-        else:
-            add("adx", {"n": n, "level": 25, "cmp": "above"}, m)
-            ctx.note("ADX trend strength read as ADX > 25")
-    m = re.search(r"\+di|di\+|dmi|directional movement|adx crossover|adx cross", clause)
-    if m:
-        add("di", {"n": _period_near(clause, m.start(), m.end()) or 14}, m)
-    m = re.search(r"\bobv\b|on[- ]balance volume", clause)
-    if m:
-        add("obv", {"n": 20}, m)
-    m = re.search(r"chaikin money flow|\bcmf\b", clause)
-    if m:
-        add("cmf", {"n": _period_near(clause, m.start(), m.end()) or 20}, m)
-    m = re.search(r"\bvwap\b|volume[- ]weighted average price", clause)
-    if m:
-        n = _period_near(clause, m.start(), m.end())
-        if n is None:
-            ctx.note("VWAP read as a rolling 96-bar VWAP")
-        add("vwap", {"n": n or 96}, m)
-    m = re.search(r"parabolic sar|\bpsar\b|\bsar\b", clause)
-    if m:
-        add("sar", {"step": 0.02, "max": 0.2}, m)
-    m = re.search(r"rate of change|\broc\b", clause)
-    if m:
-        seg = clause[m.end(): m.end() + 40]
-        lv = re.search(_ABOVE + r"\s*" + NUM, seg)
-        add("roc", {"n": _period_near(clause, m.start(), m.end()) or 10, "level": float(lv.group(1)) if lv else 0.0}, m)
-    m = re.search(r"vortex(?: indicator)?|\bvi\s*[+-]|\bvi\b", clause)
-    if m:
-        add("vortex", {"n": _period_near(clause, m.start(), m.end()) or 14}, m)
-    # ATR as a regime filter (stops were taken out before)
-    m = re.search(r"\batr\b|average true range", clause)
-    if m:
-        seg = clause[max(0, m.start() - 30): m.end() + 60]
-        up = re.search(r"expan|spike|rise|rising|above|exceed|increas|high|surge|jump", seg)
-        down = re.search(r"contract|declin|falls?|below|low\b|decreas|compress|shrink", seg)
-        if up or down:
-            mm = re.search(NUM + r"\s*(?:x|×|times)", seg)
-            na = re.search(r"(\d+)" + UNIT + r"?\s*(?:moving\s+)?(?:average|avg|mean|sma|median)", seg)
-            add("atr_regime", {"n": _period_near(clause, m.start(), m.end()) or 14, "avg_n": int(na.group(1)) if na else 20,
-                               "mult": float(mm.group(1)) if mm else 1.0,
-                               "cmp": "above" if up and (not down or up.start() < down.start()) else "below"}, m)
-    elif re.search(r"volatility (?:contraction|compression|squeeze)|low volatility|(?:volatility )?contracts?", clause) \
-            and not re.search(r"bollinger|keltner|band|width", clause):
-        m = re.search(r"volatility (?:contraction|compression|squeeze)|low volatility|contracts?", clause)
-        add("atr_regime", {"n": 14, "avg_n": 50, "mult": 1.0, "cmp": "below"}, m)
-        ctx.note("volatility contraction read as ATR(14) below its 50-bar average")
+    for kind in registry.kinds("other"):
+        kind.read(clause, ctx, add)
     return hits
 
 
@@ -679,14 +567,16 @@ def parse_idea(idea: str) -> tuple[StrategySpec | None, list[str]]:
                 not_understood.append(label)
 
     signals = _merge(hits, direction)
+    oscillators = {k.name: k for k in registry.kinds("oscillator")}
+    filters = registry.filter_only_kinds()
     for s in signals:
-        if s.kind in _OSC_NAMES and s.params.get("n") is None:
-            s.params["n"] = _OSC_NAMES[s.kind][1]
+        if s.kind in oscillators and s.params.get("n") is None:
+            s.params["n"] = oscillators[s.kind].defaults["n"]
             ctx.note(f"{s.kind.upper()} period not given: {s.params['n']}")
     entries = [s for s in signals if s.entry]
     if not entries:
         not_understood.append("no entry rule the offline model recognises")
-    directional = [s for s in entries if s.kind not in ("volume", "adx", "bb_squeeze", "atr_regime", "bb_expand")]
+    directional = [s for s in entries if s.kind not in filters]
     if entries and not directional:
         if re.search(r"breakouts?|break out", t) and any(s.kind in ("bb_squeeze", "bb_expand") for s in entries):
             sq = next(s for s in entries if s.kind in ("bb_squeeze", "bb_expand"))
@@ -708,7 +598,7 @@ def parse_idea(idea: str) -> tuple[StrategySpec | None, list[str]]:
         return None, not_understood
     if not any(s.exit for s in signals):
         for s in signals:
-            if s.entry and s.kind not in ("volume", "adx", "bb_squeeze", "atr_regime", "bb_expand"):
+            if s.entry and s.kind not in filters:
                 s.exit = True
         if not (sl or tp or max_bars):
             ctx.note("no exit stated: exit when the entry signal reverses")

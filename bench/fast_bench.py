@@ -1,0 +1,150 @@
+"""Bench of moondev_lab.fast against backtesting.py, side by side in one run.
+
+    .venv/bin/python bench/fast_bench.py [--skip-baselines] [--big 10000]
+
+1. The 100-combination SMA-cross grid on the 31k bundled BTC bars:
+   fast path cold compile (empty numba cache, fresh process), cached compile (fresh
+   process, warm cache), warm (same process); backtesting.py's Backtest.optimize; our
+   sandbox pool grid (SandboxPool.optimize). Same best parameters and stats checked.
+2. A large grid (default 10,000 combinations): time and peak RSS (one equity buffer).
+3. The physical limit: bars x combinations / s of the compiled loop alone.
+vectorbt is not installed here (not a runtime dependency), so it is not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+IDEA = "Buy when the 10/30 SMA cross up, sell on the cross down"
+GRID = {"fast_n": [5, 8, 10, 12, 15, 20, 25, 30, 40, 50], "slow_n": [60, 80, 100, 120, 150, 180, 200, 250, 300, 400]}
+
+
+def load_btc():
+    import pandas as pd
+
+    df = pd.read_csv(ROOT / "data" / "BTC-USD-15m.csv")
+    df.columns = [c.strip().capitalize() for c in df.columns]
+    df.index = pd.to_datetime(df["Datetime"], utc=True)
+    return df[["Open", "High", "Low", "Close", "Volume"]].astype(float)
+
+
+def _child(mode: str) -> None:
+    """One fresh process: import, grid once (compile or cache load), and once more warm."""
+    t0 = time.perf_counter()
+    from moondev_lab.fast import grid
+
+    df = load_btc()
+    t1 = time.perf_counter()
+    g = grid(IDEA, GRID, data=df)
+    t2 = time.perf_counter()
+    g2 = grid(IDEA, GRID, data=df)
+    t3 = time.perf_counter()
+    print(json.dumps({"mode": mode, "import_s": t1 - t0, "first_s": t2 - t1, "warm_s": t3 - t2,
+                      "best": g.best_params, "ret": float(g.best_stats["Return [%]"]),
+                      "same": g2.best_params == g.best_params}))
+
+
+def fresh(mode: str, cache: str) -> dict:
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+    out = subprocess.run([sys.executable, __file__, "--child", mode], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--big", type=int, default=10_000)
+    a = ap.parse_args()
+    if a.child:
+        return _child(a.child)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as cache:
+        cold = fresh("cold", cache)
+        cached = fresh("cached", cache)
+    print(f"fast, fresh process, empty numba cache: first grid {cold['first_s']:.2f} s (import {cold['import_s']:.2f} s)")
+    print(f"fast, fresh process, cached compile:    first grid {cached['first_s']:.2f} s (import {cached['import_s']:.2f} s)"
+          f"  -> fresh process total {cached['import_s'] + cached['first_s']:.2f} s")
+    print(f"fast, warm:                             {cached['warm_s']:.3f} s  best {cached['best']} "
+          f"return {cached['ret']:.4f}%")
+    warm = cached["warm_s"]
+
+    from moondev_lab.fast import FastGrid, grid, plan_of
+
+    df = load_btc()
+    g = grid(IDEA, GRID, data=df)
+    results = {"fast warm": warm}
+    if not a.skip_baselines:
+        from backtesting import Backtest
+
+        from moondev_lab.sandbox.harness import stats_to_dict, trades_to_records
+        from moondev_lab.fast import compare
+
+        import importlib
+
+        mod_dir = tempfile.mkdtemp()  # an importable module, so Backtest.optimize's processes can pickle the class
+        Path(mod_dir, "bench_sma_strategy.py").write_text(g.code)
+        sys.path.insert(0, mod_dir)
+        cls = getattr(importlib.import_module("bench_sma_strategy"), plan_of(g.code).name)
+        t = time.perf_counter()
+        stats, heat = Backtest(df, cls, **g.settings).optimize(**g.params, maximize=g.maximize, return_heatmap=True)
+        results["Backtest.optimize"] = time.perf_counter() - t
+        same = compare(g.best_stats, stats_to_dict(stats), trades_to_records(stats["_trades"])) is None
+        print(f"Backtest.optimize:                      {results['Backtest.optimize']:.2f} s  "
+              f"same best/stats/trades: {same and heat.equals(g.heatmap)}")
+        from moondev_lab.sandbox import DataRef, SandboxPool
+
+        with SandboxPool() as pool:
+            pool.run("from backtesting import Strategy\nclass S(Strategy):\n    def init(self): pass\n"
+                     "    def next(self): pass\n", DataRef())  # warm the pool first
+            t = time.perf_counter()
+            out = pool.optimize(g.code, g.params, DataRef(), maximize=g.maximize, timeout=120)
+            results["sandbox pool grid"] = time.perf_counter() - t
+        print(f"sandbox pool grid ({pool.size} workers):          {results['sandbox pool grid']:.2f} s  "
+              f"same best: {dict(out.best_params) == g.best_params}")
+        for k in ("Backtest.optimize", "sandbox pool grid"):
+            print(f"  fast warm is {results[k] / warm:.1f}x faster than {k}")
+
+    # the physical limit: the compiled loop alone, signals precomputed
+    plan = plan_of(g.code)
+    fg = FastGrid(plan, df)
+    combos = [dict(zip(GRID, (f, s))) for f in GRID["fast_n"] for s in GRID["slow_n"]]
+    for c in combos:
+        fg.metrics(c)  # fills the indicator cache
+    t = time.perf_counter()
+    for c in combos:
+        fg.metrics(c)
+    per = (time.perf_counter() - t) / len(combos)
+    print(f"per combination (cached indicators, signals + compiled loop): {per * 1e3:.2f} ms -> "
+          f"{len(df) / per / 1e6:.1f} M bars x combinations / s")
+
+    # a large grid: streaming, one equity buffer
+    n_f = int(round(a.big ** 0.5))
+    big = {"fast_n": list(range(2, 2 + n_f)), "slow_n": list(range(50, 50 + a.big // n_f))}
+    rss0 = peak_rss_mib()
+    t = time.perf_counter()
+    gb = grid(IDEA, big, data=df)
+    dt = time.perf_counter() - t
+    print(f"{len(gb.heatmap)}-combination grid: {dt:.1f} s, peak RSS {peak_rss_mib():.0f} MiB "
+          f"(before: {rss0:.0f} MiB; one curve is {len(df) * 8 / 2**20:.2f} MiB, all would be "
+          f"{len(gb.heatmap) * len(df) * 8 / 2**30:.1f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
