@@ -210,39 +210,85 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_backtest(a: argparse.Namespace) -> int:
+    """``backtest PATH``: one file, with its stats table and plot; several files, directories or globs: a table."""
     from pathlib import Path
 
+    if len(a.paths) == 1 and Path(a.paths[0]).is_file() and not (a.csv or a.out):
+        return _backtest_one(a, a.paths[0])
+    return _backtest_many(a)
+
+
+def _backtest_overrides(a: argparse.Namespace) -> dict:
+    return {"cash": a.cash, "commission": a.commission}  # None: the script's own value, else the default
+
+
+def _backtest_one(a: argparse.Namespace, path: str) -> int:
+    from pathlib import Path
+
+    from .backtest_files import resolve_settings
     from .codeextract import extract_code
     from .results import BacktestRun, explain_error, format_value, stats_table
-    from .sandbox import BacktestSettings, DataRef, run_file
+    from .sandbox import DataRef, run_file
 
-    settings = BacktestSettings(cash=a.cash, commission=a.commission)
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        code = extract_code(text)
+    except Exception:  # noqa: BLE001 - the sandbox reports why the code cannot run
+        code = ""
+    settings, source = resolve_settings(code or text, _backtest_overrides(a))
     ref = DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end)
-    res = run_file(a.path, ref, timeout=a.timeout, settings=settings)
+    res = run_file(path, ref, timeout=a.timeout, settings=settings)
     plot_path = None
     if res.ok:
-        title = f"{res.strategy} - {Path(a.path).name} ({a.symbol} {a.timeframe})"
+        title = f"{res.strategy} - {Path(path).name} ({a.symbol} {a.timeframe})"
         run = BacktestRun.from_result(res, ref.resolved(), settings.kwargs(), title)
-        plot_path = Path(a.plot) if a.plot else _backtest_dir(Path(a.path).stem) / "plot.html"
+        plot_path = Path(a.plot) if a.plot else _backtest_dir(Path(path).stem) / "plot.html"
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         run.plot().save(plot_path)
     if a.json:
-        _print_json({**res.to_dict(), "settings": settings.kwargs(), "plot_html": None,
+        _print_json({**res.to_dict(), "settings": settings.kwargs(), "settings_source": source, "plot_html": None,
                      "plot_path": str(plot_path) if plot_path else None})
         return 0 if res.ok else 1
     if not res.ok:
-        try:
-            code = extract_code(Path(a.path).read_text(encoding="utf-8", errors="replace"))
-        except Exception:  # noqa: BLE001 - the error itself says the code could not be read
-            code = ""
         print(f"backtest failed: {explain_error(res.error, code)}")
         return 1
     print(f"{res.strategy} on {a.symbol} {a.timeframe}: {format_value(res.stats.get('Start'))} .. "
           f"{format_value(res.stats.get('End'))}")
-    print(f"cash {settings.cash:,.0f}, commission {settings.commission:.2%} of each trade's value, per side")
+    own = [k for k, src in source.items() if src == "script"]
+    print(f"cash {settings.cash:,.0f}, commission {settings.commission:.2%} of each trade's value, per side"
+          + (f", margin {settings.margin:g}" if settings.margin != 1 else "")
+          + (f" ({', '.join(own)} from the script's own Backtest(...))" if own else ""))
     print(stats_table(res.stats))
     print(f"plot: {plot_path}")
     return 0
+
+
+def _backtest_many(a: argparse.Namespace) -> int:
+    import csv
+
+    from .backtest_files import COLUMNS, backtest_files
+    from .sandbox import DataRef
+
+    if a.plot:
+        raise ValueError("--plot is for one file; with several, each row links no plot (run that file alone)")
+    ref = DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end)
+    report = backtest_files(a.paths, ref, overrides=_backtest_overrides(a), timeout=a.timeout,
+                            progress=not (a.json or a.csv))
+    written = report.write(a.out or _backtest_dir("backtests"))
+    if a.json:
+        _print_json(report.to_json())
+    elif a.csv:
+        writer = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report.rows())
+    else:
+        print(report.text())
+        print(f"wrote {written['csv']} and {written['html']}")
+    if report.interrupted:
+        print(f"interrupted: kept the {sum(r.status != 'interrupted' for r in report.results)} finished files "
+              f"in {written['csv']}", file=sys.stderr)
+        return 130
+    return 0 if report.ok else 1
 
 
 def _backtest_dir(stem: str):
@@ -501,15 +547,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", default=None,
                     help="run ideas again even if done or given up on this symbol/timeframe/model")
     loop_args(sp)
-    sp = add(sub, "backtest", cmd_backtest, "run a strategy file in the sandbox on pooled data")
-    sp.add_argument("path")
+    sp = add(sub, "backtest", cmd_backtest, "run strategy files in the sandbox on pooled data (one file: its "
+             "stats and plot; several files, directories or globs: a table, concurrently on one pool)")
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="strategy files, directories of them, or globs")
+    sp.add_argument("--csv", action="store_true", help="print the table as CSV")
+    sp.add_argument("--out", help="where to write backtests.csv and backtests.html (default: a new folder under "
+                    "$MOONDEV_LAB_HOME/backtests/)")
     data_args(sp)
     sp.add_argument("--start")
     sp.add_argument("--end")
     sp.add_argument("--timeout", type=float, default=120.0)
-    sp.add_argument("--cash", type=float, default=1_000_000, help="starting cash (default 1,000,000)")
-    sp.add_argument("--commission", type=float, default=0.001,
-                    help="commission as a fraction of each trade's value, per side (default 0.001 = 0.1%%)")
+    sp.add_argument("--cash", type=float, help="starting cash (default: the script's own Backtest(cash=...), "
+                    "else 1,000,000)")
+    sp.add_argument("--commission", type=float,
+                    help="commission as a fraction of each trade's value, per side (default: the script's own, "
+                         "else 0.001 = 0.1%%)")
     sp.add_argument("--plot", metavar="PATH", help="where to write plot.html (default: a new folder under "
                     "$MOONDEV_LAB_HOME/backtests/)")
     sp = add(sub, "batch", cmd_batch, "run a batch of ideas through the RBI loop on Dask, with a leaderboard "

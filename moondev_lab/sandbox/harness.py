@@ -479,6 +479,8 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
         compiled = compile(code, "<strategy>", "exec")
         module = types.ModuleType("__main__")  # wild scripts guard their run with __name__ == "__main__"
         module.__dict__["__builtins__"] = builtins
+        # as `python strategy.py` would: scripts find their data next to themselves via __file__
+        module.__dict__["__file__"] = str(Path.cwd() / "strategy.py")
         with _patched(capture) as harness_backtest:
             exec(compiled, module.__dict__)
             if task.get("op") == "grid":

@@ -1,0 +1,170 @@
+"""60 strategy files through ONE ``moondev-lab backtest DIR`` call vs separate ``python file.py`` runs.
+
+    .venv/bin/python bench/backtest_files_bench.py                 # 60 files; baseline on 12 of them
+    .venv/bin/python bench/backtest_files_bench.py --baseline 60   # every file as its own process too
+
+Half the files fail (syntax errors, a missing import, a NameError in the strategy), half are runnable
+wild scripts that read the bundled CSV and call ``Backtest(...).run()`` themselves (in the sandbox
+their CSV is redirected to the pooled data). Each script times its own ``bt.run()`` and prints it, so
+for both sides "overhead" is the file's wall time minus the backtest itself:
+
+* project:  the ``seconds`` column of ``backtest DIR --json`` (per file, measured in the bulk runner),
+            minus the same backtest timed in this process with backtesting.py on the same frame;
+            also the whole call's wall time (pool start-up included) divided by the files.
+* baseline: ``python file.py`` wall time minus the ``bt.run()`` time the script prints.
+
+Goals: a failing file <= 50 ms; a runnable file's overhead <= 50 ms above its backtest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CSV = REPO / "data" / "BTC-USD-15m.csv"
+START, END = "2023-05-01", "2023-06-01"
+sys.path.insert(0, str(REPO / "tests"))
+from strategies import sma_cross  # noqa: E402
+
+_WILD = '''
+import time
+import pandas as pd
+from backtesting import Backtest
+
+df = pd.read_csv({csv!r}, parse_dates=["datetime"], index_col="datetime")
+df.columns = [c.strip().capitalize() for c in df.columns]
+df = df[["Open", "High", "Low", "Close", "Volume"]].loc["{start}":"{end}"]
+bt = Backtest(df, SmaCross, cash=1_000_000, commission=0.001, finalize_trades=True)
+t = time.perf_counter()
+stats = bt.run(n1={n1}, n2={n2})
+print("BT_SECONDS", time.perf_counter() - t)
+'''
+_FAILING = {
+    "syntax": "from backtesting import Strategy\nclass Broken(Strategy)\n    pass\n",
+    "import": "import backtesting\nimport no_such_indicator_lib\n",
+    "name": sma_cross().replace("self.I(talib.SMA, self.data.Close, self.n1)", "self.I(undefined_fn, self.data.Close)")
+    + _WILD.replace("n1={n1}, n2={n2}", ""),
+}
+
+
+def make_files(folder: Path, n: int) -> dict[str, str]:
+    """``n`` files, half failing, half runnable; returns name -> kind."""
+    kinds = {}
+    for i in range(n):
+        if i % 2:
+            name, n1, n2 = f"run_{i:02d}.py", 5 + i % 7, 20 + i % 11
+            (folder / name).write_text(sma_cross() + _WILD.format(csv=str(CSV), start=START, end=END, n1=n1, n2=n2))
+            kinds[name] = "runnable"
+        else:
+            kind = list(_FAILING)[(i // 2) % len(_FAILING)]
+            name = f"fail_{kind}_{i:02d}.py"
+            code = _FAILING[kind]
+            if kind == "name":
+                code = code.format(csv=str(CSV), start=START, end=END)
+            (folder / name).write_text(code)
+            kinds[name] = "failing"
+    return kinds
+
+
+def backtest_seconds(files: list[Path]) -> dict[str, float]:
+    """Each runnable file's ``bt.run()`` alone, here with backtesting.py on the same frame (median of 3)."""
+    import re
+
+    import backtesting.backtesting as btmod
+    from backtesting import Backtest
+
+    from moondev_lab.data import DataPool
+
+    btmod._tqdm = lambda seq, **_: seq  # noqa: SLF001 - no progress bar in the timings
+    frame = DataPool().get("BTC/USD", "15m", start=START, end=END)
+    out = {}
+    for f in files:
+        text = f.read_text()
+        namespace: dict = {}
+        exec(text[: text.index("\nimport time")], namespace)  # the strategy class only
+        n1, n2 = map(int, re.search(r"n1=(\d+), n2=(\d+)", text).groups())
+        bt = Backtest(frame, namespace["SmaCross"], cash=1_000_000, commission=0.001, finalize_trades=True)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            bt.run(n1=n1, n2=n2)
+            times.append(time.perf_counter() - t)
+        out[f.name] = statistics.median(times)
+    return out
+
+
+def project(folder: Path, env: dict) -> tuple[float, dict[str, float]]:
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "moondev_lab.cli", "backtest", str(folder), "--start", START,
+                          "--end", END, "--json", "--out", str(folder.parent / "out")],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    wall = time.perf_counter() - t
+    rows = json.loads(out.stdout)
+    return wall, {Path(r["file"]).name: r["seconds"] for r in rows}
+
+
+def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:
+    """name -> (wall seconds of ``python file.py``, its bt.run() seconds or 0)."""
+    out = {}
+    for f in files:
+        t = time.perf_counter()
+        res = subprocess.run([sys.executable, str(f)], capture_output=True, text=True, env=env, timeout=300)
+        wall = time.perf_counter() - t
+        bt = [float(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("BT_SECONDS")]
+        out[f.name] = (wall, bt[0] if bt else 0.0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=60)
+    ap.add_argument("--baseline", type=int, default=12, help="how many files also run as `python file.py`")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MOONDEV_LAB_HOME": str(Path(tmp) / "home"), "PYTHONWARNINGS": "ignore"}
+        os.environ["MOONDEV_LAB_HOME"] = env["MOONDEV_LAB_HOME"]
+        folder = Path(tmp) / "strategies"
+        folder.mkdir()
+        kinds = make_files(folder, a.files)
+        files = sorted(folder.iterdir())
+        runnable = [f for f in files if kinds[f.name] == "runnable"]
+        bt_alone = backtest_seconds(runnable)  # also imports the sample into the store, outside the timings
+        # A fresh home compiles the trusted broker's numba kernels on first use (cached in the home after):
+        # a one-time cost, timed apart so it does not blur the per-file numbers.
+        warm = Path(tmp) / "warm"
+        warm.mkdir()
+        (warm / runnable[0].name).write_text(runnable[0].read_text())
+        first_wall, _ = project(warm, env)
+        wall, per_file = project(folder, env)
+        failing = [f for f in files if kinds[f.name] == "failing"]
+        sample = failing[: a.baseline // 2] + runnable[: a.baseline - a.baseline // 2]
+        base = baseline(sample, env)
+
+    def med(values):
+        return statistics.median(values) * 1000 if values else float("nan")
+
+    fail_p = med([s for n, s in per_file.items() if kinds[n] == "failing"])
+    over_p = med([per_file[n] - bt_alone[n] for n in per_file if kinds[n] == "runnable"])
+    fail_b = med([w for n, (w, _) in base.items() if kinds[n] == "failing"])
+    over_b = med([w - b for n, (w, b) in base.items() if kinds[n] == "runnable"])
+    bt_ms = med(list(bt_alone.values()))
+    print(f"{a.files} files ({len(runnable)} runnable, {a.files - len(runnable)} failing), "
+          f"{START}..{END} (15m bars); baseline on {len(sample)} of them")
+    print(f"backtest itself (backtesting.py in-process, median): {bt_ms:.1f} ms")
+    print(f"first call in a fresh home (1 file, numba compiles the broker once): {first_wall:.1f} s")
+    print(f"one `backtest DIR` call: {wall:.2f} s wall, {wall / a.files * 1000:.0f} ms per file amortised "
+          "(pool start-up included)")
+    print(f"{'':28}{'backtest DIR':>14}{'python file.py':>16}{'ratio':>8}   goal")
+    print(f"{'failing file, median ms':28}{fail_p:>14.1f}{fail_b:>16.1f}{fail_b / fail_p:>7.1f}x   <= 50")
+    print(f"{'runnable overhead, median ms':28}{over_p:>14.1f}{over_b:>16.1f}{over_b / over_p:>7.1f}x   <= 50")
+
+
+if __name__ == "__main__":
+    main()

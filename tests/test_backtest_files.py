@@ -1,0 +1,222 @@
+"""`moondev-lab backtest PATH [PATH ...]`: a folder of strategy files of every kind, on one warm pool."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from strategies import SMA_CROSS
+
+from moondev_lab.backtest_files import backtest_files, collect_files, resolve_settings, script_settings
+from moondev_lab.sandbox import BacktestSettings, DataRef, SandboxPool
+
+WINDOW = {"start": "2023-05-01", "end": "2023-05-20"}
+
+FENCED = f"""Here is your strategy, a classic crossover:
+
+```python
+{SMA_CROSS}
+```
+
+It buys when the fast average crosses above the slow one.
+"""
+
+TRUNCATED = SMA_CROSS[: SMA_CROSS.index("def next")] + "    def next(self):\n        if crossover(self.a,"
+
+# reads its own CSV (missing in the sandbox: the pooled data instead) and runs its own Backtest
+OWN_BACKTEST = SMA_CROSS + """
+import pandas as pd
+from backtesting import Backtest
+
+CASH = 100_000
+df = pd.read_csv("/home/someone/data/BTC-USD-15m.csv", parse_dates=["datetime"], index_col="datetime")
+df.columns = [c.strip().capitalize() for c in df.columns]
+bt = Backtest(df[["Open", "High", "Low", "Close", "Volume"]], SmaCross, cash=CASH, commission=0.002, margin=1 / 2)
+stats = bt.run()
+"""
+
+MAIN_BLOCK = SMA_CROSS + """
+import os
+import pandas as pd
+from backtesting import Backtest
+
+
+def load():
+    return pd.read_csv(os.path.join(os.path.dirname(__file__), "BTC-USD-15m.csv"), index_col=0, parse_dates=True)
+
+
+if __name__ == "__main__":
+    df = load()
+    df.columns = [c.strip().capitalize() for c in df.columns]
+    stats = Backtest(df[["Open", "High", "Low", "Close", "Volume"]], SmaCross, cash=250_000).run()
+    print("MAIN RAN", stats["# Trades"])
+"""
+
+SYNTAX_ERROR = "from backtesting import Strategy\nclass Broken(Strategy)\n    def init(self): pass\n"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(2) as p:
+        yield p
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "strategies"
+    d.mkdir()
+    for name, code in {"good.py": SMA_CROSS, "fenced.md": FENCED, "truncated.py": TRUNCATED,
+                       "own_backtest.py": OWN_BACKTEST, "main_block.py": MAIN_BLOCK,
+                       "syntax_error.py": SYNTAX_ERROR}.items():
+        (d / name).write_text(code)
+    (d / "subdir").mkdir()
+    (d / "subdir" / "ignored.py").write_text(SMA_CROSS)  # a directory gets one row; it is not walked
+    return d
+
+
+def _by_name(report) -> dict:
+    return {os.path.basename(r.file): r for r in report.results}
+
+
+def _backtesting_py(code: str, settings: BacktestSettings):
+    """backtesting.py itself, in this process, on the same pooled data."""
+    from backtesting import Backtest
+
+    from moondev_lab.data import DataPool
+
+    namespace: dict = {}
+    exec(SMA_CROSS, namespace)  # the strategy class only; its data comes from the pool
+    frame = DataPool().get("BTC/USD", "15m", **WINDOW)
+    return Backtest(frame, namespace["SmaCross"], **settings.kwargs()).run()
+
+
+def test_every_kind_of_file_gets_its_row(folder, pool):
+    report = backtest_files([folder], DataRef("BTC/USD", "15m", **WINDOW), pool=pool, progress=False)
+    rows = _by_name(report)
+    assert list(rows) == ["fenced.md", "good.py", "main_block.py", "own_backtest.py", "subdir",
+                          "syntax_error.py", "truncated.py"]
+    status = {name: (r.status, r.error_kind) for name, r in rows.items()}
+    assert status == {"fenced.md": ("ok", ""), "good.py": ("ok", ""), "main_block.py": ("ok", ""),
+                      "own_backtest.py": ("ok", ""), "subdir": ("not_a_file", "not_a_file"),
+                      "syntax_error.py": ("failed", "syntax_error"), "truncated.py": ("failed", "syntax_error")}
+    assert "SyntaxError" in rows["syntax_error.py"].error and "line 2" in rows["syntax_error.py"].error
+    good = rows["good.py"].row()
+    assert good["trades"] > 0 and isinstance(good["sharpe"], float) and good["seconds"] > 0
+    # the fenced reply is the same strategy: the same settled stats
+    assert rows["fenced.md"].result.stats == rows["good.py"].result.stats
+    # the __main__ block ran as a script would, its __file__-relative CSV redirected to the pool
+    main = rows["main_block.py"]
+    assert "MAIN RAN" in main.result.stdout and main.settings_source == {"cash": "script"}
+    assert main.settings["cash"] == 250_000
+
+
+def test_a_scripts_own_backtest_settings_are_honoured_and_equal_backtesting_py(folder, pool):
+    ref = DataRef("BTC/USD", "15m", **WINDOW)
+    report = backtest_files([folder / "own_backtest.py"], ref, pool=pool, progress=False)
+    (own,) = report.results
+    assert own.settings == {"cash": 100_000, "commission": 0.002, "margin": 0.5}
+    assert own.settings_source == {"cash": "script", "commission": "script", "margin": "script"}
+    assert "margin=0.5 (script)" in own.row()["settings"]
+    expected = _backtesting_py(SMA_CROSS, BacktestSettings(cash=100_000, commission=0.002, margin=0.5))
+    for key in ("Return [%]", "# Trades", "Equity Final [$]", "Max. Drawdown [%]"):
+        assert math.isclose(own.result.stats[key], expected[key], rel_tol=1e-9), key
+
+    overridden = backtest_files([folder / "own_backtest.py"], ref, pool=pool, progress=False,
+                                overrides={"cash": 50_000, "commission": None}).results[0]
+    assert overridden.settings == {"cash": 50_000, "commission": 0.002, "margin": 0.5}
+    assert overridden.settings_source == {"cash": "option", "commission": "script", "margin": "script"}
+    assert overridden.result.stats["Equity Final [$]"] != own.result.stats["Equity Final [$]"]
+
+
+def test_script_settings_are_read_not_run():
+    assert script_settings("bt = backtesting.Backtest(df, S, cash=1e4, commission=-(-0.001))") == \
+        {"cash": 10000.0, "commission": 0.001}
+    # a value the source does not spell out is left to the defaults, and never evaluated
+    assert script_settings("bt = Backtest(df, S, cash=__import__('os').getpid(), margin=1/0)") == {}
+    assert script_settings("bt = Backtest(df, S, cash=float('inf'))") == {}
+    assert script_settings("def broken(:") == {}
+    settings, source = resolve_settings("x = 1", {"cash": None})
+    assert settings == BacktestSettings() and source == {}
+
+
+def test_collect_files_takes_files_directories_and_globs(folder):
+    assert collect_files([folder / "good.py", folder / "good.py"]) == [folder / "good.py"]
+    assert [p.name for p in collect_files([str(folder / "*.py")])] == [
+        "good.py", "main_block.py", "own_backtest.py", "syntax_error.py", "truncated.py"]
+    assert len(collect_files([folder])) == 7
+    with pytest.raises(FileNotFoundError, match="no-such-"):
+        collect_files([folder / "no-such-*.py"])
+
+
+def cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moondev_lab.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def test_cli_backtests_a_directory_as_a_table_csv_and_json(folder, tmp_path):
+    window = ["--start", WINDOW["start"], "--end", WINDOW["end"]]
+    out_dir = tmp_path / "out"
+    out = cli("backtest", str(folder), *window, "--json", "--out", str(out_dir))
+    assert out.returncode == 1, out.stderr  # two files fail: exit 1, but every row is there
+    rows = json.loads(out.stdout)
+    assert len(rows) == 7 and all({"file", "seconds", "ok", "stats", "error", "settings"} <= set(r) for r in rows)
+    good = next(r for r in rows if r["file"].endswith("good.py"))
+    assert good["ok"] and good["stats"]["# Trades"] == len(good["trades"]) > 0
+    assert "IsADirectoryError" not in out.stderr
+    with open(out_dir / "backtests.csv", newline="") as f:
+        saved = list(csv.DictReader(f))
+    assert [r["status"] for r in saved] == [r["status"] for r in rows]
+    assert "<table" in (out_dir / "backtests.html").read_text() and "syntax_error" in (out_dir / "backtests.html").read_text()
+
+    table = cli("backtest", str(folder / "good.py"), str(folder / "sub*"), *window, "--csv", "--out", str(out_dir))
+    parsed = list(csv.DictReader(io.StringIO(table.stdout)))
+    assert [(r["status"], r["error_kind"]) for r in parsed] == [("ok", ""), ("not_a_file", "not_a_file")]
+    assert table.returncode == 1
+
+    text = cli("backtest", str(folder / "*.py"), *window, "--out", str(out_dir))
+    assert "syntax_error" in text.stdout and "5 files in" in text.stdout and "Traceback" not in text.stderr
+
+
+def test_cli_backtest_of_a_missing_glob_is_one_error_line(tmp_path):
+    out = cli("backtest", str(tmp_path / "nothing-*.py"))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: no such file")
+
+
+def test_ctrl_c_keeps_what_finished(folder, tmp_path):
+    import threading
+
+    (folder / "spin.py").write_text("while True:\n    pass\n")
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "moondev_lab.cli", "backtest", str(folder / "good.py"),
+                             str(folder / "spin.py"), "--start", WINDOW["start"], "--end", WINDOW["end"],
+                             "--timeout", "60", "--out", str(out_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "1/2" not in "".join(err) and time.monotonic() < deadline:  # the progress bar: good.py is done
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout = proc.stdout.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    reader.join(5)
+    stderr = "".join(err)
+    assert proc.returncode == 130, stderr
+    with open(out_dir / "backtests.csv", newline="") as f:
+        statuses = {os.path.basename(r["file"]): r["status"] for r in csv.DictReader(f)}
+    assert statuses == {"good.py": "ok", "spin.py": "interrupted"}
+    assert "interrupted" in stdout and "interrupted: kept the 1 finished" in stderr and "Traceback" not in stderr
