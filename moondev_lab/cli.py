@@ -147,7 +147,7 @@ def _rbi_report(report, as_json: bool, board=None) -> None:
             print(f"  run {r.run_id}: {r.run_dir}")
     if board is not None and len(board):
         print(f"\nleaderboard (out-of-sample, held-out last 30% of the data; fewer than {report.min_trades} "
-              "OOS trades ranked below):")
+              "OOS trades ranked below; 'probably overfit' (DSR < 0.95 or PBO > 0.5) ranked below the rest):")
         print(formatted(board).to_string(index=False))
 
 
@@ -155,7 +155,7 @@ def _rbi_config(a: argparse.Namespace):
     from .rbi import RBIConfig
 
     given = {k: getattr(a, k, None) for k in ("symbol", "timeframe", "source", "max_debug", "max_optimize",
-                                             "grid_engine", "force", "min_trades")}
+                                             "grid_engine", "force", "min_trades", "walk_forward", "start", "end")}
     return RBIConfig(**{k: v for k, v in given.items() if v is not None})  # unset: RBIConfig's own default
 
 
@@ -171,6 +171,8 @@ def cmd_rbi(a: argparse.Namespace) -> int:
     ideas += [extract_idea(s, model=a.model).rules for s in a.sources or []]
     if not ideas:
         raise ValueError("give an idea in quotes, --ideas FILE, or --from SOURCE")
+    if a.walk_forward is not None and a.walk_forward < 1:  # issue 15
+        raise ValueError(f"--walk-forward needs a number of folds >= 1, got {a.walk_forward}")
     ledger = Ledger()
     cfg = _rbi_config(a)
     report = run_rbi(ideas, model=a.model, cfg=cfg, ledger=ledger, parallel=a.parallel,
@@ -547,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", default=None,
                     help="run ideas again even if done or given up on this symbol/timeframe/model")
     loop_args(sp)
+    sp.add_argument("--walk-forward", type=int, metavar="K",
+                    help="also walk-forward optimise each idea over K rolling folds (issue 15)")
+    sp.add_argument("--start", help="research on data from this date")
+    sp.add_argument("--end", help="research on data up to this date")
     sp = add(sub, "backtest", cmd_backtest, "run strategy files in the sandbox on pooled data (one file: its "
              "stats and plot; several files, directories or globs: a table, concurrently on one pool)")
     sp.add_argument("paths", nargs="+", metavar="PATH", help="strategy files, directories of them, or globs")

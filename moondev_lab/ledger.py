@@ -360,16 +360,31 @@ class Ledger:
     # ----- reports -------------------------------------------------------------------
     def leaderboard(self, metric: str = "Return [%]", limit: int = 20, min_trades: int = 10) -> pd.DataFrame:
         """Best finished runs by out-of-sample ``metric``; runs with too few OOS trades ranked below."""
-        rows = self._all("SELECT r.id, i.text, r.model, r.symbol, r.timeframe, r.in_sample, r.out_of_sample, r.params "
+        from ._overfit import ledger_overfitting, overfit_columns
+
+        rows = self._all("SELECT r.id, i.text, r.model, r.symbol, r.timeframe, r.in_sample, r.out_of_sample, r.params, "
+                         f"({self._OVERFITTING_SQL}) AS overfitting "
                          "FROM runs r JOIN ideas i ON i.id=r.idea_id WHERE r.status='ok'")
         recs = [{"run": r["id"], "idea": r["text"][:60], "symbol": r["symbol"] or "?",
                  "timeframe": r["timeframe"] or "?", "model": r["model"],
                  "params": format_params(_loads(r["params"]) or {}),
-                 **metric_columns(_loads(r["in_sample"]) or {}, _loads(r["out_of_sample"]) or {}, metric)}
+                 **metric_columns(_loads(r["in_sample"]) or {}, _loads(r["out_of_sample"]) or {}, metric),
+                 **overfit_columns(ledger_overfitting(r["overfitting"]))}
                 for r in rows]
         df = pd.DataFrame(recs, columns=["run", "idea", "symbol", "timeframe", "model", "params",
-                                         *metric_columns({}, {}, metric)])
+                                         *metric_columns({}, {}, metric), *overfit_columns(None)])
         return rank_by_oos(df, metric, min_trades).head(limit).reset_index(drop=True)
+
+    # Issue 15: a run's overfitting object is the stats JSON of its last "overfitting" code version.
+    _OVERFITTING_SQL = ("SELECT c.stats FROM code_versions c WHERE c.run_id = r.id AND c.stage = 'overfitting' "
+                        "ORDER BY c.id DESC LIMIT 1")
+
+    def overfitting(self, run_id: int) -> dict | None:
+        """The run's ``overfitting`` object (trials, dsr, psr, pbo, ...), or None when it was not assessed."""
+        from ._overfit import ledger_overfitting
+
+        row = self._one(f"SELECT ({self._OVERFITTING_SQL}) FROM runs r WHERE r.id=?", (run_id,))
+        return ledger_overfitting(row[0]) if row else None
 
     def usage_summary(self, run_ids: Iterable[int] | None = None) -> dict:
         """Model calls, tokens and cost: of the whole ledger, or of the given runs only."""
@@ -428,5 +443,11 @@ def rank_by_oos(df: pd.DataFrame, metric: str, min_trades: int = 10) -> pd.DataF
     ok = df["status"].eq("ok") if "status" in df else pd.Series(True, index=df.index)
     df["flag"] = [TOO_FEW_TRADES if f and o else "" for f, o in zip(few, ok)]
     tier = (~ok).astype(int) * 2 + (few & ok).astype(int)
+    if "dsr" in df:  # issue 15: DSR < 0.95 or PBO > 0.5 -> a "probably overfit" group below the rest
+        from ._overfit import PROBABLY_OVERFIT, probably_overfit
+
+        over = probably_overfit(df["dsr"], df["pbo"]) & ok
+        df["flag"] = [", ".join(x for x in (PROBABLY_OVERFIT if o else "", f) if x) for o, f in zip(over, df["flag"])]
+        tier = (~ok).astype(int) * 4 + (few & ok).astype(int) * 2 + over.astype(int)
     df = df.assign(_tier=tier).sort_values(["_tier", key], ascending=[True, False], na_position="last")
     return df.drop(columns="_tier").reset_index(drop=True)

@@ -67,6 +67,7 @@ class RBIConfig:
     runs_dir: Path | None = None
     force: bool = False  # run ideas again even when done or given up on this symbol/timeframe/model
     min_trades: int = 10  # fewer out-of-sample trades than this: flagged "too few trades", ranked below
+    walk_forward: int = 0  # issue 15: K rolling walk-forward folds over the whole range (0: none)
 
 
 # ----- helpers ------------------------------------------------------------------------
@@ -264,7 +265,7 @@ class RBI:
             if not fix.ok:
                 return self._fail(res, err.kind, f"{err.type}: {err.message} (and no fix: {fix.error})")
             code = fix.code
-        best_code, best_run, best_params = code, run, {}
+        best_code, best_run, best_params, grid = code, run, {}, {}
 
         # Optimize loop on the training part only.
         for it in range(cfg.max_optimize):
@@ -305,6 +306,9 @@ class RBI:
             label = segment.replace("_", "-")
             title = f"{result.strategy} - run {run_id} ({label}, {self.cfg.symbol} {self.cfg.timeframe}): {text[:60]}"
             res.backtests[segment] = BacktestRun.from_result(result, _ref_fields(ref), settings, title)
+        from ._overfit import assess_idea  # issue 15: trials, DSR/PSR, PBO, walk-forward; never fails the idea
+
+        assess_idea(self, res, best_code, grid)
         res.status = "ok"
         res.saved = _metric(res.out_of_sample, cfg.metric) > cfg.save_threshold
         res.run_dir = str(self._write_run_dir(res))
@@ -350,6 +354,7 @@ class RBI:
                     "ledger_id": self.ledger.ledger_id, "symbol": res.symbol, "timeframe": res.timeframe,
                     "model": res.model, "metric": res.metric, "params": res.params, "in_sample": res.in_sample,
                     "out_of_sample": res.out_of_sample, "datasets": res.datasets, "findings": res.findings,
+                    "overfitting": res.overfitting,
                     "settings": res.backtests["out_of_sample"].settings}
             (tmp / "stats.json").write_text(json.dumps(meta, indent=2, default=str, allow_nan=True))
             full = {"metric": res.metric, "grid": res.grid, "findings": res.findings,

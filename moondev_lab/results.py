@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._overfit import batch_overfitting, overfit_columns
 from .ledger import format_params, metric_columns, rank_by_oos
 
 #: The headline stats shown in tables and kept in the ledger.
@@ -344,6 +345,7 @@ class IdeaResult:
     experiment_id: int | None = None
     metric: str = "Return [%]"
     grid: list = field(default_factory=list)  # [(params, score or None), ...] in grid order
+    overfitting: dict | None = None  # issue 15: trials, dsr, psr, pbo, min_track_record[, walk_forward]
     backtests: dict = field(default_factory=dict, repr=False)  # "in_sample"/"out_of_sample" -> BacktestRun
 
     def __post_init__(self) -> None:
@@ -355,7 +357,7 @@ class IdeaResult:
         metric = metric or self.metric
         return {"run": self.run_id, "idea": self.idea[:50], "symbol": self.symbol, "timeframe": self.timeframe,
                 "status": self.status, "params": format_params(self.params),
-                **metric_columns(self.in_sample, self.out_of_sample, metric),
+                **metric_columns(self.in_sample, self.out_of_sample, metric), **overfit_columns(self.overfitting),
                 "debug": self.debug_iterations, "optimize": self.optimize_iterations,
                 "error": f"{self.error_kind}: {self.error}" if self.error else "", "run_dir": self.run_dir}
 
@@ -500,7 +502,7 @@ class RBIReport:
         return f"RBIReport: {ok}/{len(self.results)} ideas ok in {self.elapsed_s:.1f}s; usage {self.usage}"
 
     _COLUMNS = ("run", "idea", "symbol", "timeframe", "status", "params", "IS {m}", "OOS {m}", "OOS trades",
-                "flag", "error")
+                "trials", "dsr", "pbo", "wf eff", "flag", "error")
 
     def _shown(self) -> pd.DataFrame:
         t = self.table()
@@ -520,7 +522,7 @@ class RBIReport:
     def to_json(self) -> dict:
         return {"metric": self.metric, "elapsed_s": self.elapsed_s, "usage": self.usage,
                 "runs_dir": self.runs_dir, "ledger": self.ledger_path,
-                "results": [r.to_json() for r in self.results]}
+                "results": [r.to_json() for r in self.results], "overfitting": batch_overfitting(self.results)}
 
 
 # ----------------------------------------------------------------------------- past runs
@@ -543,6 +545,7 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
                      params=row["params"] or {}, saved=bool(row["saved"]), run_dir=row["run_dir"],
                      symbol=row["symbol"], timeframe=row["timeframe"], model=row["model"],
                      experiment_id=row["experiment_id"])
+    res.overfitting = led.overfitting(res.run_id)  # issue 15
     folder = Path(row["run_dir"]) if row["run_dir"] else None
     if folder is not None and (folder / "strategy.py").exists():
         res.code = StrategyCode((folder / "strategy.py").read_text())
