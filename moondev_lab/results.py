@@ -386,6 +386,7 @@ class IdeaResult:
     experiment_id: int | None = None
     metric: str = "Return [%]"
     grid: list = field(default_factory=list)  # [(params, score or None), ...] in grid order
+    grid_engine: str | None = None  # the engine that ran the grid: "fast", "pool" or "backtesting"
     backtests: dict = field(default_factory=dict, repr=False)  # "in_sample"/"out_of_sample" -> BacktestRun
 
     def __post_init__(self) -> None:
@@ -592,6 +593,7 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
         saved = json.loads((folder / RESULT_FILE).read_text())
         res.metric = saved.get("metric", res.metric)
         res.grid = [(p, s) for p, s in saved.get("grid", [])]
+        res.grid_engine = saved.get("grid_engine")
         res.findings = saved.get("findings", [])
         res.backtests = {k: BacktestRun.from_json(v) for k, v in saved.get("backtests", {}).items()}
     return res
