@@ -192,7 +192,7 @@ class RecordingBacktest(Backtest):
 
     def __init__(self, data, strategy, **kwargs):
         super().__init__(data, strategy, **kwargs)
-        self._broker = partial(self._recording_broker, self._broker.keywords)
+        self._broker_keywords = self._broker.keywords
         self._recorder: Recorder | None = None
         self.order_log = None
 
@@ -213,6 +213,9 @@ class RecordingBacktest(Backtest):
         self.__dict__["_finalize_value"] = value
 
     def run(self, **kwargs) -> pd.Series:
+        # Bound here, not in __init__: Backtest.optimize runs its grid on copy(self), whose
+        # recorder must be the copy's own.
+        self._broker = partial(self._recording_broker, self._broker_keywords)
         stats = super().run(**kwargs)
         self.order_log = order_log_of(self._recorder, stats["_strategy"], self._data.index)
         return stats

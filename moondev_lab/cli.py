@@ -535,9 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-optimize", type=int, help="optimize-loop iterations (default 2)")
         sp.add_argument("--min-trades", type=int,
                         help="fewer out-of-sample trades than this are flagged 'too few trades' (default 10)")
-        sp.add_argument("--grid-engine", choices=["pool", "backtesting"],
-                        help="parameter grid on the sandbox pool (default), or with backtesting.py's own "
-                             "Backtest.optimize")
+        sp.add_argument("--grid-engine", choices=["auto", "pool", "backtesting"],
+                        help="parameter grid: auto (default; the compiled fast path for the offline model's "
+                             "strategies, confirmed in the sandbox, else the pool), the sandbox pool, or "
+                             "backtesting.py's own Backtest.optimize")
 
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")

@@ -505,19 +505,22 @@ def compare(fast_stats: pd.Series, bt_stats: Mapping, bt_trades: list[dict]) -> 
     return None
 
 
-def _confirm(result: GridResult, ref, pool, timeout: float) -> None:
-    """One backtesting.py run of the best combination in the sandbox; on a mismatch its result wins."""
+def _confirm(result: GridResult, ref, pool, timeout: float):
+    """One backtesting.py run of the best combination in the sandbox; on a mismatch its result wins.
+
+    Returns that run (a :class:`~moondev_lab.sandbox.pool.BacktestResult`), for callers that keep it.
+    """
     from .sandbox import default_pool as default_sandbox
 
     run = (pool or default_sandbox()).run(result.code, ref, params=result.best_params or None, timeout=timeout)
     if not run.ok:
         result.confirmed, result.mismatch = False, f"the confirmation run failed: {run.error}"
         log.error("fast grid: confirmation run failed: %s", run.error)
-        return
+        return run
     diff = compare(result.best_stats, run.stats, run.trades)
     if diff is None:
         result.confirmed = True
-        return
+        return run
     fast_trades = result.best_stats["_trades"]
     log.error("fast grid MISMATCH for %s %s: %s\nfast trades:\n%s\nbacktesting.py trades:\n%s",
               result.best_params, result.maximize, diff, fast_trades.to_string(),
@@ -525,3 +528,4 @@ def _confirm(result: GridResult, ref, pool, timeout: float) -> None:
     result.confirmed, result.mismatch = False, diff
     result.best_stats = pd.Series(run.stats, dtype=object)
     result.best_stats["_trades"] = pd.DataFrame(run.trades)
+    return run

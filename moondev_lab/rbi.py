@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -58,7 +58,9 @@ class RBIConfig:
     max_optimize: int = 2
     grid: bool = True  # also grid-search the strategy's numeric class parameters
     max_grid: int = 36
-    grid_engine: str = "pool"  # "pool": spread over the sandbox pool; "backtesting": Backtest.optimize itself
+    # "auto": the compiled fast path for the offline model's code (confirmed in the sandbox), else "pool":
+    # spread over the sandbox pool; "backtesting": Backtest.optimize itself, in one sandbox task
+    grid_engine: str = "auto"
     metric: str = "Return [%]"
     target: float = 20.0  # the optimize loop stops once in-sample reaches this
     save_threshold: float = 0.0  # out-of-sample metric a run must beat to be marked saved
@@ -285,7 +287,7 @@ class RBI:
             params = class_params(best_code)
             grid = param_grid(params, cfg.max_grid) if params else {}
             if grid and math.prod(len(v) for v in grid.values()) > 1:
-                g_run, g_params, res.grid = self._grid(best_code, grid)
+                g_run, g_params, res.grid, res.grid_engine = self._grid(best_code, grid)
                 if g_run is not None and _metric(g_run.stats, cfg.metric) > _metric(best_run.stats, cfg.metric):
                     best_run, best_params = g_run, g_params
                     self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g_run.stats, "_params": best_params})
@@ -313,30 +315,71 @@ class RBI:
         res.saved = _metric(res.out_of_sample, cfg.metric) > cfg.save_threshold
         res.run_dir = str(self._write_run_dir(res))
 
-    def _grid(self, code: str, grid: dict[str, list]) -> tuple[Any, dict, list]:
+    def _grid(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """The best in-sample run, its parameters and every combination's score over ``grid`` (training data)."""
-        cfg = self.cfg
-        if cfg.grid_engine == "pool":
-            g = self.sandbox.optimize(code, grid, self.train, maximize=cfg.metric, timeout=cfg.timeout)
-            ok = g.result is not None and g.result.ok
-            scores = [(dict(p), s) for p, s in g.heatmap]
-            return (g.result, dict(g.best_params), scores) if ok else (None, {}, scores)
-        if cfg.grid_engine != "backtesting":
-            raise ValueError(f"grid_engine must be 'pool' or 'backtesting', not {cfg.grid_engine!r}")
-        # backtesting.py's own optimizer, run as a script inside one sandbox task: the
-        # harness gives its Backtest the pooled data and the harness's money settings.
-        # It returns only the best run, so this engine leaves no heatmap.
+        engine = _GRID_ENGINES.get(self.cfg.grid_engine)
+        if engine is None:
+            raise ValueError(f"grid_engine must be one of {', '.join(map(repr, _GRID_ENGINES))}, "
+                             f"not {self.cfg.grid_engine!r}")
+        return engine(self, code, grid)
+
+    def _grid_auto(self, code: str, grid: dict[str, list]) -> "GridOutcome":
+        # The fast path where it is exact (the offline model's own code, confirmed), else the pool.
+        return self._grid_fast(code, grid) or self._grid_pool(code, grid)
+
+    def _grid_fast(self, code: str, grid: dict[str, list]) -> "GridOutcome | None":
+        """The compiled grid (:mod:`moondev_lab.fast`) for code it recognises as its own, else None.
+
+        Its best combination is run once in the sandbox and compared trade for trade and stat
+        for stat; that sandbox run is the one kept. On a mismatch (logged with both trade
+        lists by :mod:`~moondev_lab.fast`) this returns None and the pool grid decides.
+        """
+        from . import fast
+        from .data import default_pool
+
+        plan = fast.plan_of(code)
+        if plan is None:
+            return None
+        t = self.train
+        data = default_pool().get(t.symbol, t.timeframe, source=t.source, start=t.start, end=t.end)
+        combos = fast._combos(grid)
+        try:
+            g = fast._fast_grid(plan, data, self.sandbox.settings, grid, combos, self.cfg.metric, False)
+        except fast._NotExact as e:
+            log.info("fast grid not exact here (%s); the pool grid runs instead", e)
+            return None
+        run = fast._confirm(g, t, self.sandbox, self.cfg.timeout)
+        if not g.confirmed:
+            return None
+        scores = [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, g.heatmap.to_numpy())]
+        return GridOutcome(run, dict(g.best_params), scores, "fast")
+
+    def _grid_pool(self, code: str, grid: dict[str, list]) -> "GridOutcome":
+        """Every combination as a sandbox task, spread over the pool (any code)."""
+        g = self.sandbox.optimize(code, grid, self.train, maximize=self.cfg.metric, timeout=self.cfg.timeout)
+        ok = g.result is not None and g.result.ok
+        scores = [(dict(p), s) for p, s in g.heatmap]
+        return GridOutcome(g.result, dict(g.best_params), scores, "pool") if ok else GridOutcome(None, {}, scores,
+                                                                                                  "pool")
+
+    def _grid_backtesting(self, code: str, grid: dict[str, list]) -> "GridOutcome":
+        """backtesting.py's own optimizer, run as a script inside one sandbox task.
+
+        The harness gives its Backtest the pooled data and the harness's money settings.
+        It returns only the best run, so this engine leaves no heatmap.
+        """
         from .codeextract import extract_strategy
 
+        cfg = self.cfg
         name = extract_strategy(code).strategy_name
         driver = (f"\n\nfrom backtesting import Backtest as _Backtest\n"
                   f"_Backtest(None, {name}).optimize(**{grid!r}, maximize={cfg.metric!r})\n")
         timeout = cfg.timeout * max(1, math.prod(len(v) for v in grid.values()) // 4)
         r = self.sandbox.run(code + driver, self.train, timeout=timeout)
         if not r.ok:
-            return None, {}, []
+            return GridOutcome(None, {}, [], "backtesting")
         chosen = r.stats.get("_strategy") or {}
-        return r, {k: chosen[k] for k in grid if k in chosen}, []
+        return GridOutcome(r, {k: chosen[k] for k in grid if k in chosen}, [], "backtesting")
 
     def _write_run_dir(self, res: IdeaResult) -> Path:
         """The run's folder, written in a temp folder and renamed into place: complete or absent, never reused.
@@ -357,7 +400,7 @@ class RBI:
                     "overfitting": res.overfitting,
                     "settings": res.backtests["out_of_sample"].settings}
             (tmp / "stats.json").write_text(json.dumps(meta, indent=2, default=str, allow_nan=True))
-            full = {"metric": res.metric, "grid": res.grid, "findings": res.findings,
+            full = {"metric": res.metric, "grid": res.grid, "grid_engine": res.grid_engine, "findings": res.findings,
                     "backtests": {k: v.to_json() for k, v in res.backtests.items()}}
             (tmp / RESULT_FILE).write_text(json.dumps(full, default=str, allow_nan=True))
             try:
@@ -432,6 +475,20 @@ def _ref_fields(ref: Any) -> dict:
 def _slim(stats: dict | None) -> dict:
     """The headline stats (NaN kept), without trade lists or equity curves."""
     return {k: stats[k] for k in STAT_KEYS if stats and k in stats}
+
+
+
+class GridOutcome(NamedTuple):
+    """What an RBI grid engine found on the training data."""
+
+    run: Any  # the best combination's sandbox run (settled by the trusted broker), or None
+    params: dict  # the best combination
+    scores: list  # [(params, score or None), ...] in grid order; empty when the engine keeps no heatmap
+    engine: str  # the engine that ran: "fast", "pool" or "backtesting"
+
+
+#: ``RBIConfig.grid_engine`` -> how the grid runs. "auto": the fast path where it is exact, else the pool.
+_GRID_ENGINES = {"auto": RBI._grid_auto, "pool": RBI._grid_pool, "backtesting": RBI._grid_backtesting}
 
 
 def run_rbi(ideas: str | Iterable[str], model: Any = "auto", cfg: RBIConfig | None = None,

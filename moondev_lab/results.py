@@ -13,6 +13,7 @@ full precision.
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -159,11 +160,19 @@ def stats_series(stats: dict, equity: pd.DataFrame | None, trades: pd.DataFrame,
         elif k in _DURATIONS and isinstance(v, str):
             v = pd.Timedelta(v)
         out[k] = v
-    params = stats.get("_strategy") or {}
-    out["_strategy"] = f"{strategy}({','.join(f'{k}={v}' for k, v in params.items())})" if params else strategy
+    out["_strategy"] = strategy_label(strategy, stats.get("_strategy"))
     out["_equity_curve"] = equity
     out["_trades"] = trades
     return pd.Series(out, dtype=object)
+
+
+def strategy_label(strategy: str, params: dict | None) -> str:
+    """``stats['_strategy']`` for reading: the class and every parameter it ran with.
+
+    >>> strategy_label("SmaCross", {"n1": 10, "n2": 30})
+    'SmaCross(n1=10,n2=30)'
+    """
+    return f"{strategy}({','.join(f'{k}={v}' for k, v in params.items())})" if params else strategy
 
 
 def trades_frame(records: list[dict], unit: str = "ns") -> pd.DataFrame:
@@ -183,9 +192,27 @@ def trades_frame(records: list[dict], unit: str = "ns") -> pd.DataFrame:
         if c in df and len(df):
             df[c] = df[c].astype(float if (df[c] % 1 != 0).any() else int)
     for c in ("SL", "TP"):
-        if c in df:
+        if c in df and df[c].notna().any():  # all unset stays None (object), as in backtesting.py's frame
             df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
+
+
+def _encode_floats(values: np.ndarray) -> str:
+    """A float64 array as base64 of its little-endian bytes: exact, and compact in JSON."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f8").tobytes()).decode()
+
+
+def _decode_floats(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8").astype(np.float64)
+
+
+def equity_frame(equity: np.ndarray, index: pd.Index) -> pd.DataFrame:
+    """backtesting.py's ``_equity_curve`` of a per-bar equity, computed as ``compute_stats`` does."""
+    from ._bt_compat import drawdown_duration
+
+    dd = 1 - equity / np.maximum.accumulate(equity)
+    return pd.DataFrame({"Equity": equity, "DrawdownPct": dd,
+                         "DrawdownDuration": drawdown_duration(pd.Series(dd, index=index)).to_numpy()}, index=index)
 
 
 def equity_from_trades(close: np.ndarray, trades: pd.DataFrame, cash: float, commission: float) -> np.ndarray:
@@ -211,9 +238,14 @@ def equity_from_trades(close: np.ndarray, trades: pd.DataFrame, cash: float, com
 class BacktestRun:
     """One sandboxed backtest, shown like backtesting.py's: ``.stats``, ``.trades``, ``.equity``, ``.plot()``.
 
-    ``stats``/``trades``/``equity`` are what the sandbox returned (equity downsampled).
-    The full bar-by-bar equity curve is rebuilt here, in the trusted process, from
-    the trades and the market data, and checked against the sandbox's points.
+    A fresh run carries ``settled``: the trusted broker's
+    :class:`~moondev_lab.broker.Settlement` of the strategy's order log, whose stats,
+    trades and bar-by-bar equity are used as they are (full precision). A saved run
+    keeps that equity exactly (``to_json``'s ``equity_full``); only a run saved before
+    settlement existed has its curve rebuilt from its trades and the market data.
+
+    >>> run = BacktestRun.from_result(pool.run(code, ref), fields, settings)    # doctest: +SKIP
+    >>> run.stats["Return [%]"], run.equity["Equity"].iloc[-1]                    # doctest: +SKIP
     """
 
     stats_dict: dict
@@ -223,7 +255,8 @@ class BacktestRun:
     settings: dict  # cash, commission, ...
     strategy: str = "Strategy"
     title: str = ""
-    settled: Any = None  # trusted, settled full-precision stats (``.stats``), when the broker provides them
+    settled: Any = field(default=None, repr=False)  # the broker's Settlement, for a run made in this process
+    full_equity: np.ndarray | None = field(default=None, repr=False)  # a saved run's exact per-bar equity
 
     @classmethod
     def from_result(cls, result: Any, data: dict, settings: dict, title: str = "") -> "BacktestRun":
@@ -231,13 +264,18 @@ class BacktestRun:
                    result.strategy or "Strategy", title, getattr(result, "settled", None))
 
     def to_json(self) -> dict:
-        return {"stats": self.stats_dict, "trades": self.trade_records, "equity": self.equity_points,
-                "data": self.data, "settings": self.settings, "strategy": self.strategy, "title": self.title}
+        d = {"stats": self.stats_dict, "trades": self.trade_records, "equity": self.equity_points,
+             "data": self.data, "settings": self.settings, "strategy": self.strategy, "title": self.title}
+        exact = self.settled.equity["Equity"].to_numpy() if self.settled is not None else self.full_equity
+        if exact is not None:
+            d["equity_full"] = _encode_floats(exact)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "BacktestRun":
+        full = _decode_floats(d["equity_full"]) if d.get("equity_full") else None
         return cls(d["stats"], d["trades"], d["equity"], d["data"], d["settings"], d.get("strategy", "Strategy"),
-                   d.get("title", ""))
+                   d.get("title", ""), full_equity=full)
 
     def __repr__(self) -> str:
         keys = ("Return [%]", "Sharpe Ratio", "Max. Drawdown [%]", "# Trades")
@@ -264,17 +302,21 @@ class BacktestRun:
     @cached_property
     def trades(self) -> pd.DataFrame:
         if self.settled is not None:
-            return self.settled.stats["_trades"]
+            return self.settled.trades
         return trades_frame(self.trade_records, getattr(self.market_data.index.dtype, "unit", "ns"))
 
     @cached_property
     def equity(self) -> pd.DataFrame:
         """backtesting.py's ``_equity_curve``: ``Equity``, ``DrawdownPct``, ``DrawdownDuration`` per bar."""
         if self.settled is not None:
-            return self.settled.stats["_equity_curve"]
-        from ._bt_compat import drawdown_duration
-
+            return self.settled.equity
         data = self.market_data
+        if self.full_equity is not None and len(self.full_equity) == len(data):
+            return equity_frame(self.full_equity, data.index)
+        return self._rebuilt_equity(data)
+
+    def _rebuilt_equity(self, data: pd.DataFrame) -> pd.DataFrame:
+        """A run saved before settlement: its curve from its trades, checked against the sandbox's points."""
         commission = self.settings.get("commission", 0.0)
         points = pd.DataFrame(self.equity_points)
         if isinstance(commission, (int, float)) and not isinstance(commission, bool):
@@ -291,18 +333,18 @@ class BacktestRun:
                 self.equity_exact = False
                 both = sampled.reindex(sampled.index.union(data.index)).interpolate(method="time")
                 curve = both.reindex(data.index).ffill().bfill()
-        dd = 1 - curve / np.maximum.accumulate(curve.to_numpy())
-        return pd.DataFrame({"Equity": curve.to_numpy(), "DrawdownPct": dd.to_numpy(),
-                             "DrawdownDuration": drawdown_duration(dd).to_numpy()}, index=data.index)
+        return equity_frame(curve.to_numpy(), data.index)
 
     equity_exact: bool = field(default=True, repr=False)
 
     @cached_property
     def stats(self) -> pd.Series:
         """backtesting.py's stats Series (``_equity_curve``, ``_trades``, ``_strategy`` as a label)."""
-        if self.settled is not None:
-            return self.settled.stats
-        return stats_series(self.stats_dict, self.equity, self.trades, self.strategy)
+        if self.settled is None:
+            return stats_series(self.stats_dict, self.equity, self.trades, self.strategy)
+        stats = self.settled.stats.copy()  # the Settlement stays as the broker made it
+        stats["_strategy"] = strategy_label(self.strategy, self.stats_dict.get("_strategy"))
+        return stats
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame({"value": [self.stats_dict.get(k) for k in STAT_KEYS]}, index=list(STAT_KEYS))
@@ -346,6 +388,7 @@ class IdeaResult:
     metric: str = "Return [%]"
     grid: list = field(default_factory=list)  # [(params, score or None), ...] in grid order
     overfitting: dict | None = None  # issue 15: trials, dsr, psr, pbo, min_track_record[, walk_forward]
+    grid_engine: str | None = None  # the engine that ran the grid: "fast", "pool" or "backtesting"
     backtests: dict = field(default_factory=dict, repr=False)  # "in_sample"/"out_of_sample" -> BacktestRun
 
     def __post_init__(self) -> None:
@@ -553,6 +596,7 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
         saved = json.loads((folder / RESULT_FILE).read_text())
         res.metric = saved.get("metric", res.metric)
         res.grid = [(p, s) for p, s in saved.get("grid", [])]
+        res.grid_engine = saved.get("grid_engine")
         res.findings = saved.get("findings", [])
         res.backtests = {k: BacktestRun.from_json(v) for k, v in saved.get("backtests", {}).items()}
     return res

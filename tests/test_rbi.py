@@ -10,7 +10,9 @@ import pytest
 from fake_anthropic import FakeAnthropic, error_reply, text_reply
 from moondev_lab.ledger import Ledger
 from moondev_lab.models import ModelFactory, OfflineModel
+from moondev_lab.models.offline import class_params
 from moondev_lab.rbi import RBI, RBIConfig, run_rbi
+from moondev_lab.results import load_run
 from moondev_lab.sandbox import SandboxPool
 from strategies import sma_cross
 
@@ -140,10 +142,33 @@ def test_grid_engines_agree(sandbox, tmp_path):
         with RBI("offline", cfg(grid_engine=engine, max_grid=9), Ledger(tmp_path / f"{engine}.sqlite"),
                  sandbox) as rbi:
             found[engine] = rbi._grid(code, {"n1": [5, 10, 15], "n2": [20, 30, 40]})
-    (pool_run, pool_params, heatmap), (bt_run, bt_params, no_heatmap) = found["pool"], found["backtesting"]
+    (pool_run, pool_params, heatmap, _), (bt_run, bt_params, no_heatmap, _) = found["pool"], found["backtesting"]
     assert pool_params == bt_params and set(bt_params) == {"n1", "n2"}
     assert pool_run.stats["Return [%]"] == bt_run.stats["Return [%]"]
     assert len(heatmap) == 9 and no_heatmap == []  # backtesting's optimize, in the sandbox, returns no heatmap
+
+
+def test_rbi_grid_uses_the_fast_path_for_spec_strategies_confirmed_in_the_sandbox(sandbox, tmp_path):
+    """The offline model's code: the compiled grid, its best run confirmed by (and kept from) the sandbox."""
+    led = Ledger(tmp_path / "l.sqlite")
+    conf = cfg(grid=True, max_grid=9, runs_dir=tmp_path / "runs")
+    res = run_rbi(["20/50 SMA crossover, long only"], model="offline", cfg=conf, ledger=led, sandbox=sandbox,
+                  progress=False).results[0]
+    assert res.status == "ok", res.error
+    assert res.grid_engine == "fast" and load_run(res.run_id, led).grid_engine == "fast"
+    grid = {k: sorted({v, v * 2}) for k, v in class_params(res.code).items()}
+    found = {}
+    for engine in ("auto", "pool"):
+        with RBI("offline", cfg(grid_engine=engine), Ledger(tmp_path / f"{engine}.sqlite"), sandbox) as rbi:
+            found[engine] = rbi._grid(res.code, grid)
+    fast, pool = found["auto"], found["pool"]
+    assert fast.engine == "fast" and pool.engine == "pool"
+    assert fast.params == pool.params and fast.scores == pool.scores  # every combination's score, exactly
+    assert fast.run.ok and fast.run.settled is not None  # the kept run is the sandbox's, settled by the broker
+    assert fast.run.stats == pool.run.stats and fast.run.trades == pool.run.trades
+    # Hand-written code is never the fast path's: "auto" runs it on the pool.
+    with RBI("offline", cfg(), Ledger(tmp_path / "hand.sqlite"), sandbox) as rbi:
+        assert rbi._grid(sma_cross("self.buy(size=0.5)"), {"n1": [5, 10], "n2": [30]}).engine == "pool"
 
 
 def test_model_outage_is_retried_later_and_never_charged(sandbox, tmp_path):

@@ -64,7 +64,8 @@ def parse_html(text: str) -> _Scripts:
 @pytest.mark.parametrize("buy", ["self.buy(size=0.5)", "self.buy(size=0.3, sl=self.data.Close[-1] * 0.99)",
                                  "self.sell(size=0.4)"])
 def test_equity_rebuilt_exactly_and_stats_like_backtesting(sandbox, buy):
-    """The full equity curve, rebuilt from the sandbox's trades, equals Backtest.run()'s bar by bar."""
+    """Stats, trades and the full equity curve equal Backtest.run()'s bar by bar: the broker's settlement
+    as it is, a saved run's exact curve, and (a run saved before settlement) the curve rebuilt from trades."""
     from backtesting import Backtest
 
     from moondev_lab.data import default_pool
@@ -79,6 +80,18 @@ def test_equity_rebuilt_exactly_and_stats_like_backtesting(sandbox, buy):
     ns: dict = {}
     exec(code, ns)  # trusted: the test's own strategy, to get backtesting.py's reference answer
     ref_stats = Backtest(frame, ns["SmaCross"], cash=1_000_000, commission=0.001, finalize_trades=True).run()
+    saved = run.to_json()
+    assert run.settled is not None and "equity_full" in saved
+    loaded = BacktestRun.from_json(json.loads(json.dumps(saved, allow_nan=True)))
+    old = BacktestRun.from_json({k: v for k, v in saved.items() if k != "equity_full"})  # saved pre-settlement
+    for each in (run, loaded, old):
+        check_like_backtesting(each, ref_stats)
+    pd.testing.assert_frame_equal(loaded.equity, run.equity)  # exact, not rebuilt
+    pd.testing.assert_frame_equal(loaded.trades, run.trades)
+    assert run.stats["Sharpe Ratio"] == ref_stats["Sharpe Ratio"]  # the settlement's own, full precision
+
+
+def check_like_backtesting(run: BacktestRun, ref_stats: pd.Series) -> None:
     stats = run.stats
     assert isinstance(stats, pd.Series) and run.equity_exact
     np.testing.assert_allclose(stats["_equity_curve"]["Equity"].to_numpy(),
