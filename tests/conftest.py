@@ -37,3 +37,17 @@ def _no_internet():
     socket.socket.connect = guarded
     yield
     socket.socket.connect = real
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _numba_cache(tmp_path_factory):
+    """One numba cache for the whole session (and kept across sessions), so the broker compiles once.
+
+    Without it, each test's fresh MOONDEV_LAB_HOME would get its own cache; pytest's
+    base temp dir is per session, its parent survives them.
+    """
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        path = tmp_path_factory.getbasetemp().parent / "numba-cache"
+        path.mkdir(exist_ok=True)
+        os.environ["NUMBA_CACHE_DIR"] = str(path)
+    yield

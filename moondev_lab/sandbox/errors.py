@@ -36,6 +36,7 @@ class ErrorKind(str, enum.Enum):
     KILLED = "killed"                        # killed by a signal we did not send
     # The sandbox itself.
     RESULT_INVALID = "result_invalid"        # the child's result could not be decoded
+    RESULT_MISMATCH = "result_mismatch"      # its claimed stats differ from the trusted settlement (or cannot be settled)
     WORKER_CRASHED = "worker_crashed"        # the warm worker died mid-task (it is replaced)
     INTERNAL_ERROR = "internal_error"        # a bug in the harness: please report
 

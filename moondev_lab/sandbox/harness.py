@@ -39,6 +39,8 @@ from .settings import BacktestSettings
 
 #: Equity curves are downsampled to at most this many points (evenly spaced, last bar kept).
 EQUITY_POINTS = 2000
+#: A run may make at most this many order decisions (its order log must fit the result pipe).
+MAX_DECISIONS = 500_000
 _OHLCV = ("Open", "High", "Low", "Close", "Volume")
 
 
@@ -320,6 +322,7 @@ class _Capture:
         self.skipped_orders = 0
         self.csv_redirects: list[str] = []
         self.last_backtest = None  # the Backtest behind the last run, for plotting
+        self.last_log = None  # the last run's decisions, which the trusted parent settles
         self.real_plot = None
 
 
@@ -329,6 +332,8 @@ def _patched(capture: _Capture):
     import backtesting
     import backtesting.backtesting as btmod
     from backtesting import Strategy
+
+    from moondev_lab._bt_compat import RecordingBacktest
 
     orig_buy, orig_sell = Strategy.buy, Strategy.sell
     orig_read_csv = pd.read_csv
@@ -363,8 +368,14 @@ def _patched(capture: _Capture):
 
     capture.real_plot = orig_backtest.plot  # user code gets a no-op plot(); the harness the real one
 
-    class HarnessBacktest(orig_backtest):
-        """``Backtest`` for code that builds its own: pooled data, harness money settings."""
+    class HarnessBacktest(RecordingBacktest):
+        """``Backtest`` for code that builds its own: pooled data, harness money settings.
+
+        It records the strategy's decisions (:class:`~moondev_lab._bt_compat.RecordingBacktest`):
+        the parent settles them itself and trusts nothing else this process reports.
+        """
+
+        max_events = MAX_DECISIONS
 
         def __init__(self, data=None, strategy=None, **kwargs):
             kwargs.update(capture.settings.kwargs())
@@ -372,7 +383,7 @@ def _patched(capture: _Capture):
 
         def run(self, **kwargs):
             stats = super().run(**kwargs)
-            capture.last_run = stats
+            capture.last_run, capture.last_log = stats, self.order_log
             capture.last_backtest = self
             return stats
 
@@ -472,12 +483,11 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
             exec(compiled, module.__dict__)
             if task.get("op") == "grid":
                 payload = _run_grid(task, module, frame, harness_backtest, capture)
-            elif capture.last_run is not None and not task.get("params"):
-                payload = _run_payload(capture.last_run, task)
             else:
-                strategy = find_strategy(module.__dict__, module.__name__)
-                stats = harness_backtest(frame, strategy).run(**(task.get("params") or {}))
-                payload = _run_payload(stats, task)
+                if capture.last_run is None or task.get("params"):
+                    strategy = find_strategy(module.__dict__, module.__name__)
+                    harness_backtest(frame, strategy).run(**(task.get("params") or {}))
+                payload = _run_payload(capture.last_run, capture.last_log, task)
             if task.get("plot") and task.get("op") != "grid":
                 payload.update(_plot_html(capture))
         payload["ok"] = True
@@ -491,14 +501,18 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
     return payload
 
 
-def _run_payload(stats: pd.Series, task: dict) -> dict:
-    return _finish_payload(_run_parts(stats), task)
+def _run_payload(stats: pd.Series, log, task: dict) -> dict:
+    return _finish_payload(_run_parts(stats, log), task)
 
 
-def _run_parts(stats: pd.Series) -> dict:
-    """What a payload needs from a run, without the strategy object (its indicators, broker, data)."""
+def _run_parts(stats: pd.Series, log) -> dict:
+    """What a payload needs from a run, without the strategy object (its indicators, broker, data).
+
+    ``stats``, ``trades`` and ``equity`` are only the strategy's claims; ``order_log``
+    (its decisions) is what the trusted parent settles.
+    """
     return {"stats": stats_to_dict(stats), "trades": stats["_trades"], "equity": stats["_equity_curve"],
-            "strategy": type(stats["_strategy"]).__name__}
+            "strategy": type(stats["_strategy"]).__name__, "order_log": log.to_dict() if log is not None else None}
 
 
 def _finish_payload(parts: dict, task: dict) -> dict:
@@ -539,6 +553,7 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
     for i, params in enumerate(task["combos"]):
         sizing = (capture.size_adjustments, capture.skipped_orders)
         stats = bt.run(**params)
+        log = bt.order_log
         sizing = (capture.size_adjustments - sizing[0], capture.skipped_orders - sizing[1])
         # Backtest._mp_task drops runs without trades from the heatmap
         value = float(stats[key]) if stats["# Trades"] else None
@@ -547,12 +562,12 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
         if is_best:  # ">": the first of ties wins
             best_i, best_value = i, value
         if is_best or best is None:  # the first combination is the fallback when nothing trades
-            best, best_sizing = _run_parts(stats), sizing
+            best, best_sizing = _run_parts(stats, log), sizing
         # backtesting.py keeps the last run's stats (with its strategy, indicators and broker)
         # on the Backtest, and so do the patches: drop them, so that they are not still held
         # while the next run builds its own.
-        bt._results = capture.last_run = None
-        del stats
+        bt._results = capture.last_run = capture.last_log = bt.order_log = None
+        del stats, log
         _release_run_memory()
     if best is not None:
         best = {**_finish_payload(best, task), "ok": True,

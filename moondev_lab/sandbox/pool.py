@@ -33,6 +33,7 @@ import psutil
 from .. import _registry, config
 from . import _limits
 from ._limits import Limits
+from ._settle import confirm_score, settled_result
 from ._wire import decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
 from .settings import BacktestSettings
@@ -71,7 +72,12 @@ class BacktestResult:
     ``stats`` is backtesting.py's stats as a dict (floats keep NaN; times are ISO
     strings; ``_strategy`` holds the parameters). ``equity`` is the equity curve
     downsampled to at most 2,000 points (``time``, ``equity``, ``drawdown_pct``).
+    Stats, trades and equity are the trusted broker's settlement of the strategy's
+    order log, never the sandbox's own claims (see :mod:`moondev_lab.sandbox._settle`);
+    ``settled`` is that :class:`~moondev_lab.broker.Settlement` in full precision.
     """
+
+    settled = None  # not a field: the Settlement (pandas objects) stays out of to_dict()/repr
 
     ok: bool
     stats: dict = field(default_factory=dict)
@@ -408,7 +414,7 @@ class SandboxPool:
         ``plot=True`` also returns backtesting.py's HTML plot in ``.plot_html``.
         """
         task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot)
-        return BacktestResult._from_reply(self._request(task))
+        return settled_result(task, self._request(task))
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
                **kwargs) -> "Future[BacktestResult]":
@@ -458,9 +464,9 @@ class SandboxPool:
         with self._cond:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.size, thread_name_prefix="sandbox")
-        futures = [self._executor.submit(self._request, self._task(
-            "grid", code, data, timeout * len(chunk), limits, settings, combos=chunk, maximize=maximize))
-            for chunk in chunks]
+        tasks = [self._task("grid", code, data, timeout * len(chunk), limits, settings, combos=chunk,
+                            maximize=maximize) for chunk in chunks]
+        futures = [self._executor.submit(self._request, task) for task in tasks]
         scores: list = []
         errors: list[SandboxError] = []
         # The full result of the best run so far (grid index, reply): each chunk sends its own
@@ -484,7 +490,8 @@ class SandboxPool:
         best_i = _first_best(scores)
         best = combos[best_i]
         if best_run is not None and best_run[0] == best_i:  # already run: same stats as a fresh run
-            result = BacktestResult._from_reply(best_run[1])
+            result = settled_result(tasks[0], best_run[1])  # the chunks share data and settings
+            confirm_score(result, maximize, scores[best_i])
         else:
             result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
         return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)

@@ -1,0 +1,338 @@
+"""The trusted broker: the strategy decides, the broker settles.
+
+A strategy's run is reduced to its :class:`OrderLog`: every order, SL/TP change,
+close and cancel it made, each with the bar of the ``next()`` call that made it.
+:func:`settle` replays such a log against the real OHLCV data with backtesting.py
+0.6.6's ``_Broker`` fill rules (compiled with numba, see
+:mod:`moondev_lab._broker_kernel`) and computes the trades, the equity curve and
+backtesting.py's stats itself, with backtesting's own ``compute_stats``. Because the
+settlement runs in a process that never ran the strategy's code, a strategy cannot
+fake its results: only its decisions cross the sandbox boundary.
+
+>>> from moondev_lab._bt_compat import RecordingBacktest
+>>> bt = RecordingBacktest(df, SmaCross, cash=1e6, commission=0.001)   # doctest: +SKIP
+>>> stats = bt.run()                                                   # doctest: +SKIP
+>>> s = settle(bt.order_log, df, BacktestSettings(cash=1e6))           # doctest: +SKIP
+>>> s.stats["Return [%]"] == stats["Return [%]"]                       # doctest: +SKIP
+True
+
+:class:`BrokerCore` runs the same fill rules one bar at a time, with a state that
+can be saved and restored (the paper exchange persists it between candles).
+"""
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import _bt_compat
+from .errors import MoondevError
+from .sandbox.settings import BacktestSettings
+
+__all__ = ["OrderLog", "Settlement", "SettlementError", "settle", "BrokerCore"]
+
+#: An order log decoded from untrusted JSON holds at most this many decisions.
+MAX_EVENTS = 1_000_000
+_FORMAT = 1
+_COLUMNS = {"bar": np.int64, "kind": np.int8, "size": np.float64, "limit": np.float64, "stop": np.float64,
+            "sl": np.float64, "tp": np.float64, "ref": np.int64, "tag": np.int64}
+_KINDS = ("order", "sl/tp", "close", "cancel")
+
+
+class SettlementError(MoondevError, ValueError):
+    """The order log cannot be settled: malformed, for other data, or impossible under the fill rules."""
+
+
+# ---------------------------------------------------------------- the order log
+@dataclass(frozen=True, repr=False, eq=False)
+class OrderLog:
+    """Every decision of one run, as parallel arrays (one row per decision, in decision order).
+
+    ``kind``: 0 a new order (``buy``/``sell``), 1 a new SL (``stop``) or TP (``limit``)
+    order for trade ``ref`` (``trade.sl = ...``), 2 ``trade.close()`` of trade ``ref``
+    for ``size`` units, 3 the cancel of order ``ref``. Trades and orders are referred to
+    by ordinal: their creation order, counting every Trade object (new trades and the
+    reduced copies a partial close makes) and every order (including the broker's own).
+    ``bar`` is the bar of the ``next()`` call, or -1 for ``init()``. Prices are NaN when
+    not set. ``tag`` indexes ``tags``.
+
+    ``start`` is the first bar the broker processes (the indicators' warm-up + 1);
+    ``n_bars``, ``first_time`` and ``last_time`` identify the data the run saw.
+
+    >>> log = OrderLog.from_rows([(5, 0, 0.5, float("nan"), float("nan"), 90.0, float("nan"), -1, -1)],
+    ...                          start=3, index=pd.RangeIndex(10))
+    >>> len(log), log.to_frame().loc[0, "kind"]
+    (1, 'order')
+    >>> OrderLog.from_dict(log.to_dict()).sl[0]
+    np.float64(90.0)
+    """
+
+    bar: np.ndarray
+    kind: np.ndarray
+    size: np.ndarray
+    limit: np.ndarray
+    stop: np.ndarray
+    sl: np.ndarray
+    tp: np.ndarray
+    ref: np.ndarray
+    tag: np.ndarray
+    tags: tuple = ()
+    start: int = 1
+    n_bars: int = 0
+    first_time: str | None = None
+    last_time: str | None = None
+    strategy: str = ""
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple], *, start: int, index: pd.Index, tags: Iterable = (),
+                  strategy: str = "", params: dict | None = None) -> "OrderLog":
+        """From ``(bar, kind, size, limit, stop, sl, tp, ref, tag)`` rows (what the recorder collects)."""
+        cols = list(zip(*rows)) if rows else [()] * len(_COLUMNS)
+        arrays = {name: np.array(col, dtype=dtype) for (name, dtype), col in zip(_COLUMNS.items(), cols)}
+        first, last = (_time_key(index[0]), _time_key(index[-1])) if len(index) else (None, None)
+        return cls(**arrays, tags=tuple(tags), start=int(start), n_bars=len(index), first_time=first,
+                   last_time=last, strategy=str(strategy), params=dict(params or {}))
+
+    def __len__(self) -> int:
+        return len(self.bar)
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.kind.astype(np.int64), minlength=4) if len(self) else np.zeros(4, int)
+        shown = ", ".join(f"{name}={int(c)}" for name, c in zip(("orders", "sltp", "closes", "cancels"), counts))
+        return f"OrderLog({self.strategy or '?'}: {len(self)} decisions ({shown}), start={self.start}, bars={self.n_bars})"
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per decision, for reading (kind as text, tags as values)."""
+        frame = pd.DataFrame({name: getattr(self, name) for name in _COLUMNS})
+        frame["kind"] = [_KINDS[k] for k in self.kind]
+        frame["tag"] = [self.tags[t] if t >= 0 else None for t in self.tag]
+        return frame
+
+    def to_dict(self) -> dict:
+        """JSON-able and compact: each column as base64 of its little-endian bytes."""
+        return {"format": _FORMAT, "n": len(self),
+                "columns": {name: base64.b64encode(np.ascontiguousarray(getattr(self, name), dtype=np.dtype(dtype)
+                                                                        .newbyteorder("<")).tobytes()).decode()
+                            for name, dtype in _COLUMNS.items()},
+                "tags": [_json_tag(t) for t in self.tags], "start": self.start, "n_bars": self.n_bars,
+                "first_time": self.first_time, "last_time": self.last_time, "strategy": self.strategy,
+                "params": {str(k): _json_tag(v) for k, v in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, *, max_events: int = MAX_EVENTS) -> "OrderLog":
+        """Decode :meth:`to_dict`'s output, which may come from untrusted code: every field is checked."""
+        try:
+            if not isinstance(d, dict) or d.get("format") != _FORMAT:
+                raise ValueError(f"not an order log of format {_FORMAT}")
+            n = d["n"]
+            if not isinstance(n, int) or not 0 <= n <= max_events:
+                raise ValueError(f"the log holds {n!r} decisions; at most {max_events:,} are allowed")
+            arrays = {}
+            for name, dtype in _COLUMNS.items():
+                raw = d["columns"][name]
+                dt = np.dtype(dtype).newbyteorder("<")
+                if not isinstance(raw, str) or len(raw) > 4 * (n * dt.itemsize + 2) // 3 + 4:
+                    raise ValueError(f"column {name!r} is malformed")
+                data = base64.b64decode(raw, validate=True)
+                if len(data) != n * dt.itemsize:
+                    raise ValueError(f"column {name!r} has {len(data)} bytes, not {n * dt.itemsize}")
+                arrays[name] = np.frombuffer(data, dtype=dt).astype(dtype)
+            tags = d.get("tags") or []
+            if not isinstance(tags, list) or len(tags) > max(n, 1):
+                raise ValueError("tags are malformed")
+            meta = {k: d.get(k) for k in ("start", "n_bars")}
+            if not all(isinstance(v, int) and v >= 0 for v in meta.values()):
+                raise ValueError("start/n_bars must be non-negative integers")
+            times = [d.get(k) for k in ("first_time", "last_time")]
+            if not all(t is None or isinstance(t, str) and len(t) < 64 for t in times):
+                raise ValueError("first_time/last_time are malformed")
+            params = d.get("params") or {}
+            strategy = d.get("strategy") or ""
+            if not isinstance(params, dict) or not isinstance(strategy, str):
+                raise ValueError("strategy/params are malformed")
+        except (KeyError, TypeError, ValueError, base64.binascii.Error) as exc:
+            raise SettlementError(f"invalid order log: {exc}") from None
+        return cls(**arrays, tags=tuple(tags), start=meta["start"], n_bars=meta["n_bars"], first_time=times[0],
+                   last_time=times[1], strategy=strategy[:200], params=params)
+
+
+def _time_key(t) -> str:
+    return t.isoformat() if hasattr(t, "isoformat") else str(t)
+
+
+def _json_tag(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    return str(value)
+
+
+# ---------------------------------------------------------------- settlement
+@dataclass(repr=False)
+class Settlement:
+    """What the trusted broker made of an order log.
+
+    ``stats`` is a ``pd.Series`` like ``Backtest.run()``'s (with ``_trades`` and
+    ``_equity_curve``); ``trades`` and ``equity`` are those two frames.
+    ``margin_cancels`` counts orders the broker dropped for lack of margin (backtesting.py
+    warns about each), ``deferred_contingent`` SL/TP fills deferred to the next bar
+    (also a warning there).
+    """
+
+    stats: pd.Series
+    margin_cancels: int = 0
+    deferred_contingent: int = 0
+    out_of_money: bool = False
+
+    @property
+    def trades(self) -> pd.DataFrame:
+        return self.stats["_trades"]
+
+    @property
+    def equity(self) -> pd.DataFrame:
+        return self.stats["_equity_curve"]
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"Settlement(trades={int(s['# Trades'])}, return={s['Return [%]']:.2f}%, "
+                f"equity_final={s['Equity Final [$]']:.2f}{', out of money' if self.out_of_money else ''})")
+
+
+class _SettledTrade:
+    """A closed trade with the attributes ``compute_stats`` reads from backtesting's ``Trade``."""
+
+    __slots__ = ("size", "entry_bar", "exit_bar", "entry_price", "exit_price", "sl", "tp", "pl", "pl_pct",
+                 "_commissions", "entry_time", "exit_time", "tag")
+
+
+class _StrategyRef:
+    """``stats['_strategy']`` of a settlement: the strategy's name and parameters, not its code."""
+
+    def __init__(self, name: str, params: dict):
+        self.name, self._params = name, dict(params)
+
+    def __str__(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self._params.items())
+        return f"{self.name}({params})" if params else self.name
+
+    __repr__ = __str__
+
+
+def _kernel_settings(settings: BacktestSettings) -> tuple:
+    """``_Broker.__init__``'s checks, and its settings as the kernel's scalars."""
+    if not settings.cash > 0:
+        raise SettlementError(f"cash should be > 0, is {settings.cash}")
+    if not 0 < settings.margin <= 1:
+        raise SettlementError(f"margin should be between 0 and 1, is {settings.margin}")
+    commission = settings.commission
+    if callable(commission):
+        raise SettlementError("a callable commission cannot be settled; use a float or (fixed, relative)")
+    fixed, rel = commission if isinstance(commission, (tuple, list)) else (0.0, commission)
+    if not (fixed >= 0 and -.1 <= rel < .1):
+        raise SettlementError(f"commission out of range: fixed={fixed}, relative={rel}")
+    return (float(settings.spread), float(fixed), float(rel), 1 / settings.margin,
+            bool(settings.trade_on_close), bool(settings.hedging), bool(settings.exclusive_orders))
+
+
+def _ohlc(data: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    return tuple(np.ascontiguousarray(data[c].to_numpy(dtype=np.float64)) for c in ("Open", "High", "Low", "Close"))
+
+
+def settle(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None = None, *,
+           indicators: Sequence = ()) -> Settlement:
+    """Replay ``log`` on ``data`` with backtesting.py's fill rules; trades, equity and stats from scratch.
+
+    ``settings`` are the ``Backtest(...)`` money settings the run used (the sandbox's
+    :class:`~moondev_lab.sandbox.settings.BacktestSettings`). ``indicators`` (a
+    strategy's ``_indicators``, in-process only) adds backtesting's ``Entry_*``/``Exit_*``
+    trade columns; without them the trade frame has the core columns only.
+
+    >>> s = settle(bt.order_log, df, BacktestSettings(cash=1e6))   # doctest: +SKIP
+    >>> s.trades[["EntryBar", "ExitBar", "PnL"]].head(2)          # doctest: +SKIP
+    """
+    from . import _broker_kernel as K  # numba: only where settling happens, never in the sandbox
+
+    settings = settings or BacktestSettings()
+    spread, fixed, rel, leverage, toc, hedging, exclusive = _kernel_settings(settings)
+    n = len(data)
+    _check_data(log, data)
+    O, H, L, C = _ohlc(data)
+    start = int(log.start)
+    state = K.new_state(order_cap=16, trade_cap=max(64, 2 * len(log) + 16))
+    state["acc"][K.A_CASH] = float(settings.cash)
+    equity = np.full(n, np.nan)
+    ev = [np.ascontiguousarray(getattr(log, c), dtype=d) for c, d in _COLUMNS.items()]
+    ev[1] = ev[1].astype(np.int64)
+    bar, pos, phase = start, 0, 0
+    while True:
+        status, bar, pos, phase = K.run_bars(
+            state["qf"], state["qi"], state["tf"], state["ti"], state["active"], state["closed"], state["cnt"],
+            state["acc"], O, H, L, C, equity, *ev, start, bar, pos, phase,
+            spread, fixed, rel, leverage, toc, hedging, exclusive, bool(settings.finalize_trades))
+        if status != K.NEED_ROOM:
+            break
+        state = K.grow(state)
+    if status < 0:
+        where = f"decision #{pos}" if pos < len(log) else "the end of the run"
+        raise SettlementError(f"order log cannot be settled at bar {bar}, {where}: {K.STATUS_TEXT[status]}")
+    cash = float(state["acc"][K.A_CASH])
+    curve = pd.Series(equity).bfill().fillna(cash).values  # exactly Backtest.run's
+    trades = _closed_trades(state, data.index, C, log.tags)
+    stats = _bt_compat.compute_stats(trades, curve, data, max(start - 1, 0), indicators)
+    stats["_strategy"] = _StrategyRef(log.strategy, log.params)
+    cnt = state["cnt"]
+    return Settlement(stats, margin_cancels=int(cnt[K.C_MARGIN_CANCELS]), deferred_contingent=int(cnt[K.C_DEFERRED]),
+                      out_of_money=status == K.OUT_OF_MONEY)
+
+
+def _check_data(log: OrderLog, data: pd.DataFrame) -> None:
+    n = len(data)
+    if log.n_bars != n:
+        raise SettlementError(f"the order log is for {log.n_bars} bars, the data has {n}")
+    if n and (log.first_time, log.last_time) != (_time_key(data.index[0]), _time_key(data.index[-1])):
+        raise SettlementError(f"the order log is for {log.first_time}..{log.last_time}, the data spans "
+                              f"{_time_key(data.index[0])}..{_time_key(data.index[-1])}")
+    if not 1 <= log.start:
+        raise SettlementError(f"start must be >= 1, not {log.start}")
+    if len(log) and (log.tag.max() >= len(log.tags) or log.tag.min() < -1):
+        raise SettlementError("an order's tag is not in the log's tag table")
+    if len(log) and (log.kind.min() < 0 or log.kind.max() > 3):
+        raise SettlementError("unknown decision kind")
+
+
+def _closed_trades(state: dict, index: pd.Index, close: np.ndarray, tags: tuple) -> list[_SettledTrade]:
+    """``broker.closed_trades``, with ``Trade.pl``/``pl_pct`` computed as backtesting does."""
+    from . import _broker_kernel as K
+
+    n_closed = int(state["cnt"][K.C_NCLOSED])
+    ids = state["closed"][:n_closed]
+    tf, ti = state["tf"][ids], state["ti"][ids]
+    entry_times = index[ti[:, K.T_ENTRY_BAR]].tolist() if n_closed else []  # boxed at once: index[k] is slow
+    exit_times = index[ti[:, K.T_EXIT_BAR]].tolist() if n_closed else []
+    last = float(close[-1]) if len(close) else math.nan
+    out = []
+    for k in range(n_closed):
+        t = _SettledTrade()
+        size = float(tf[k, K.T_SIZE])
+        t.size = size if ti[k, K.T_FLOAT] else int(size)
+        t.entry_bar, t.exit_bar = int(ti[k, K.T_ENTRY_BAR]), int(ti[k, K.T_EXIT_BAR])
+        t.entry_price, t.exit_price = float(tf[k, K.T_ENTRY]), float(tf[k, K.T_EXIT])
+        sl, tp = tf[k, K.T_SL], tf[k, K.T_TP]
+        t.sl = None if math.isnan(sl) else float(sl)
+        t.tp = None if math.isnan(tp) else float(tp)
+        t._commissions = float(tf[k, K.T_COMM])
+        price = t.exit_price or last  # Trade.pl: ``exit_price or last_price``
+        t.pl = (t.size * (price - t.entry_price)) - t._commissions
+        t.pl_pct = (math.copysign(1, t.size) * (price / t.entry_price - 1)
+                    - t._commissions / (abs(t.size) * t.entry_price))
+        t.entry_time, t.exit_time = entry_times[k], exit_times[k]
+        tag = int(ti[k, K.T_TAG])
+        t.tag = tags[tag] if tag >= 0 else None
+        out.append(t)
+    return out
