@@ -26,6 +26,11 @@ _LAZY = {
     "OfflineModel": "moondev_lab.models",
     # sandbox
     "SandboxPool": "moondev_lab.sandbox",
+    # the trusted broker
+    "settle": "moondev_lab.broker",
+    "OrderLog": "moondev_lab.broker",
+    "Settlement": "moondev_lab.broker",
+    "BrokerCore": "moondev_lab.broker",
     # RBI loop
     "run_rbi": "moondev_lab.rbi",
     "Ledger": "moondev_lab.ledger",

@@ -10,8 +10,10 @@ Two things live here:
   trades and equity that the trusted broker settled.
 
 >>> from moondev_lab._bt_compat import RecordingBacktest
->>> stats = RecordingBacktest(df, SmaCross, cash=1e6).run()      # doctest: +SKIP
->>> log = stats_log = RecordingBacktest.last_log                  # doctest: +SKIP
+>>> bt = RecordingBacktest(df, SmaCross, cash=1e6)                # doctest: +SKIP
+>>> stats = bt.run()                                              # doctest: +SKIP
+>>> bt.order_log                                                  # doctest: +SKIP
+OrderLog(SmaCross: 1367 decisions (orders=684, sltp=0, closes=683, cancels=0), start=30, bars=31066)
 """
 from __future__ import annotations
 
@@ -85,8 +87,7 @@ class Recorder:
         self.max_events = max_events
         self.rows: list[tuple] = []  # (bar, kind, size, limit, stop, sl, tp, ref, tag)
         self.tags = TagTable()
-        self.bar = -1  # Strategy.init() decides before the first bar
-        self.start: int | None = None
+        self.bar = -1  # of the decision being made; -1 for Strategy.init()
         self.finalizing = False
         self.orders = 0  # ordinals, in creation order, as the settling broker numbers them
         self.trades = 0
@@ -146,31 +147,32 @@ class RecordingBroker(_Broker):
     def __init__(self, *, recorder: Recorder, **kwargs):
         super().__init__(**kwargs)
         self._recorder = recorder
-        self._nested = 0
+        self._nested = 0  # 1 inside next(): the broker's own fills, not decisions
         self.orders = _RecordedOrders(self)
         self.trades = _RecordedTrades(self)
 
     def _deciding(self) -> bool:
-        return self._nested == 0 and not self._recorder.finalizing
+        if self._nested or self._recorder.finalizing:
+            return False
+        # Strategy.init() runs with the whole series visible and before the broker's first bar.
+        self._recorder.bar = len(self._data) - 1 if hasattr(self, "_i") else -1
+        return True
 
     def next(self):
-        rec = self._recorder
-        rec.bar = len(self._data) - 1
-        if rec.start is None:
-            rec.start = rec.bar
-        self._nested += 1
-        try:
-            return super().next()
-        finally:
-            self._nested -= 1
+        # Called on every bar, so kept to two stores: no try/finally (an exception here ends the
+        # run: _OutOfMoneyError stops the loop before the strategy decides again), and the bar
+        # of a decision is read off the data's length only when one is made.
+        self._nested = 1
+        super().next()
+        self._nested = 0
 
     def new_order(self, size, limit=None, stop=None, sl=None, tp=None, tag=None, *, trade=None):
         deciding = self._deciding()
-        self._nested += 1
+        nested, self._nested = self._nested, 1  # exclusive_orders' cancels and closes are the broker's
         try:
             order = super().new_order(size, limit, stop, sl, tp, tag, trade=trade)
         finally:
-            self._nested -= 1
+            self._nested = nested
         if deciding:
             self._recorder.add(NEW if trade is None else CONTINGENT, order.size, order.limit, order.stop,
                                order.sl, order.tp, -1 if trade is None else trade._ml_ordinal, order.tag)
@@ -218,8 +220,9 @@ def order_log_of(recorder: Recorder, strategy, index: pd.Index):
     """The :class:`~moondev_lab.broker.OrderLog` of a finished run."""
     from .broker import OrderLog  # broker imports this module
 
-    warmup = _indicator_warmup_nbars(strategy)
-    start = recorder.start if recorder.start is not None else int(warmup) + 1
+    # Backtest.run's own ``start``. After the run the indicators are cut at the last bar run,
+    # which still holds every indicator's first value: the warm-up reads the same.
+    start = int(_indicator_warmup_nbars(strategy)) + 1
     params = dict(getattr(strategy, "_params", {}) or {})
     return OrderLog.from_rows(recorder.rows, tags=recorder.tags.values, start=start, index=index,
                               strategy=type(strategy).__name__, params=params)

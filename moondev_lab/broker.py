@@ -336,3 +336,214 @@ def _closed_trades(state: dict, index: pd.Index, close: np.ndarray, tags: tuple)
         t.tag = tags[tag] if tag >= 0 else None
         out.append(t)
     return out
+
+
+# ---------------------------------------------------------------- one bar at a time
+class BrokerCore:
+    """backtesting.py's broker driven one bar at a time, with a state that survives a restart.
+
+    The same compiled fill rules as :func:`settle`. Call :meth:`next_bar` with each
+    closed candle (it fills what the bar allows, like ``_Broker.next``), then make the
+    strategy's decisions (:meth:`submit`, :meth:`set_sl`, :meth:`close_trade`,
+    :meth:`cancel`, ...) as ``Strategy.next`` would. :meth:`state` is JSON-able;
+    :meth:`from_state` continues exactly where it left off.
+
+    >>> core = BrokerCore(BacktestSettings(cash=10_000, commission=0.0))
+    >>> core.next_bar(0, 100.0, 101.0, 99.0, 100.0)
+    10000.0
+    >>> order = core.submit(10)
+    >>> core.next_bar(1, 102.0, 103.0, 101.0, 103.0)   # filled at the open: 10 x (103 - 102)
+    10010.0
+    >>> core2 = BrokerCore.from_state(core.state())
+    >>> core2.trades()[["Size", "EntryPrice"]].values.tolist()
+    [[10.0, 102.0]]
+    """
+
+    def __init__(self, settings: BacktestSettings | None = None):
+        from . import _broker_kernel as K
+
+        self._K = K
+        self.settings = settings or BacktestSettings()
+        self._params = _kernel_settings(self.settings)
+        self._state = K.new_state()
+        self._state["acc"][K.A_CASH] = float(self.settings.cash)
+        self._tags = _bt_compat.TagTable()
+        self.bar = -1
+        self.last_close = math.nan
+        self.last_equity = float(self.settings.cash)
+        self._last_candle: tuple | None = None
+
+    # ----- bars
+    def next_bar(self, bar: int, open: float, high: float, low: float, close: float) -> float:
+        """Fill at this candle (``_Broker.next``); returns the equity at its close."""
+        K = self._K
+        if self.stopped:
+            raise SettlementError("the account ran out of money; the broker has stopped")
+        self._make_room(0)
+        prev = close if math.isnan(self.last_close) else self.last_close
+        spread, fixed, rel, leverage, toc, hedging, _ = self._params
+        status, equity = K.next_bar(*self._arrays(), float(open), float(high), float(low), float(close), float(prev),
+                                    int(bar), spread, fixed, rel, leverage, toc, hedging)
+        self._check(status)
+        self._last_candle = (int(bar), float(open), float(high), float(low), float(close), float(prev))
+        self.bar, self.last_close, self.last_equity = int(bar), float(close), float(equity)
+        return self.last_equity
+
+    def finalize(self) -> float:
+        """``finalize_trades``: close every open trade, filling on the last candle again (at its open)."""
+        if self._last_candle is None or self.stopped:
+            return self.last_equity
+        K = self._K
+        self._make_room(int(self._state["cnt"][K.C_NACTIVE]))
+        s = self._state
+        K.finalize(s["qf"], s["qi"], s["tf"], s["ti"], s["active"], s["cnt"])
+        bar, o, h, l_, c, prev = self._last_candle
+        self.last_close = prev  # Backtest.run re-runs the broker on the same bar
+        return self.next_bar(bar, o, h, l_, c)
+
+    # ----- decisions
+    def submit(self, size: float, *, limit: float | None = None, stop: float | None = None,
+               sl: float | None = None, tp: float | None = None, tag=None) -> int:
+        """``Strategy.buy`` (size > 0) / ``sell`` (size < 0); returns the order's ordinal."""
+        p = _bt_compat.price_or_nan
+        self._event(self._K.E_NEW, float(size), p(limit), p(stop), p(sl), p(tp), -1, self._tags.id(tag))
+        return int(self._state["cnt"][self._K.C_NEXT_ORD]) - 1
+
+    def set_sl(self, trade: int, price: float | None) -> None:
+        """``trade.sl = price`` (None removes it)."""
+        self._set_contingent(trade, price, self._K.T_SL_ORD, stop=True)
+
+    def set_tp(self, trade: int, price: float | None) -> None:
+        """``trade.tp = price`` (None removes it)."""
+        self._set_contingent(trade, price, self._K.T_TP_ORD, stop=False)
+
+    def close_trade(self, trade: int, portion: float = 1.0) -> None:
+        """``trade.close(portion)``: fills at the next bar's open, ahead of other orders."""
+        if not 0 < portion <= 1:
+            raise SettlementError("portion must be a fraction between 0 and 1")
+        size = float(self._state["tf"][trade, self._K.T_SIZE]) if 0 <= trade < self._n_trades() else math.nan
+        units = math.copysign(max(1, int(round(abs(size) * portion))), -size) if not math.isnan(size) else 0.0
+        self._event(self._K.E_CLOSE, units, math.nan, math.nan, math.nan, math.nan, trade, -1)
+
+    def close_position(self, portion: float = 1.0) -> None:
+        """``position.close(portion)``."""
+        for trade in self._active():
+            self.close_trade(int(trade), portion)
+
+    def cancel(self, order: int) -> None:
+        """``order.cancel()``."""
+        self._event(self._K.E_CANCEL, 0.0, math.nan, math.nan, math.nan, math.nan, int(order), -1)
+
+    def apply(self, log: OrderLog, i: int) -> None:
+        """Make decision ``i`` of an order log (a replay of a recorded run, bar by bar)."""
+        tag = int(log.tag[i])
+        self._event(int(log.kind[i]), float(log.size[i]), float(log.limit[i]), float(log.stop[i]), float(log.sl[i]),
+                    float(log.tp[i]), int(log.ref[i]), self._tags.id(log.tags[tag]) if tag >= 0 else -1)
+
+    # ----- reading
+    @property
+    def cash(self) -> float:
+        return float(self._state["acc"][self._K.A_CASH])
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self._state["cnt"][self._K.C_STOPPED])
+
+    @property
+    def position_size(self) -> int:
+        return int(sum(int(self._state["tf"][t, self._K.T_SIZE]) for t in self._active()))
+
+    def orders(self) -> pd.DataFrame:
+        """The queue, in processing order."""
+        K, s = self._K, self._state
+        nq = int(s["cnt"][K.C_NQ])
+        frame = pd.DataFrame(s["qf"][:nq], columns=["size", "limit", "stop", "sl", "tp"])
+        frame.insert(0, "order", s["qi"][:nq, K.Q_ORD])
+        frame["trade"] = s["qi"][:nq, K.Q_TRADE]
+        frame["kind"] = [("order", "sl", "tp", "close")[k] for k in s["qi"][:nq, K.Q_KIND]]
+        frame["tag"] = [self._tags.values[t] if t >= 0 else None for t in s["qi"][:nq, K.Q_TAG]]
+        return frame
+
+    def trades(self, closed: bool = False) -> pd.DataFrame:
+        """Open trades (or closed ones, in closing order), indexed by trade ordinal."""
+        K, s = self._K, self._state
+        ids = s["closed"][:int(s["cnt"][K.C_NCLOSED])] if closed else self._active()
+        tf, ti = s["tf"][ids], s["ti"][ids]
+        return pd.DataFrame({"Size": tf[:, K.T_SIZE], "EntryBar": ti[:, K.T_ENTRY_BAR],
+                             "ExitBar": ti[:, K.T_EXIT_BAR], "EntryPrice": tf[:, K.T_ENTRY],
+                             "ExitPrice": tf[:, K.T_EXIT], "SL": tf[:, K.T_SL], "TP": tf[:, K.T_TP],
+                             "Commission": tf[:, K.T_COMM],
+                             "Tag": [self._tags.values[t] if t >= 0 else None for t in ti[:, K.T_TAG]]},
+                            index=pd.Index(ids, name="trade"))
+
+    # ----- persistence
+    def state(self) -> dict:
+        """Everything needed to continue, as JSON-able lists."""
+        return {"format": _FORMAT, "settings": self.settings.kwargs(), "bar": self.bar, "last_candle": self._last_candle,
+                "last_close": self.last_close, "last_equity": self.last_equity,
+                "tags": [_json_tag(t) for t in self._tags.values],
+                "arrays": {k: v.tolist() for k, v in self._state.items()}}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "BrokerCore":
+        core = cls(BacktestSettings(**d["settings"]))
+        try:
+            fresh = core._state
+            arrays = {k: np.array(d["arrays"][k], dtype=fresh[k].dtype) for k in fresh}
+            if any(arrays[k].ndim != fresh[k].ndim or arrays[k].shape[1:] != fresh[k].shape[1:] for k in fresh):
+                raise ValueError("array shapes do not match")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SettlementError(f"invalid broker state: {exc}") from None
+        core._state = arrays
+        for tag in d.get("tags") or []:
+            core._tags.id(tag)
+        core.bar, core.last_close, core.last_equity = int(d["bar"]), float(d["last_close"]), float(d["last_equity"])
+        core._last_candle = tuple(d["last_candle"]) if d.get("last_candle") else None
+        return core
+
+    def __repr__(self) -> str:
+        return (f"BrokerCore(bar={self.bar}, cash={self.cash:.2f}, equity={self.last_equity:.2f}, "
+                f"position={self.position_size}, orders={int(self._state['cnt'][self._K.C_NQ])})")
+
+    # ----- internals
+    def _arrays(self) -> tuple:
+        s = self._state
+        return s["qf"], s["qi"], s["tf"], s["ti"], s["active"], s["closed"], s["cnt"], s["acc"]
+
+    def _active(self) -> np.ndarray:
+        return self._state["active"][:int(self._state["cnt"][self._K.C_NACTIVE])].copy()
+
+    def _n_trades(self) -> int:
+        return int(self._state["cnt"][self._K.C_NTRADES])
+
+    def _make_room(self, extra: int) -> None:
+        s = self._state
+        while not self._K.room(s["qf"], s["tf"], s["cnt"], extra):
+            s = self._state = self._K.grow(s)
+
+    def _check(self, status: int) -> None:
+        if status < 0:
+            raise SettlementError(self._K.STATUS_TEXT[status])
+
+    def _event(self, kind, size, limit, stop, sl, tp, ref, tag) -> None:
+        K = self._K
+        self._make_room(1)
+        s = self._state
+        last = self.last_close
+        spread, *_rest, exclusive = self._params
+        status = K.apply_event(s["qf"], s["qi"], s["tf"], s["ti"], s["active"], s["cnt"], kind, size, limit, stop,
+                               sl, tp, ref, tag, last, spread, exclusive)
+        self._check(status)
+
+    def _set_contingent(self, trade: int, price, col: int, stop: bool) -> None:
+        K, s = self._K, self._state
+        if not 0 <= trade < self._n_trades():
+            raise SettlementError(f"no trade #{trade}")
+        current = int(s["ti"][trade, col])
+        if current >= 0:
+            self.cancel(current)
+        if price:
+            size = -float(s["tf"][trade, K.T_SIZE])
+            p = float(price)
+            self._event(K.E_CONTINGENT, size, math.nan if stop else p, p if stop else math.nan, math.nan, math.nan,
+                        trade, int(s["ti"][trade, K.T_TAG]))

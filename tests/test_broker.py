@@ -329,3 +329,60 @@ def test_a_grid_with_faked_stats_never_wins(pool, store):
     opt = pool.optimize(code, {"n1": [5, 10], "n2": [20, 30]}, _ref(store), maximize="Return [%]")
     assert not opt.result.ok and opt.result.error.kind == ErrorKind.RESULT_MISMATCH
     assert opt.result.stats["Return [%]"] < 1e9
+
+
+# ---------------------------------------------------------------- one bar at a time
+@pytest.mark.parametrize("seed", [11, 12, 13, 14, 15, 16])
+def test_broker_core_bar_by_bar_equals_settlement(seed):
+    """The per-bar broker, with its state saved to JSON and restored midway, settles like settle()."""
+    from broker_cases import RandomTrader, random_settings
+
+    from moondev_lab.broker import BrokerCore
+
+    rng = np.random.default_rng(seed)
+    settings = random_settings(rng)
+    data = synthetic_ohlc(200, seed)
+    _, log = _record(RandomTrader, data, settings, seed=seed, activity=0.7)
+    settled = settle(log, data, settings)
+    core = BrokerCore(settings)
+    O, H, L, C = (data[c].to_numpy() for c in ("Open", "High", "Low", "Close"))
+    core.last_close = float(C[-1])  # init() decides with the whole series visible
+    pos = 0
+    while pos < len(log) and log.bar[pos] == -1:
+        core.apply(log, pos)
+        pos += 1
+    core.last_close = float(C[log.start - 1])
+    equity = {}
+    for bar in range(log.start, len(data)):
+        if bar == 100:
+            core = BrokerCore.from_state(json.loads(json.dumps(core.state())))
+        equity[bar] = core.next_bar(bar, O[bar], H[bar], L[bar], C[bar])
+        if core.stopped:
+            break
+        while pos < len(log) and log.bar[pos] == bar:
+            core.apply(log, pos)
+            pos += 1
+    else:
+        if settings.finalize_trades:
+            equity[len(data) - 1] = core.finalize()
+    expected = settled.trades[["Size", "EntryBar", "ExitBar", "EntryPrice", "ExitPrice", "Commission"]]
+    got = core.trades(closed=True)[expected.columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected.astype(float), check_dtype=False)
+    curve = settled.equity["Equity"].to_numpy()
+    assert all(curve[bar] == value for bar, value in equity.items())
+    assert "BrokerCore(bar=" in repr(core)
+
+
+def test_broker_core_refuses_bad_decisions_and_states():
+    from moondev_lab.broker import BrokerCore
+
+    core = BrokerCore(BacktestSettings(cash=10_000))
+    core.next_bar(0, 100, 101, 99, 100)
+    with pytest.raises(SettlementError, match="SL < price < TP"):
+        core.submit(5, sl=150)
+    with pytest.raises(SettlementError, match="no trade"):
+        core.set_sl(3, 90.0)
+    with pytest.raises(SettlementError, match="does not exist"):
+        core.cancel(9)
+    with pytest.raises(SettlementError, match="invalid broker state"):
+        BrokerCore.from_state({**core.state(), "arrays": {"qf": [[1]]}})
