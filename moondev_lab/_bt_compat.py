@@ -344,7 +344,22 @@ class _IndicatorSpec:
         self.window, self.checked = window, False
 
 
-def _recording_subclass(strategy: type, size_rule=None) -> type:
+def _units_at_send(strategy, size: float) -> float | None:
+    """A fraction-of-margin size as whole units now, at the last close (what a live order must carry).
+
+    The same arithmetic as ``_Broker._process_orders`` at fill time, with the decision
+    bar's close for the price: a live exchange needs a quantity before the fill price is
+    known. The next bar's open may give one unit more or less (parity tags that).
+    """
+    broker = strategy._broker
+    price = float(strategy.data.Close[-1])
+    adjusted = price * (1 + math.copysign(broker._spread, size))
+    per_unit = adjusted + broker._commission(size, price) / abs(size)
+    units = int((broker.margin_available * broker._leverage * abs(size)) // per_unit)
+    return float(units) if units else None
+
+
+def _recording_subclass(strategy: type, size_rule=None, size_at_send: bool = False) -> type:
     """A per-run subclass of ``strategy`` whose ``I()`` records each call (nothing process-wide changes).
 
     ``size_rule`` maps a ``buy``/``sell`` size to the one the sandbox harness would use
@@ -359,11 +374,17 @@ def _recording_subclass(strategy: type, size_rule=None) -> type:
         return value
 
     body = {"I": I, "__module__": strategy.__module__, "__qualname__": strategy.__qualname__}
+    if size_rule is None and size_at_send:
+        size_rule = float
     if size_rule is not None:
         def sized(orig):
             def order(self, *, size=Strategy._FULL_EQUITY, **kw):
                 if size is not Strategy._FULL_EQUITY:
                     size = size_rule(size)
+                    if size is None:
+                        return None
+                if size_at_send and 0 < size < 1 and kw.get("limit") is None and kw.get("stop") is None:
+                    size = _units_at_send(self, size if orig is strategy.buy else -size)
                     if size is None:
                         return None
                 return orig(self, size=size, **kw)
@@ -402,8 +423,8 @@ class LiveStrategy:
 
     def __init__(self, strategy: type, params: dict | None, settings: dict, *, window: int = 1000,
                  max_window: int = 1 << 15, rtol: float = 1e-10, size_rule=None, capacity: int = 0,
-                 max_events: int = DEFAULT_MAX_EVENTS):
-        self._cls = _recording_subclass(strategy, size_rule)
+                 max_events: int = DEFAULT_MAX_EVENTS, size_at_send: bool = False):
+        self._cls = _recording_subclass(strategy, size_rule, size_at_send)
         self._params = dict(params or {})
         self._settings = {k: settings[k] for k in ("cash", "commission", "spread", "margin", "trade_on_close",
                                                    "hedging", "exclusive_orders") if k in settings}

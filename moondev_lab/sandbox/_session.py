@@ -171,8 +171,9 @@ class StrategySession:
 
     def __init__(self, code: str, *, params: dict | None = None, settings: BacktestSettings | None = None,
                  window: int = 1000, limits: _limits.Limits | None = None, timeout: float = 60.0,
-                 per_bar_timeout: float = 0.05, class_name: str | None = None):
+                 per_bar_timeout: float = 0.05, class_name: str | None = None, size_at_send: bool = False):
         self.code = code
+        self.size_at_send = bool(size_at_send)
         self.params = dict(params or {})
         self.settings = settings or BacktestSettings()
         self.window = int(window)
@@ -205,7 +206,7 @@ class StrategySession:
         self.state = SessionState.RUNNING
         reply = self._call({"op": "load", "code": self.code, "params": self.params,
                             "settings": self.settings.kwargs(), "window": self.window,
-                            "class_name": self.class_name, "workdir": str(self._workdir), "uid": uid,
+                            "class_name": self.class_name, "size_at_send": self.size_at_send, "workdir": str(self._workdir), "uid": uid,
                             "limits": {k: getattr(self.limits, k) for k in
                                        ("memory_mb", "cpu_seconds", "file_size_mb", "max_processes")}},
                            timeout=max(self.timeout, 120.0))
@@ -390,6 +391,7 @@ class _Child:
         self.settings = dict(load["settings"])
         self.params = dict(load.get("params") or {})
         self.window = int(load.get("window") or 1000)
+        self.size_at_send = bool(load.get("size_at_send"))
         module = type(sys)("strategy")
         module.__file__ = "strategy.py"
         code = harness.extract_code(load["code"])
@@ -402,7 +404,8 @@ class _Child:
         self.tags_sent = 0
 
     def new_live(self, **kw):
-        return self._live_cls(self.cls, self.params, self.settings, window=self.window, size_rule=self.size_rule, **kw)
+        return self._live_cls(self.cls, self.params, self.settings, window=self.window, size_rule=self.size_rule,
+                              size_at_send=self.size_at_send, **kw)
 
     def op_start(self, msg):
         times, ohlcv = decode_bars(msg)
