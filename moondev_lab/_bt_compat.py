@@ -18,6 +18,7 @@ OrderLog(SmaCross: 1367 decisions (orders=684, sltp=0, closes=683, cancels=0), s
 from __future__ import annotations
 
 import math
+import types
 from functools import partial
 
 import backtesting
@@ -337,11 +338,12 @@ _OHLCV = ("Open", "High", "Low", "Close", "Volume")
 class _IndicatorSpec:
     """One ``self.I(func, *args, **kwargs)`` call of ``init()``, and how to call it again on a window."""
 
-    __slots__ = ("func", "args", "kwargs", "name", "value", "window", "checked")
+    __slots__ = ("func", "args", "kwargs", "name", "value", "window", "checked", "cells")
 
     def __init__(self, func, args, kwargs, name, value, window):
         self.func, self.args, self.kwargs, self.name, self.value = func, args, kwargs, name, value
         self.window, self.checked = window, False
+        self.cells = None  # roles of the function's closure cells, when some hold data arrays
 
 
 def _units_at_send(strategy, size: float) -> float | None:
@@ -507,6 +509,12 @@ class LiveStrategy:
             spec = _IndicatorSpec(func, None, None, value.name, value, self.window)
             spec.args = tuple(self._arg_role(a, n, spec.name, self._specs) for a in args)
             spec.kwargs = {k: self._arg_role(v, n, spec.name, self._specs) for k, v in kwargs.items()}
+            # ``lambda: talib.RSI(close, 14)`` with ``close = self.data.Close`` taken in init(): the closure
+            # holds the init-time array, so its cells are swapped for the window too.
+            cells = getattr(func, "__closure__", None) or ()
+            roles = tuple(self._arg_role(_cell_value(c), n, spec.name, self._specs) for c in cells)
+            if any(r[0] != "const" for r in roles):
+                spec.cells = roles
             self._specs.append(spec)
         by_id = {}
         for j, spec in enumerate(self._specs):
@@ -568,10 +576,14 @@ class LiveStrategy:
     def _compute(self, spec: _IndicatorSpec, lo: int, n: int, wdata: _WindowData) -> np.ndarray:
         args = [self._window_arg(r, lo, n, wdata) for r in spec.args]
         kwargs = {k: self._window_arg(r, lo, n, wdata) for k, r in spec.kwargs.items()}
+        func = spec.func
+        if spec.cells is not None:
+            func = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__,
+                                      tuple(types.CellType(self._window_arg(r, lo, n, wdata)) for r in spec.cells))
         saved = self.strategy._data
         self.strategy._data = wdata
         try:
-            value = spec.func(*args, **kwargs)
+            value = func(*args, **kwargs)
         finally:
             self.strategy._data = saved
         if isinstance(value, pd.DataFrame):
@@ -672,6 +684,13 @@ class LiveStrategy:
     def indicator_values(self) -> list[tuple[str, np.ndarray]]:
         """Every indicator's causal values so far (``name``, array of ``n`` bars)."""
         return [(str(s.name), np.asarray(s.value)[..., :self.n]) for s in self._specs]
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (a name assigned later)
+        return None
 
 
 def _strategy_indicators_of(strategy) -> list:
