@@ -17,7 +17,7 @@ Each difference is tagged with its cause:
 - ``order type the live path cannot express``: the route refused the decision.
 
 >>> report = check_parity(load_strategy("runs/run-00001"), df)   # doctest: +SKIP
->>> report.ok, report.first_difference
+>>> report.ok, report.first_difference                           # doctest: +SKIP
 (True, None)
 """
 from __future__ import annotations

@@ -252,7 +252,7 @@ def test_kill_minus_nine_at_random_points_loses_and_doubles_nothing(tmp_path, bt
         ref.start(btc.iloc[:n])
         ref.feed(btc.iloc[:n])
     expected = ref_paper.trades()
-    assert len(expected) > 300
+    assert len(expected) > 100
     path, state = str(tmp_path / "paper.sqlite"), str(tmp_path / "state")
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(tests=str(ROOT / "tests"), n=n, path=path, state=state))
