@@ -58,6 +58,11 @@ _LAZY = {
     "ConnectionPool": "moondev_lab.exchange",
     "ClientOrderId": "moondev_lab.exchange",
     "MoondevError": "moondev_lab.errors",
+    # implement: paper exchange, live runner, parity
+    "PaperExchange": "moondev_lab.paper",
+    "LiveRunner": "moondev_lab.live",
+    "load_strategy": "moondev_lab.live",
+    "check_parity": "moondev_lab.parity",
     # ideas from URLs, PDFs, videos and files
     "extract_idea": "moondev_lab.sources",
     "run_batch": "moondev_lab.batch",

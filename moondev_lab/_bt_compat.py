@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import types
 from functools import partial
 
 import backtesting
@@ -320,3 +321,436 @@ def build_heatmaps(heatmap: pd.Series, agg: str = "max", ncols: int = 3, plot_wi
     """backtesting.py's ``plot_heatmaps`` figure, without showing it."""
     with _silent_plotting() as plotting:
         return plotting.plot_heatmaps(heatmap, agg, ncols, plot_width=plot_width, open_browser=False)
+# ---------------------------------------------------------------- bar by bar (the live runner)
+class LiveIndicatorError(MoondevError):
+    """An indicator the live runner cannot recompute bar by bar (say which and why)."""
+
+
+class _IndexWindow:
+    """``_Array._opts['index']`` of a window: ``[:k]`` gives the window's own first k times."""
+
+    __slots__ = ("_index", "_lo")
+
+    def __init__(self, index: pd.Index, lo: int):
+        self._index, self._lo = index, lo
+
+    def __getitem__(self, item):
+        if isinstance(item, slice) and item.start is None and item.step is None and item.stop is not None:
+            return self._index[self._lo:self._lo + item.stop]
+        return self._index[self._lo:][item]
+
+
+class _WindowData:
+    """What ``self.data`` is while an indicator function runs again over a trailing window.
+
+    It answers what ``_Data`` answers (columns as ``_Array``, ``index``, ``df``, ``len``,
+    ``pip``), over bars ``lo..n-1`` only, so a closure such as
+    ``lambda: talib.RSI(self.data.Close, 14)`` sees the window, not the future.
+    """
+
+    def __init__(self, owner: "LiveStrategy", lo: int, n: int):
+        self._owner, self._lo, self._n = owner, lo, n
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return self._n - self._lo
+
+    def __getitem__(self, key):
+        arr = self._cache.get(key)
+        if arr is None:
+            arr = self._cache[key] = self._owner._window_column(key, self._lo, self._n)
+        return arr
+
+    def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"Column '{key}' not in data") from None
+
+    @property
+    def index(self) -> pd.Index:
+        return self._owner._index[self._lo:self._n]
+
+    @property
+    def df(self) -> pd.DataFrame:
+        return self._owner._frame.iloc[self._lo:self._n]
+
+    @property
+    def pip(self) -> float:
+        return self._owner.data.pip
+
+
+
+_OHLCV = ("Open", "High", "Low", "Close", "Volume")
+
+
+class _IndicatorSpec:
+    """One ``self.I(func, *args, **kwargs)`` call of ``init()``, and how to call it again on a window."""
+
+    __slots__ = ("func", "args", "kwargs", "name", "value", "window", "checked", "cells")
+
+    def __init__(self, func, args, kwargs, name, value, window):
+        self.func, self.args, self.kwargs, self.name, self.value = func, args, kwargs, name, value
+        self.window, self.checked = window, False
+        self.cells = None  # roles of the function's closure cells, when some hold data arrays
+
+
+def _units_at_send(strategy, size: float) -> float | None:
+    """A fraction-of-margin size as whole units now, at the last close (what a live order must carry).
+
+    The same arithmetic as ``_Broker._process_orders`` at fill time, with the decision
+    bar's close for the price: a live exchange needs a quantity before the fill price is
+    known. The next bar's open may give one unit more or less (parity tags that).
+    """
+    broker = strategy._broker
+    price = float(strategy.data.Close[-1])
+    adjusted = price * (1 + math.copysign(broker._spread, size))
+    per_unit = adjusted + broker._commission(size, price) / abs(size)
+    units = int((broker.margin_available * broker._leverage * abs(size)) // per_unit)
+    return float(units) if units else None
+
+
+def _recording_subclass(strategy: type, size_rule=None, size_at_send: bool = False) -> type:
+    """A per-run subclass of ``strategy`` whose ``I()`` records each call (nothing process-wide changes).
+
+    ``size_rule`` maps a ``buy``/``sell`` size to the one the sandbox harness would use
+    (or None to skip the order), so a live run sizes orders exactly as its backtest did.
+    """
+    from backtesting import Strategy
+
+    def I(self, func, *args, name=None, plot=True, overlay=None, color=None, scatter=False, **kwargs):  # noqa: E743
+        value = super(cls, self).I(func, *args, name=name, plot=plot, overlay=overlay, color=color,
+                                   scatter=scatter, **kwargs)
+        self.__dict__.setdefault("_ml_specs", []).append((func, args, kwargs, value))
+        return value
+
+    body = {"I": I, "__module__": strategy.__module__, "__qualname__": strategy.__qualname__}
+    if size_rule is None and size_at_send:
+        size_rule = float
+    if size_rule is not None:
+        def sized(orig):
+            def order(self, *, size=Strategy._FULL_EQUITY, **kw):
+                if size is not Strategy._FULL_EQUITY:
+                    size = size_rule(size)
+                    if size is None:
+                        return None
+                if size_at_send and 0 < size < 1 and kw.get("limit") is None and kw.get("stop") is None:
+                    size = _units_at_send(self, size if orig is strategy.buy else -size)
+                    if size is None:
+                        return None
+                return orig(self, size=size, **kw)
+            order.__name__ = orig.__name__
+            return order
+        body["buy"], body["sell"] = sized(strategy.buy), sized(strategy.sell)
+    cls = type(strategy.__name__, (strategy,), body)
+    return cls
+
+
+class LiveStrategy:
+    """One ``Strategy`` instance run bar by bar, as ``Backtest.run``'s loop runs it, on growing data.
+
+    ``start(times, ohlcv)`` runs ``init()`` over the history so far; each ``step(time, row)``
+    adds one closed bar, updates every indicator *causally*, then (after the warm-up)
+    runs the broker's fills and ``next()``, and returns the decisions ``next()`` made
+    (rows of :class:`Recorder`). The broker is a :class:`RecordingBroker`, so the strategy
+    sees positions, trades and equity exactly as in a backtest (its shadow of the
+    exchange; the trusted side checks it against the real account).
+
+    Indicators: each ``self.I(func, *args)`` is called again on every new bar over a
+    trailing window of ``window`` bars (data columns and earlier indicators in ``args``,
+    and ``self.data`` inside closures, are swapped for the window) and its last value is
+    appended. For indicators with a finite look-back ``<= window`` that is the same
+    function of the same inputs, equal up to the summation order of rolling sums
+    (~1e-15 relative). For recursive ones (EMA, Wilder's RSI/ATR) the truncated history
+    contributes ``(1 - alpha) ** window``; the first time a window truncates, the value is
+    compared with the whole-prefix value and the window doubles (up to ``max_window``)
+    until they agree to ``rtol``. Cost per bar: one call per indicator on ``window`` bars,
+    never a re-run of the backtest.
+
+    >>> live = LiveStrategy(SmaCross, {}, BacktestSettings().kwargs())     # doctest: +SKIP
+    >>> live.start(times[:100], ohlcv[:100]); live.step(times[100], ohlcv[100])  # doctest: +SKIP
+    []
+    """
+
+    def __init__(self, strategy: type, params: dict | None, settings: dict, *, window: int = 1000,
+                 max_window: int = 1 << 15, rtol: float = 1e-10, size_rule=None, capacity: int = 0,
+                 max_events: int = DEFAULT_MAX_EVENTS, size_at_send: bool = False):
+        self._cls = _recording_subclass(strategy, size_rule, size_at_send)
+        self._params = dict(params or {})
+        self._settings = {k: settings[k] for k in ("cash", "commission", "spread", "margin", "trade_on_close",
+                                                   "hedging", "exclusive_orders") if k in settings}
+        self.window, self.max_window, self.rtol = int(window), int(max_window), float(rtol)
+        self._capacity_hint = int(capacity)
+        self.recorder = Recorder(max_events)
+        self.n = 0
+        self.start_bar: int | None = None
+        self.stopped: str | None = None
+        self._first_valid: list[int | None] = []
+        self._specs: list[_IndicatorSpec] = []
+        self._attrs: list[tuple[str, int]] = []
+
+    # ------------------------------------------------------------------ data
+    def _alloc(self, cap: int, keep: int) -> None:
+        from backtesting._util import _Data
+
+        ts = np.empty(cap, "M8[ns]")
+        buf = np.full((5, cap), np.nan)
+        if keep:
+            ts[:keep] = self._ts[:keep]
+            buf[:, :keep] = self._buf[:, :keep]
+        step = self._step
+        if keep:
+            ts[keep:] = ts[keep - 1] + step * np.arange(1, cap - keep + 1)
+        self._ts, self._buf = ts, buf
+        self._index = pd.DatetimeIndex(ts).tz_localize(self._tz) if self._tz else pd.DatetimeIndex(ts)
+        self._frame = pd.DataFrame({c: buf[k] for k, c in enumerate(_OHLCV)}, index=self._index, copy=False)
+        self.data = _Data(self._frame)
+        self.data._set_length(max(keep, 1))
+
+    def _window_column(self, key: str, lo: int, n: int):
+        from backtesting._util import _Array
+
+        k = _OHLCV.index(key)
+        return _Array(self._buf[k, lo:n], name=key, index=_IndexWindow(self._index, lo))
+
+    def _regrow(self, cap: int) -> None:
+        """Bigger buffers, or a corrected time axis: a fresh ``_Data`` for the strategy and its broker."""
+        n = self.n
+        self._alloc(cap, n)
+        self.data._set_length(n)
+        self.strategy._data = self.broker._data = self.data
+        equity = np.full(cap, np.nan)
+        equity[:len(self.broker._equity)] = self.broker._equity[:cap]
+        self.broker._equity = equity
+        for spec in self._specs:
+            self._grow_indicator(spec, cap)
+        self.strategy._indicators = [s.value for s in self._specs]
+
+    def _grow_indicator(self, spec: _IndicatorSpec, cap: int) -> None:
+        from backtesting._util import _Indicator
+
+        old = spec.value
+        full = np.full(old.shape[:-1] + (cap,), np.nan)
+        keep = min(old.shape[-1], cap)
+        full[..., :keep] = np.asarray(old)[..., :keep]
+        spec.value = _Indicator(full, name=old.name, **{**old._opts, "index": self._index})
+
+    # ------------------------------------------------------------------ start
+    def start(self, times: np.ndarray, ohlcv: np.ndarray, *, tz: str | None = "UTC") -> dict:
+        """``init()`` over the history ``times`` (datetime64[ns]), ``ohlcv`` (n x 5)."""
+        times = np.asarray(times, dtype="M8[ns]")
+        n = len(times)
+        if n < 1:
+            raise LiveIndicatorError("a live strategy needs at least one bar of history to start")
+        self._tz = tz
+        diffs = np.diff(times[-1000:])
+        self._step = np.median(diffs) if len(diffs) else np.timedelta64(1, "m")
+        self._ts, self._buf = times, np.asarray(ohlcv, dtype=np.float64).T
+        self.n = n
+        self._alloc(max(self._capacity_hint, 2 * n, 1024), n)
+        self.broker = RecordingBroker(recorder=self.recorder, data=self.data, index=self._index, **self._settings)
+        self.strategy = self._cls(self.broker, self.data, self._params)
+        self.strategy._ml_specs = []
+        self.strategy.init()
+        self.data._update()
+        cap = len(self._ts)
+        for func, args, kwargs, value in self.strategy._ml_specs:
+            spec = _IndicatorSpec(func, None, None, value.name, value, self.window)
+            spec.args = tuple(self._arg_role(a, n, spec.name, self._specs) for a in args)
+            spec.kwargs = {k: self._arg_role(v, n, spec.name, self._specs) for k, v in kwargs.items()}
+            # ``lambda: talib.RSI(close, 14)`` with ``close = self.data.Close`` taken in init(): the closure
+            # holds the init-time array, so its cells are swapped for the window too.
+            cells = getattr(func, "__closure__", None) or ()
+            roles = tuple(self._arg_role(_cell_value(c), n, spec.name, self._specs) for c in cells)
+            if any(r[0] != "const" for r in roles):
+                spec.cells = roles
+            self._specs.append(spec)
+        by_id = {}
+        for j, spec in enumerate(self._specs):
+            by_id[id(spec.value)] = j
+            self._grow_indicator(spec, cap)
+        self._attrs = [(attr, by_id[id(v)]) for attr, v in _strategy_indicators_of(self.strategy)
+                       if id(v) in by_id]
+        self.strategy._indicators = [s.value for s in self._specs]
+        self._first_valid = [self._first_valid_of(s.value, n) for s in self._specs]
+        self._update_start()
+        return {"warmup": None if self.start_bar is None else self.start_bar - 1,
+                "indicators": [str(s.name) for s in self._specs], "bars": n}
+
+    def _arg_role(self, a, n: int, name, specs: list):
+        """How to rebuild argument ``a`` of indicator ``name`` over a window."""
+        if isinstance(a, pd.DataFrame) and len(a) == n:
+            return ("frame",)
+        if isinstance(a, pd.Series) and len(a) == n:
+            values = a.to_numpy()
+            kind = "series"
+        elif isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[-1] == n:
+            values = a
+            kind = "array"
+        else:
+            return ("const", a)
+        for j, spec in enumerate(specs):
+            v = np.asarray(spec.value)
+            if values is spec.value or (values.shape == v.shape and np.shares_memory(values, v)):
+                return (kind + "_ind", j, getattr(a, "name", None))
+        if values.ndim == 1:
+            for k, col in enumerate(_OHLCV):
+                if np.shares_memory(values, self._buf[k]):
+                    return (kind, k, getattr(a, "name", None))
+            for k, col in enumerate(_OHLCV):
+                if np.array_equal(values, self._buf[k, :n], equal_nan=True):
+                    return (kind, k, getattr(a, "name", None))
+            for j, spec in enumerate(specs):
+                v = np.asarray(spec.value)
+                if v.ndim == 1 and np.array_equal(values, v, equal_nan=True):
+                    return (kind + "_ind", j, getattr(a, "name", None))
+        raise LiveIndicatorError(
+            f"indicator {name!r} takes an array computed in init() from the whole series; the live runner "
+            "recomputes indicators from self.data columns and earlier indicators only. Compute it inside "
+            "the indicator function (e.g. self.I(lambda c: f(c), self.data.Close)).")
+
+    def _window_arg(self, role, lo: int, n: int, wdata: _WindowData):
+        kind = role[0]
+        if kind == "const":
+            return role[1]
+        if kind == "frame":
+            return wdata.df
+        if kind in ("array", "series"):
+            arr = wdata[_OHLCV[role[1]]]
+            return pd.Series(arr, index=self._index[lo:n], name=role[2]) if kind == "series" else arr
+        value = self._specs[role[1]].value[..., lo:n]
+        return pd.Series(np.asarray(value), index=self._index[lo:n], name=role[2]) if kind == "series_ind" \
+            else value
+
+    def _compute(self, spec: _IndicatorSpec, lo: int, n: int, wdata: _WindowData) -> np.ndarray:
+        args = [self._window_arg(r, lo, n, wdata) for r in spec.args]
+        kwargs = {k: self._window_arg(r, lo, n, wdata) for k, r in spec.kwargs.items()}
+        func = spec.func
+        if spec.cells is not None:
+            func = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__,
+                                      tuple(types.CellType(self._window_arg(r, lo, n, wdata)) for r in spec.cells))
+        saved = self.strategy._data
+        self.strategy._data = wdata
+        try:
+            value = func(*args, **kwargs)
+        finally:
+            self.strategy._data = saved
+        if isinstance(value, pd.DataFrame):
+            value = value.values.T
+        value = np.asarray(value, dtype=float) if value is not None else None
+        m = n - lo
+        if value is not None and value.ndim == 2 and value.shape[0] == m and value.shape[1] != m:
+            value = value.T
+        if value is None or not 1 <= value.ndim <= 2 or value.shape[-1] != m:
+            raise LiveIndicatorError(f"indicator {spec.name!r} returned shape {getattr(value, 'shape', None)} "
+                                     f"on a {m}-bar window (its length must equal the window's)")
+        return value[..., -1]
+
+    def _first_valid_of(self, value, n: int) -> int | None:
+        """The first bar with a value on every row (``_indicator_warmup_nbars``), None while unknown."""
+        if value._opts.get("scatter"):
+            return 0
+        v = np.atleast_2d(np.asarray(value, dtype=float)[..., :n])
+        ok = ~np.isnan(v)
+        if not ok.any(axis=-1).all():
+            return None
+        return int(ok.argmax(axis=-1).max())
+
+    def _update_start(self) -> None:
+        # Only indicators bound to attributes count, as in ``_indicator_warmup_nbars``.
+        firsts = [self._first_valid[j] for j in {j for _, j in self._attrs}]
+        if self.start_bar is None and all(f is not None for f in firsts):
+            self.start_bar = 1 + max(firsts, default=0)
+
+    # ------------------------------------------------------------------ step
+    def step(self, time, row) -> list[tuple]:
+        """Add one closed bar; returns the decisions of this bar's ``next()`` (empty before the warm-up)."""
+        from backtesting.backtesting import _OutOfMoneyError
+
+        if self.stopped:
+            return []
+        i = self.n
+        t = np.datetime64(pd.Timestamp(time).tz_localize(None) if pd.Timestamp(time).tzinfo is None
+                          else pd.Timestamp(time).tz_convert("UTC").tz_localize(None), "ns")
+        if i >= len(self._ts):
+            self._regrow(2 * len(self._ts))
+        if self._ts[i] != t:  # a gap (or a first guess of the bar spacing that was wrong)
+            if i and t <= self._ts[i - 1]:
+                raise LiveIndicatorError(f"bar time {pd.Timestamp(t)} is not after the last bar's")
+            if i:
+                self._step = t - self._ts[i - 1]
+            self._regrow(len(self._ts))
+            self._ts[i] = t  # (when i == 0 there is nothing before it to extrapolate from)
+        self._buf[:, i] = row
+        n = self.n = i + 1
+        self.data._set_length(n)
+        wdata = _WindowData(self, 0, n)
+        for j, spec in enumerate(self._specs):
+            lo = max(0, n - spec.window)
+            if lo:
+                wd = _WindowData(self, lo, n)
+                value = self._compute(spec, lo, n, wd)
+                if not spec.checked:
+                    exact = self._compute(spec, 0, n, wdata)
+                    if np.allclose(value, exact, rtol=self.rtol, atol=0, equal_nan=True):
+                        spec.checked = True
+                    else:
+                        spec.window = min(2 * spec.window, self.max_window)
+                        spec.checked = spec.window >= self.max_window
+                        value = exact
+            else:
+                value = self._compute(spec, 0, n, wdata)
+            spec.value[..., i] = value
+            if self._first_valid[j] is None:
+                self._first_valid[j] = self._first_valid_of(spec.value, n)
+        self._update_start()
+        if self.start_bar is None or i < self.start_bar:
+            return []
+        for attr, j in self._attrs:
+            setattr(self.strategy, attr, self._specs[j].value[..., :n])
+        rec = self.recorder
+        first = len(rec.rows)
+        try:
+            with np.errstate(invalid="ignore"):
+                self.broker.next()
+                self.strategy.next()
+        except _OutOfMoneyError:
+            self.stopped = "out of money"
+        rows = rec.rows[first:]
+        del rec.rows[:]
+        return rows
+
+    # ------------------------------------------------------------------ views
+    @property
+    def position(self) -> float:
+        """The shadow broker's position, in units (what the account should hold)."""
+        return float(self.broker.position.size)
+
+    @property
+    def equity(self) -> float:
+        return float(self.broker.equity)
+
+    def indicator_values(self) -> list[tuple[str, np.ndarray]]:
+        """Every indicator's causal values so far (``name``, array of ``n`` bars)."""
+        return [(str(s.name), np.asarray(s.value)[..., :self.n]) for s in self._specs]
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (a name assigned later)
+        return None
+
+
+def _strategy_indicators_of(strategy) -> list:
+    """``(attribute, indicator)`` pairs the backtest loop would slice each bar (``_strategy_indicators``)."""
+    from backtesting._util import _strategy_indicators
+
+    return list(_strategy_indicators(strategy))
+
+
+def indicator_arrays(strategy) -> list[tuple[str, np.ndarray]]:
+    """A finished backtest's indicators (``strategy._indicators``), as (name, values) pairs."""
+    return [(str(v.name), np.asarray(v, dtype=float)) for v in getattr(strategy, "_indicators", [])]

@@ -480,6 +480,92 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _trade_data(a, symbol_default: str = "BTC/USD"):
+    """The candles of a paper replay: the store's series, sliced by --replay START END."""
+    from .data.pool import default_pool
+
+    start, end = (a.replay or (None, None))
+    return default_pool().get(a.data_symbol or symbol_default, a.timeframe, start=start, end=end)
+
+
+def cmd_trade(a: argparse.Namespace) -> int:
+    """Trade a strategy bar by bar: paper by default, live with --live, keys and a confirmation."""
+    from pathlib import Path
+
+    from .live import LiveError, LiveRunner, load_strategy
+    from .risk import RiskLimits
+
+    source = load_strategy(a.target)
+    target = Path(a.target)
+    state_dir = Path(a.state) if a.state else (target / "live" if target.is_dir() else
+                                               target.parent / f"{target.stem}-live")
+    limits = RiskLimits(max_position=a.max_position, max_order_value=a.max_order_value, max_daily_loss=a.max_daily_loss)
+    if a.live and a.replay:
+        raise LiveError("--replay runs on the paper exchange; drop --live")
+    events = []
+
+    def on_event(kind: str, data: dict) -> None:
+        if a.json:
+            print(json.dumps({"event": kind, **data}, default=str), flush=True)
+        events.append(kind)
+
+    if a.live:
+        from .exchange import ExchangeManager
+
+        if not a.yes:
+            if not sys.stdin.isatty():
+                raise LiveError("live trading needs a confirmation: type the symbol at the prompt, or pass --yes")
+            typed = input(f"LIVE trading {source.name} on {a.exchange} {a.symbol}. Type the symbol to confirm: ")
+            if typed.strip() != a.symbol:
+                raise LiveError("confirmation did not match the symbol; nothing was traded")
+        exchange = ExchangeManager(a.exchange, a.account, api_url=a.api_url, require_keys=True, symbols=[a.symbol])
+        exchange.start()
+    else:
+        from .paper import PaperExchange
+
+        exchange = PaperExchange(state_dir / "paper.sqlite", symbol=a.symbol)
+    with LiveRunner(source, exchange, symbol=a.symbol, timeframe=a.timeframe, state_dir=state_dir, limits=limits,
+                    window=a.window, warmup_bars=a.warmup, unit=a.unit, on_event=on_event) as runner:
+        try:
+            if not a.live:
+                frame = _trade_data(a, a.symbol)
+                exchange.candles = frame
+                runner.start(frame.iloc[:max(1, a.warmup)] if a.warmup > 0 else frame)
+                runner.feed(frame)
+            else:
+                runner.start()
+                runner.run(interval=a.interval, max_bars=a.max_bars,
+                           status=None if a.json else lambda line: print("\r" + line, end="", flush=True))
+        finally:
+            exchange.close()
+        line = runner.status_line()
+        if a.json:
+            print(json.dumps({"event": "status", **runner.status()}, default=str))
+        else:
+            print(line)
+        return 1 if runner.stop_reason and not runner.kill_switch.engaged else 0
+
+
+def cmd_parity(a: argparse.Namespace) -> int:
+    """Backtest vs a live-runner replay on the same candles, trade by trade; exit 1 on a mismatch."""
+    from .live import load_strategy
+    from .parity import check_parity, format_table
+
+    source = load_strategy(a.target)
+    symbol = a.symbol or source.dataset.get("symbol") or "BTC/USD"
+    timeframe = a.timeframe or source.dataset.get("timeframe") or "15m"
+    from .data.pool import default_pool
+
+    frame = default_pool().get(symbol, timeframe, start=a.start, end=a.end)
+    report = check_parity(source, frame, window=a.window, symbol=symbol)
+    if a.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.summary())
+        print(format_table(report, color=sys.stdout.isatty()))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moondev-lab", description="Research and backtest workbench for traders.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -613,6 +699,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_id", type=int)
     sp.add_argument("--trades", metavar="FILE.csv")
     sp.add_argument("--equity", metavar="FILE.csv")
+    sp = add(sub, "trade", cmd_trade, "trade a strategy bar by bar on closed candles (paper by default)")
+    sp.add_argument("target", metavar="RUN_DIR|STRATEGY.py")
+    sp.add_argument("--exchange", default="binance")
+    sp.add_argument("--account", default="default")
+    sp.add_argument("--symbol", default="BTC/USD")
+    sp.add_argument("--timeframe", default="15m")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--paper", action="store_true", help="the paper exchange (default)")
+    mode.add_argument("--live", action="store_true", help="real orders: needs keys and a confirmation")
+    sp.add_argument("--yes", action="store_true", help="confirm live trading without the typed symbol (scripts)")
+    sp.add_argument("--replay", nargs=2, metavar=("START", "END"), help="paper: replay stored candles START..END")
+    sp.add_argument("--data-symbol", help="the stored series a paper run reads (default: --symbol)")
+    sp.add_argument("--state", help="state folder (default RUN_DIR/live)")
+    sp.add_argument("--window", type=int, default=1000, help="indicator window in bars (see LiveStrategy)")
+    sp.add_argument("--warmup", type=int, default=1000, help="history bars before the first decision")
+    sp.add_argument("--unit", type=float, default=1.0, help="live: base units per strategy unit")
+    sp.add_argument("--interval", type=float, default=5.0, help="live: seconds between polls")
+    sp.add_argument("--max-bars", type=int, help="live: stop after this many new bars")
+    sp.add_argument("--max-position", type=float)
+    sp.add_argument("--max-order-value", type=float)
+    sp.add_argument("--max-daily-loss", type=float)
+    sp.add_argument("--api-url", help="replace the exchange's API host (a test server)")
+    sp = add(sub, "parity", cmd_parity, "backtest vs a live-runner replay of the same candles, trade by trade")
+    sp.add_argument("target", metavar="RUN_DIR|STRATEGY.py")
+    sp.add_argument("--symbol", help="default: the run's dataset, else BTC/USD")
+    sp.add_argument("--timeframe", help="default: the run's dataset, else 15m")
+    sp.add_argument("--start")
+    sp.add_argument("--end")
+    sp.add_argument("--window", type=int, default=1000)
     add(sub, "doctor", cmd_doctor, "health check: memory, CPU, disk, cgroup limit, store")
     loop_args(add(sub, "demo", cmd_demo, "run the RBI loop offline on the bundled data, ending with a leaderboard"))
     return p
