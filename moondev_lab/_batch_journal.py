@@ -7,15 +7,15 @@ either wholly recorded or not at all: a resumed batch repeats nothing and loses 
 >>> from moondev_lab.ledger import Ledger
 >>> journal = BatchJournal(Ledger(":memory:"))
 >>> journal.record("b1", "k1", {"idea": "20/50 SMA crossover", "status": "ok"}, calls=[])
->>> journal.finished("b1")["k1"]["status"], journal.done_elsewhere("b2")
-('ok', {'k1'})
+>>> journal.finished("b1")["k1"]["status"], journal.finished_experiments("BTC/USD", "15m", "offline")
+('ok', set())
 """
 from __future__ import annotations
 
 import json
 
 from ._batch_worker import replay
-from .ledger import Ledger
+from .ledger import _FINAL as FINAL, Ledger, normalise_idea
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_items (
@@ -56,6 +56,12 @@ class BatchJournal:
         rows = self._query("SELECT key, row FROM batch_items WHERE batch=?", (batch,))
         return {k: json.loads(r) for k, r in rows}
 
-    def done_elsewhere(self, batch: str) -> set[str]:
-        """Keys that some other batch already ran to an ``ok`` end: not run again."""
-        return {k for (k,) in self._query("SELECT key FROM batch_items WHERE status='ok' AND batch != ?", (batch,))}
+    def finished_experiments(self, symbol: str, timeframe: str, model: str) -> set[str]:
+        """Normalised texts of the ideas whose experiment on ``symbol``/``timeframe``/``model`` is done or given up.
+
+        The ledger's own rule (:meth:`Ledger.may_run`), read for a whole batch in one query.
+        """
+        rows = self._query("SELECT i.text FROM experiments e JOIN ideas i ON i.id = e.idea_id WHERE e.symbol=? "
+                           f"AND e.timeframe=? AND e.model=? AND e.status IN ({','.join('?' * len(FINAL))})",
+                           (symbol, timeframe, model, *FINAL))
+        return {normalise_idea(t) for (t,) in rows}

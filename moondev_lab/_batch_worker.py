@@ -6,7 +6,9 @@ and ledger writes. Workers write no ledger and need no shared filesystem:
 
 * the RBI loop writes into a :class:`RecordingLedger` (in memory), whose calls travel
   back with the result and are replayed by the client on the real ledger;
-* the run folder (strategy, stats, plot) or the executed notebook travels back as text.
+* the run folder (strategy, stats, plot) or the executed notebook travels back as text; a
+  notebook hands its idea's result back with :func:`moondev_lab.results.publish_result`
+  (as ``notebooks/rbi_template.ipynb`` does), read here with ``results.read_results``.
 
 Market data is read from the *worker's* store (``$MOONDEV_LAB_HOME/store`` of the worker
 process): on one machine every worker maps the same files, so their pages are shared;
@@ -21,19 +23,19 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ._batch_memory import TreeWatch, kill_tree, parent_of
-from .ledger import Ledger
-
-#: MIME type of the result a notebook publishes for the batch (see ``batch.publish_result``).
-RESULT_MIME = "application/vnd.moondev.rbi-result+json"
+from .ledger import Idea, Ledger, LedgerError
+from .results import RESULT_MIME, read_results
 
 #: Ledger calls the RBI loop makes that change the ledger, and which kind of id their first argument is.
-RECORDED_CALLS = {"add_idea": None, "start_run": "idea", "add_code": "run", "add_usage": "run",
-                  "finish_run": "run", "record_success": "idea", "record_failure": "idea"}
+RECORDED_CALLS = {"add_idea": None, "experiment": "idea", "start_run": "experiment", "add_code": "run",
+                  "add_usage": "run", "finish_run": "run", "record_success": "experiment",
+                  "record_failure": "experiment"}
 
 
 @dataclass(frozen=True)
@@ -47,28 +49,43 @@ class IdeaSpec:
     memory_limit_mb: int
     sandbox_size: int = 2
     notebook: str | None = None  # the notebook's JSON (with %memwatch on), so workers need no copy of it
-    parameters: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)  # the notebook's parameters besides the idea
     kernel_name: str = "python3"
     cell_timeout: float = 600.0
     cwd: str | None = None
 
 
 class RecordingLedger(Ledger):
-    """An in-memory ledger that also keeps a log of its writes, for the client to replay."""
+    """An in-memory ledger that also keeps a log of its writes, for the client to replay.
+
+    Only the outermost calls are logged (``experiment(text, ...)`` adds its idea itself), each
+    with what it returned, so :func:`replay` can map the worker's ids onto the client's.
+
+    >>> led = RecordingLedger()
+    >>> run = led.start_run(led.experiment("20/50 SMA crossover", "BTC/USD", "15m", "offline"))
+    >>> [name for name, *_ in led.calls]
+    ['experiment', 'start_run']
+    """
 
     def __init__(self) -> None:
         super().__init__(":memory:")
-        self.calls: list[tuple[str, tuple, dict, int | None]] = []
+        self.calls: list[tuple[str, tuple, dict, Any]] = []
+        self._depth = 0
 
 
 def _recorded(name: str):
     def method(self, *args, **kwargs):
-        out = getattr(Ledger, name)(self, *args, **kwargs)
-        returned = out if isinstance(out, int) else getattr(out, "id", None)
-        self.calls.append((name, args, kwargs, returned))
+        self._depth += 1
+        try:
+            out = getattr(Ledger, name)(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+        if self._depth == 0:
+            self.calls.append((name, args, kwargs, out))
         return out
 
     method.__name__ = name
+    method.__doc__ = getattr(Ledger, name).__doc__
     return method
 
 
@@ -76,36 +93,64 @@ for _name in RECORDED_CALLS:
     setattr(RecordingLedger, _name, _recorded(_name))
 
 
-def replay(ledger: Ledger, calls: list, run_dir: str | Callable[[int], str | None] | None = None) -> int | None:
-    """Apply a worker's recorded ledger calls to ``ledger``, mapping its ids; returns the run id.
+def _ident(value: Any) -> Any:
+    return getattr(value, "id", value)
 
+
+def replay(ledger: Ledger, calls: list, run_dir: str | Callable[[int], str | None] | None = None) -> int | None:
+    """Apply a worker's recorded ledger calls to ``ledger``, mapping its ids; returns the (last) run id.
+
+    Ideas, experiments and runs get the client ledger's ids; an experiment the worker
+    referred to is the client's experiment of the same idea, symbol, timeframe and model.
     ``run_dir`` replaces the worker's run folder: a path, or a function of the new run id.
+
+    >>> worker, client = RecordingLedger(), Ledger(":memory:")
+    >>> _ = client.add_idea("an idea the client had first")
+    >>> exp = worker.experiment("20/50 SMA crossover", "BTC/USD", "15m", "offline")
+    >>> worker.finish_run(worker.start_run(exp), "ok"); worker.record_success(exp.id)
+    >>> run = replay(client, worker.calls, run_dir="runs/x")
+    >>> client.run(run)["run_dir"], client.experiment("20/50 SMA crossover", "BTC/USD", "15m", "offline").status
+    ('runs/x', 'done')
     """
-    ids: dict[str, dict] = {"idea": {}, "run": {}}
+    ids: dict[str, dict] = {"idea": {}, "experiment": {}, "run": {}}
     run_id = None
     for name, args, kwargs, returned in calls:
         kind = RECORDED_CALLS[name]
-        if kind and args:
-            args = (ids[kind].get(args[0], args[0]), *args[1:])
+        if kind and args and not isinstance(args[0], str):  # experiment("text", ...) needs no mapping
+            worker_id = _ident(args[0])
+            if worker_id not in ids[kind]:
+                raise LedgerError(f"recorded {name} refers to {kind} {worker_id}, which the worker never created")
+            mapped = ids[kind][worker_id]
+            args = (mapped if not isinstance(args[0], int) else _ident(mapped), *args[1:])
         if name == "finish_run" and run_dir is not None:
             kwargs = {**kwargs, "run_dir": run_dir(args[0]) if callable(run_dir) else run_dir}
         out = getattr(ledger, name)(*args, **kwargs)
         if name == "add_idea":
-            ids["idea"][returned] = out.id
+            ids["idea"][returned.id] = out
+        elif name == "experiment":
+            ids["experiment"][returned.id] = out
+            ids["idea"][returned.idea_id] = Idea(out.idea_id, out.text)
         elif name == "start_run":
             ids["run"][returned] = run_id = out
     return run_id
 
 
-def outcome_calls(idea: str, model: str, row: dict) -> list:
+def outcome_calls(idea: str, symbol: str, timeframe: str, model: str, row: dict) -> list:
     """The ledger calls that record an idea's outcome when no RBI loop ran on the worker (notebook mode)."""
-    ok = row["status"] == "ok"
-    done = ("record_success", (1,), {}, None) if ok else \
-        ("record_failure", (1, f"{row.get('error_kind')}: {row.get('error')}"), {}, None)
-    finish = {k: row.get(k) for k in ("in_sample", "out_of_sample", "params")}
-    return [("add_idea", (idea,), {}, 1), ("start_run", (1, model), {}, 1), done,
-            ("finish_run", (1, row["status"]), {"error_kind": row.get("error_kind"),
-                                                 "error_message": row.get("error"), **finish}, None)]
+    from .rbi import MODEL_UNAVAILABLE
+
+    led = RecordingLedger()
+    exp = led.experiment(idea, symbol, timeframe, model)
+    run = led.start_run(exp, {"mode": "notebook"})
+    if row["status"] == "ok":
+        led.record_success(exp.id)
+    else:  # a model outage is not the idea's fault: retried, never charged (as in rbi)
+        led.record_failure(exp.id, f"{row.get('error_kind')}: {row.get('error')}",
+                           charge=row.get("error_kind") != MODEL_UNAVAILABLE)
+    led.finish_run(run, row["status"], error_kind=row.get("error_kind"), error_message=row.get("error"),
+                   **{k: row.get(k) for k in ("in_sample", "out_of_sample", "params")})
+    led.close()
+    return led.calls
 
 
 # ----- the worker's sandbox pool ----------------------------------------------------------
@@ -213,27 +258,36 @@ def run_direct(item: dict, spec: IdeaSpec) -> dict:
 
 
 # ----- notebook mode ------------------------------------------------------------------
-def _watched_kernel_manager(started: list):
-    """A kernel manager class that reports its kernel's pid as soon as it runs (for the memory watch)."""
-    from jupyter_client.manager import AsyncKernelManager
+def ipc_kernel_manager():
+    """A kernel manager over IPC sockets: no "running over TCP without encryption" warning, no open port.
 
-    class WatchedKernelManager(AsyncKernelManager):
+    Each kernel gets its own socket path: jupyter_client's default (``kernel-ipc`` in the cwd)
+    would make two kernels started at once from one folder share sockets.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+        @default("ip")
+        def _unique_ip(self) -> str:  # short: a socket path must stay under ~100 bytes
+            return os.path.join(tempfile.gettempdir(), f"moondev-kernel-{uuid.uuid4().hex[:12]}")
+
+    return IPCKernelManager
+
+
+def _watched_kernel_manager(started: list):
+    """An IPC kernel manager class that reports its kernel's pid as soon as it runs (for the memory watch)."""
+
+    class WatchedKernelManager(ipc_kernel_manager()):
         async def start_kernel(self, **kw):
             await super().start_kernel(**kw)
             started.append(self.provisioner.pid)
 
     return WatchedKernelManager
-
-
-def published_result(nb) -> dict | None:
-    """The last result a notebook published with ``RESULT_MIME``, if any."""
-    found = None
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            data = out.get("data") or {}
-            if RESULT_MIME in data:
-                found = data[RESULT_MIME]
-    return found
 
 
 def run_notebook(item: dict, spec: IdeaSpec) -> dict:
@@ -248,9 +302,7 @@ def run_notebook(item: dict, spec: IdeaSpec) -> dict:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="moondev-batch-nb-"))
     out = tmp / "idea.ipynb"
-    cfg = spec.cfg
-    params = {"idea": item["idea"], "symbol": cfg.get("symbol"), "timeframe": cfg.get("timeframe"),
-              "model": spec.model_name, "target": cfg.get("target"), **spec.parameters}
+    params = {"idea": item["idea"], **spec.parameters}
     kernel: list[int] = []
     limit = spec.memory_limit_mb * 2**20
     watch = TreeWatch(lambda: kernel[:1], include_roots=True, limit=limit,
@@ -282,8 +334,8 @@ def run_notebook(item: dict, spec: IdeaSpec) -> dict:
                         f"(peak {watch.peak / 2**20:.0f} MiB) and was stopped; {row['error']}")
     row["peak_bytes"] = watch.peak
     if out.exists():
-        nb = nbformat.read(str(out), as_version=4)
-        result = published_result(nb)
+        results = read_results(out)
+        result = results[-1] if results else None
         if row["error_kind"] is None:
             if result is None:
                 row.update(error_kind="no_result", error=f"the notebook published no {RESULT_MIME} output")
@@ -300,7 +352,8 @@ def run_notebook(item: dict, spec: IdeaSpec) -> dict:
     else:
         row["files"] = {}
     shutil.rmtree(tmp, ignore_errors=True)
-    row.update(calls=outcome_calls(item["idea"], spec.model_name, row), worker=_where(),
+    row.update(calls=outcome_calls(item["idea"], spec.cfg["symbol"], spec.cfg["timeframe"], spec.model_name, row),
+               worker=_where(),
                wall_s=time.perf_counter() - t0)
     return row
 

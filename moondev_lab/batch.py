@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 
 from . import config
 from ._batch_ideas import BatchError, BatchItem, idea_key, read_ideas, select
+from .ledger import normalise_idea
 from ._batch_leaderboard import Leaderboard, build, write
-from ._batch_worker import RESULT_MIME, TASKS, IdeaSpec
+from ._batch_worker import TASKS, IdeaSpec, ipc_kernel_manager
 
 MEMWATCH_CELL = "%load_ext moondev_lab\n%memwatch on"
 
@@ -79,10 +80,13 @@ class BatchReport:
 def with_memwatch(notebook: str | Path) -> nbformat.NotebookNode:
     """The notebook with a first cell that turns the per-cell memory ledger on."""
     nb = nbformat.read(str(notebook), as_version=4)
-    cell = nbformat.v4.new_code_cell(MEMWATCH_CELL, metadata={"tags": ["moondev-memwatch"]})
-    cell.pop("id", None)
-    nb.cells.insert(0, cell)
-    return nb
+    if any(c.cell_type == "code" and "%memwatch on" in c.source for c in nb.cells):
+        return nb  # it turns the ledger on itself (rbi_template.ipynb does)
+    # The new cell has an id (nbformat 4.5); older notebooks are upgraded so every cell has one.
+    nb.cells.insert(0, nbformat.v4.new_code_cell(MEMWATCH_CELL, metadata={"tags": ["moondev-memwatch"]}))
+    nb.nbformat_minor = max(nb.nbformat_minor, 5)
+    _, nb = nbformat.validator.normalize(nb)
+    return nbformat.from_dict(nb)
 
 
 def run_one(notebook: Any, output: str, parameters: dict, kernel_name: str = "python3",
@@ -97,7 +101,8 @@ def run_one(notebook: Any, output: str, parameters: dict, kernel_name: str = "py
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(notebook, output, parameters=parameters, kernel_name=kernel_name,
-                            progress_bar=False, execution_timeout=timeout, cwd=cwd)
+                            progress_bar=False, execution_timeout=timeout, cwd=cwd,
+                            kernel_manager_class=ipc_kernel_manager())
     except PapermillExecutionError as e:
         row.update(status="failed", error=f"cell {e.exec_count}: {e.ename}: {e.evalue}"[:500])
     except Exception as e:  # a kernel that died, a bad path: reported, the batch goes on
@@ -154,19 +159,17 @@ def run_notebooks(notebook: str | Path, parameters: list[dict], out_dir: str | P
 DEFAULT_NOTEBOOK = config.PACKAGE_DIR.parent / "notebooks" / "rbi_template.ipynb"
 
 
-def publish_result(result: Any) -> None:
-    """In a batch notebook: hand the idea's result back to the batch (an ``IdeaResult``, ``RBIReport`` or dict).
+def notebook_parameters(notebook: str | Path, cfg: dict, model: str, extra: dict | None = None) -> dict:
+    """What a batch sets in ``notebook`` besides the idea: the batch's settings it declares, then ``extra``.
 
-    >>> publish_result({"status": "ok", "out_of_sample": {"Return [%]": 4.2}})   # doctest: +SKIP
+    ``ledger_path`` is set to ``":memory:"``: the batch (the client), not the notebook, writes the ledger.
     """
-    from IPython.display import display
+    import papermill as pm
 
-    if hasattr(result, "results"):  # an RBIReport of one idea
-        result = result.results[0]
-    if hasattr(result, "to_dict"):
-        result = {k: v for k, v in result.to_dict().items() if k not in ("code", "findings")}
-    payload = json.loads(json.dumps(result, default=str))  # NaN survives as NaN in nbformat's JSON
-    display({RESULT_MIME: payload, "text/plain": f"batch result: {payload.get('status')}"}, raw=True)
+    declared = pm.inspect_notebook(str(notebook))
+    ours = {"symbol": cfg.get("symbol"), "timeframe": cfg.get("timeframe"), "model": model,
+            "target": cfg.get("target"), "start": cfg.get("start"), "end": cfg.get("end"), "ledger_path": ":memory:"}
+    return {**{k: v for k, v in ours.items() if k in declared}, **(extra or {})}
 
 
 class BatchState(enum.Enum):
@@ -209,12 +212,13 @@ class Batch:
 
     def _spec(self) -> IdeaSpec:
         s = self.settings
-        nb, cwd = None, None
+        nb, cwd, params = None, None, {}
         if s.mode == "notebook":
             nb = nbformat.writes(with_memwatch(s.notebook))
             cwd = str(Path(s.notebook).resolve().parent.parent)  # notebooks run from the project root
+            params = notebook_parameters(s.notebook, s.cfg, s.model, s.parameters)
         return IdeaSpec(s.mode, self.model_obj if self.model_obj is not None else s.model, s.model, s.cfg,
-                        s.memory_limit_mb, s.sandbox_size, nb, s.parameters or {}, "python3", s.cell_timeout, cwd)
+                        s.memory_limit_mb, s.sandbox_size, nb, params, "python3", s.cell_timeout, cwd)
 
     def start(self) -> "Batch":
         from .ledger import Ledger
@@ -224,11 +228,15 @@ class Batch:
         self.ledger = Ledger(self.settings.ledger)
         self.journal = BatchJournal(self.ledger)
         self.rows = self.journal.finished(self.settings.batch_id)
-        done = self.journal.done_elsewhere(self.settings.batch_id)
+        c = self.settings.cfg
+        # Done means the ledger's experiment (idea, symbol, timeframe, model) is done or given up,
+        # whoever ran it: another batch, `rbi`, a notebook on this ledger.
+        done = self.journal.finished_experiments(c["symbol"], c["timeframe"], self.settings.model)
         self.keys = {it.index: self._key(it.idea) for it in self._items()}
-        self.todo = [it for it in self._items() if self.keys[it.index] not in self.rows
-                     and self.keys[it.index] not in done]
-        self.skipped = sum(1 for k in self.keys.values() if k in done and k not in self.rows)
+        elsewhere = {it.index for it in self._items()
+                     if normalise_idea(it.idea) in done and self.keys[it.index] not in self.rows}
+        self.todo = [it for it in self._items() if self.keys[it.index] not in self.rows and it.index not in elsewhere]
+        self.skipped = len(elsewhere)
         self._write()  # batch.json exists from the start, so an interrupted batch can be resumed
         self.client = self.cluster.start()
         self.state = BatchState.RUNNING
@@ -238,6 +246,7 @@ class Batch:
         return [BatchItem(i, text) for i, text in enumerate(self.settings.ideas)]
 
     def _key(self, idea: str) -> str:
+        """The idea's key in this batch's journal (which ideas of the batch finished, for ``resume``)."""
         c = self.settings.cfg
         return idea_key(idea, c["symbol"], c["timeframe"], self.settings.model)
 
@@ -464,5 +473,5 @@ def run_batch(ideas: str | Path | Iterable[str] | None = None, *, client: Any = 
         batch.close()
 
 
-__all__ = ["Batch", "BatchError", "BatchReport", "BatchSettings", "Leaderboard", "publish_result", "run_batch",
+__all__ = ["Batch", "BatchError", "BatchReport", "BatchSettings", "Leaderboard", "run_batch",
            "run_notebooks", "run_one", "with_memwatch"]

@@ -207,8 +207,14 @@ class Ledger:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+        """One short write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock).
+
+        Inside :meth:`transaction` (same thread: the lock is re-entrant) it joins the open transaction.
+        """
         with self._lock:
+            if self._db.in_transaction:
+                yield self._db
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -232,16 +238,11 @@ class Ledger:
         >>> led = Ledger(":memory:")
         >>> with led.transaction() as db:
         ...     idea = led.add_idea("20/50 SMA crossover")
-        ...     run = led.start_run(idea.id, "offline")
+        ...     run = led.start_run(led.experiment(idea, "BTC/USD", "15m", "offline"))
+        ...     led.finish_run(run, "ok")
         """
-        with self._lock:  # one transaction at a time on this connection
-            self._db.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade later
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._tx() as db:
+            yield db
 
     def _all(self, sql: str, args: Iterable = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -25,8 +25,10 @@ def check(report):
     assert "2/3 runs ok" in repr(report)
 
 
-def test_batch_on_local_kernels(tmp_path):
+def test_batch_on_local_kernels(tmp_path, capfd):
     check(run_notebooks(NB, PARAMS, tmp_path / "out", parallel=2, progress=False))
+    err = capfd.readouterr().err  # the kernels write to this process's stderr
+    assert "without encryption" not in err and "MissingIDFieldWarning" not in err, err
 
 
 @pytest.mark.timeout(240)

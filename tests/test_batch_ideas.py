@@ -35,10 +35,14 @@ def short_cfg(**kw) -> RBIConfig:
 
 
 @pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
-        yield c
+def client(tmp_path_factory):
+    home = tmp_path_factory.mktemp("workers-home")  # the workers' own store and run folders, not ~/.moondev_lab
+    home.chmod(0o755)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MOONDEV_LAB_HOME", str(home))
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as c:
+            yield c
 
 
 def cli(*args, timeout=240, **kw) -> subprocess.CompletedProcess:
@@ -62,7 +66,10 @@ def test_four_ideas_on_a_local_cluster(client, tmp_path, lab_home):
     bad = board[board["status"] == "failed"]
     assert len(ok) == 3 and list(bad["idea"]) == [IDEAS[2]] and bad["error_kind"].item() == "not_understood"
     assert list(board["rank"]) == [1, 2, 3, 4] and board.iloc[-1]["idea"] == IDEAS[2]  # failures rank last
-    assert list(ok["OOS Return [%]"]) == sorted(ok["OOS Return [%]"], reverse=True)
+    # Best out-of-sample first; runs with too few OOS trades to be evidence ranked below the rest.
+    tiers = [ok[ok["flag"] == f]["OOS Return [%]"].tolist() for f in ("", "too few trades")]
+    assert list(ok["OOS Return [%]"]) == [v for t in tiers for v in sorted(t, reverse=True)]
+    assert list(ok["flag"]) == sorted(ok["flag"])
     assert (ok["symbol"] == "BTC/USD").all() and (ok["timeframe"] == "15m").all() and (ok["OOS trades"] >= 0).all()
     out = tmp_path / "out"
     csv = pd.read_csv(out / "leaderboard.csv")
@@ -187,18 +194,18 @@ def _writer(path: str, n: int, rounds: int, errors) -> None:
     try:
         led = Ledger(path)
         for i in range(rounds):
-            idea = led.add_idea(f"writer {n} idea {i}")
+            exp = led.experiment(f"writer {n} idea {i}", "BTC/USD", "15m", "offline")
             if i % 2:
                 with led.transaction():
-                    run = led.start_run(idea.id, "offline")
+                    run = led.start_run(exp)
                     led.add_code(run, "initial", 0, f"# {n} {i}")
                     led.finish_run(run, "ok", in_sample={"Return [%]": i})
             else:
-                run = led.start_run(idea.id, "offline")
+                run = led.start_run(exp)
                 led.add_code(run, "initial", 0, f"# {n} {i}")
                 led.add_usage(run, "offline", "research")
                 led.finish_run(run, "ok", in_sample={"Return [%]": i})
-                led.record_success(idea.id)
+                led.record_success(exp.id)
     except Exception as e:  # noqa: BLE001 - reported to the test
         errors.put(f"{type(e).__name__}: {e}")
 
@@ -218,6 +225,7 @@ def test_ledger_writes_from_four_processes(tmp_path):
         assert db.execute("SELECT count(*) FROM ideas").fetchone()[0] == 4 * rounds
         assert db.execute("SELECT count(*) FROM runs WHERE status='ok'").fetchone()[0] == 4 * rounds
         assert db.execute("SELECT count(*) FROM code_versions").fetchone()[0] == 4 * rounds
+        assert db.execute("SELECT count(*) FROM experiments WHERE status='done'").fetchone()[0] == 4 * rounds // 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -290,3 +298,34 @@ def test_direct_mode_memory_limit_stops_an_idea(client, tmp_path):
     hog, good = rows[ideas[0]], rows[ideas[1]]
     assert hog["status"] == "failed" and hog["error_kind"] == "memory_limit", hog["error"]
     assert good["status"] == "ok"  # the batch went on
+
+
+def test_ideas_run_by_rbi_are_skipped(client, tmp_path):
+    path = tmp_path / "l.sqlite"
+    first = run_rbi(IDEAS[0], model="offline", cfg=short_cfg(runs_dir=tmp_path / "runs"), ledger=Ledger(path),
+                    progress=False)
+    assert first.results[0].status == "ok"
+    board = run_batch([IDEAS[0], IDEAS[2]], client=client, out=tmp_path / "out", model="offline", cfg=short_cfg(),
+                      ledger=path, progress=False)
+    assert board.summary["skipped_done"] == 1 and list(board["idea"]) == [IDEAS[2]]  # the same experiment
+    led = Ledger(path)
+    bad = led.experiment(IDEAS[2], "BTC/USD", "15m", "offline")
+    assert bad.status == "failed" and bad.failures == 1 and led.last_ok_run(bad.id) is None
+
+
+def test_notebook_mode_defaults_to_the_rbi_template(client, tmp_path):
+    from moondev_lab.results import read_results
+
+    path = tmp_path / "l.sqlite"
+    board = run_batch(IDEAS[:1], client=client, out=tmp_path / "nb", notebook=True, model="offline",
+                      cfg=short_cfg(), ledger=path, progress=False)
+    (row,) = board.to_dict("records")
+    assert row["status"] == "ok", row["error"]
+    executed = tmp_path / "nb" / row["link"]
+    (result,) = read_results(executed)  # the template's own publish_result, read back by the batch
+    assert result["status"] == "ok" and result["ledger"] == ":memory:"  # the worker wrote no ledger file
+    assert row["OOS Return [%]"] == pytest.approx(result["out_of_sample"]["Return [%]"])
+    led = Ledger(path)
+    run = led.run(int(row["run_id"]))
+    assert run["status"] == "ok" and Path(run["run_dir"]) == executed.resolve() and run["symbol"] == "BTC/USD"
+    assert led.experiment(IDEAS[0], "BTC/USD", "15m", "offline").status == "done"
