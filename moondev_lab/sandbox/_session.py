@@ -457,16 +457,19 @@ def _child_main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # the strategy's prints go to the stderr file, never into the replies
-    from . import harness
+    from ._lean import without_pyarrow
 
-    harness.prepare_imports()
-    import moondev_lab._bt_compat  # noqa: F401
-    import moondev_lab.broker  # noqa: F401
-    import pandas  # noqa: F401
+    with without_pyarrow():  # libarrow's jemalloc starts a thread, and Landlock binds single-threaded processes
+        from . import harness
+
+        harness.prepare_imports()
+        import moondev_lab._bt_compat  # noqa: F401
+        import moondev_lab.broker  # noqa: F401
+        import pandas  # noqa: F401
 
     load = _recv(request_fd)
     workdir = Path(load["workdir"])
-    _lock_down(_limits.Limits(**load["limits"]), workdir, load.get("uid"))
+    _lock_down(_limits.Limits(**load["limits"]), workdir, load.get("uid"), keep_fds=(reply_fd, request_fd))
     try:
         child = _Child(load)
         _send(reply_fd, {"ok": True, "strategy": child.cls.__name__})
@@ -486,7 +489,7 @@ def _child_main() -> None:
         _send(reply_fd, reply)
 
 
-def _lock_down(limits: "_limits.Limits", workdir: Path, uid: int | None) -> dict[str, str]:
+def _lock_down(limits: "_limits.Limits", workdir: Path, uid: int | None, keep_fds: tuple[int, ...]) -> dict[str, str]:
     """The pool's own lockdown (Landlock, seccomp, rlimits, scrubbed env, audit hook), minus namespaces.
 
     A session is a plain child process, not a fork of the pool's namespaced standby, so it gets
@@ -501,7 +504,7 @@ def _lock_down(limits: "_limits.Limits", workdir: Path, uid: int | None) -> dict
     # No namespace probe (a session never enters them), and no seccomp user notification: a
     # session has no supervisor to answer it, so refused calls simply fail.
     caps = dataclasses.replace(_isolation.probe(_isolation.disabled_layers() | {"userns"}), seccomp_notify=False)
-    ctx = _limits.TaskContext(caps=caps, workdir=workdir, namespaces=False, store_root=None,
+    ctx = _limits.TaskContext(caps=caps, workdir=workdir, namespaces=False, store_root=None, keep_fds=keep_fds,
                               read_dirs=tuple(_isolation.python_dirs()))
     return _limits.enter_sandbox(limits, ctx)
 
