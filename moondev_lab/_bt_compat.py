@@ -213,6 +213,8 @@ class RecordingBacktest(Backtest):
         self.__dict__["_finalize_value"] = value
 
     def run(self, **kwargs) -> pd.Series:
+        if self._broker.func.__self__ is not self:  # a copy (Backtest.optimize runs copy(self)): record here
+            self._broker = partial(self._recording_broker, *self._broker.args)
         stats = super().run(**kwargs)
         self.order_log = order_log_of(self._recorder, stats["_strategy"], self._data.index)
         return stats

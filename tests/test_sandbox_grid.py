@@ -119,3 +119,13 @@ def test_forged_order_logs_are_settled_as_what_they_are(pool, data, honest):
 def test_honest_grid_heatmap_is_settled_and_unflagged(honest):
     assert honest.result.error is None and any(s is not None and not math.isnan(s) for _, s in honest.heatmap)
     assert honest.result.settled is not None
+
+
+def test_a_script_running_backtest_optimize_is_settled(pool, data, honest):
+    # backtesting.py's optimize runs copies of the Backtest: each copy must record its own decisions.
+    code = SMA_CROSS + f"\nfrom backtesting import Backtest\nBacktest(None, SmaCross).optimize(**{GRID!r}, " \
+                       "maximize='Return [%]')\n"
+    res = pool.run(code, data)
+    assert res.ok, res.error
+    assert res.stats["Return [%]"] == honest.result.stats["Return [%]"]
+    assert res.stats["_strategy"] == {**res.stats["_strategy"], **honest.best_params}
