@@ -21,7 +21,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
@@ -73,10 +73,13 @@ def error_reply(status: int, message: str = "fake error", retry_after: float | N
 
 
 class FakeAnthropic:
-    """A threaded HTTP server playing ``script`` in order; use as a context manager."""
+    """A threaded HTTP server playing ``script`` in order (then asking ``responder``); use as a context manager."""
 
-    def __init__(self, script: list[Reply] | None = None):
+    def __init__(self, script: list[Reply] | None = None, responder: "Callable[[Recorded], Reply] | None" = None):
         self.script: list[Reply] = list(script or [])
+        # Once the script is played, ``responder`` (if given) answers each request by what it asks:
+        # for concurrent callers (e.g. several ideas in flight) whose order a script cannot know.
+        self.responder = responder
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         fake = self
@@ -121,6 +124,8 @@ class FakeAnthropic:
             return Reply(200, {"input_tokens": len(json.dumps(rec.body)) // 4})
         if rec.path.split("?")[0] != "/v1/messages":
             return error_reply(404, f"fake: no route POST {rec.path}")
+        if not self.script and self.responder is not None:
+            return self.responder(rec)
         if not self.script:
             # 400 is not retried, so an unscripted call fails fast and loudly
             return error_reply(400, "fake: script exhausted (the test made more calls than it scripted)")

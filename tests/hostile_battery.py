@@ -250,6 +250,12 @@ CASES: dict[str, Case] = {
     "self_sigkill": Case(lambda e: _FORK + "import os\nlibc.kill(os.getpid(), 9)", _kind("killed")),
     "caught_violation_is_listed": Case(lambda e: _FORK + "print(libc.socket(2, 1, 0))", _violation("forbidden_network"),
                                        modes=("full", "degraded")),
+    # Through libc, past the audit hook: only Landlock refuses these, and the supervisor reports them.
+    "caught_landlock_refusal_is_listed": Case(
+        lambda e: _FORK + f"print(libc.open(b'/etc/{MARK}', 0o101, 0o600), libc.mkdir(b'/usr/{MARK}', 0o700))",
+        lambda res, env: _violation("forbidden_file_write")(res, env) or (
+            None if [v["source"] for v in res.violations] == ["landlock", "landlock"] and res.ok
+            and res.stdout.split() == ["-1", "-1"] else f"not both refused and listed: {res.stdout} {res.violations}")),
     "str_raises": Case(lambda e: "class E(Exception):\n    def __str__(self): raise ValueError('no')\nraise E()",
                        _kind("strategy_error")),
     "deep_json_reply": Case(lambda e: "PAYLOAD = b'[' * 300_000 + b']' * 300_000\n" + _PIPE_WRITE, _kind("result_invalid")),

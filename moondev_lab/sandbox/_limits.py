@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import _isolation, _landlock, _seccomp
+from . import _isolation, _landlock, _refusals, _seccomp
 from .errors import ErrorKind, SandboxViolation
 
 #: Variables copied from the parent environment, and only if they look harmless.
@@ -272,7 +272,9 @@ def enter_sandbox(limits: Limits, ctx: TaskContext, prep: Prepared | None = None
             except OSError as exc:
                 applied["seccomp"] = f"off: loading the filter failed: {exc}"
     if ctx.channel is not None:
-        _send_lockdown(ctx.channel, applied, listener, limits)
+        writable = (_refusals.writable_roots(str(ctx.workdir), ctx.namespaces)
+                    if applied.get("landlock", "").startswith("on") else None)
+        _send_lockdown(ctx.channel, applied, listener, limits, writable)
         _channel = ctx.channel
     if listener is not None:
         os.close(listener)
@@ -293,8 +295,10 @@ def _apply_landlock(ctx: TaskContext, rules: "_landlock.Ruleset") -> str:
     return f"on (ABI {ctx.caps.landlock_abi}: {', '.join(_landlock.Ruleset.features_for(ctx.caps.landlock_abi))})"
 
 
-def _send_lockdown(channel: socket.socket, applied: dict, listener: int | None, limits: Limits) -> None:
-    msg = (json.dumps({"layers": applied, "max_processes": limits.max_processes}) + "\n").encode()
+def _send_lockdown(channel: socket.socket, applied: dict, listener: int | None, limits: Limits,
+                   writable: list[str] | None = None) -> None:
+    msg = (json.dumps({"layers": applied, "max_processes": limits.max_processes, "writable": writable})
+           + "\n").encode()
     channel.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
         (ctypes.c_int * 1)(listener)).cast("B")))] if listener is not None else [])
 

@@ -36,6 +36,8 @@ import os
 import socket
 import struct
 
+from . import _refusals
+
 _ALLOW = 0x7FFF0000
 _NOTIFY = 0x7FC00000
 _CMP_NE, _CMP_EQ, _CMP_MASKED_EQ = 1, 4, 7
@@ -129,6 +131,13 @@ class Filter:
             for name in ("unshare", "clone"):
                 self._rule(deny, name, "forbidden_process", (0, _CMP_MASKED_EQ, flag, flag))
         self._rule(_errno(errno.ENOSYS), "clone3", None)
+        if notify:  # write-intent file calls: shown to the supervisor, then let through to Landlock
+            for name, (flags_at, _paths) in _refusals.WATCHED.items():
+                if isinstance(flags_at, int):
+                    for mask, value in _refusals.WRITE_FLAG_RULES:
+                        self._rule(_NOTIFY, name, None, (flags_at, _CMP_MASKED_EQ, mask, value))
+                else:
+                    self._rule(_NOTIFY, name, None)
 
     def _rule(self, action: int, name: str, kind: str | None, *conds: tuple) -> None:
         nr = _lib.seccomp_syscall_resolve_name(name.encode())
@@ -174,6 +183,18 @@ def rule_names() -> dict[int, tuple[str, str]]:
     return out
 
 
+def watched_names() -> dict[int, str]:
+    """Syscall number -> name of every write-intent call the supervisor inspects and lets through."""
+    if _lib is None:
+        return {}
+    out = {}
+    for name in _refusals.WATCHED:
+        nr = _lib.seccomp_syscall_resolve_name(name.encode())
+        if nr >= 0:
+            out[nr] = name
+    return out
+
+
 def notify_supported() -> bool:
     """Whether a filter with user notification can be loaded (tried in a throw-away fork)."""
     if not available():
@@ -206,6 +227,14 @@ def refuse(listener: int, notification_id: int, code: int = errno.EPERM) -> None
     """Answer a notification: the system call fails with ``code``."""
     try:
         fcntl.ioctl(listener, _SECCOMP_IOCTL_NOTIF_SEND, bytearray(_RESP.pack(notification_id, 0, -code, 0)), True)
+    except OSError:
+        pass  # the task died meanwhile (ENOENT)
+
+
+def let_through(listener: int, notification_id: int) -> None:
+    """Answer a notification: the system call runs as if unwatched (and Landlock decides)."""
+    try:
+        fcntl.ioctl(listener, _SECCOMP_IOCTL_NOTIF_SEND, bytearray(_RESP.pack(notification_id, 0, 0, 1)), True)
     except OSError:
         pass  # the task died meanwhile (ENOENT)
 

@@ -85,6 +85,74 @@ def confirm_score(result, maximize: str, claimed_score) -> None:
                           f"but it settles at {settled!r}")
 
 
+def grid_chunk(payload, n: int) -> tuple[list, int, dict | None, list]:
+    """``(claimed scores, best index, best run, order logs)`` of a grid chunk's payload, all checked.
+
+    The payload is the task child's: anything missing, of the wrong type or of the
+    wrong length raises ``ValueError`` (the pool makes it a ``result_invalid`` chunk).
+
+    >>> grid_chunk({"values": [1.0, None], "best_index": 0, "best": None, "logs": [None, None]}, 2)[:2]
+    ([1.0, None], 0)
+    >>> grid_chunk({"values": [1.0, "x"], "best_index": 0, "logs": [None, None]}, 2)
+    Traceback (most recent call last):
+    ValueError: the grid chunk's score 1 is a str, not a number
+    """
+    if not isinstance(payload, dict):
+        raise ValueError(f"the grid chunk's result is a {type(payload).__name__}, not an object")
+    values, best_index, best, logs = (payload.get(k) for k in ("values", "best_index", "best", "logs"))
+    for name, value in (("values", values), ("logs", logs)):
+        if not isinstance(value, list) or len(value) != n:
+            what = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+            raise ValueError(f"the grid chunk's {name!r} should list its {n} combinations, not {what}")
+    for i, v in enumerate(values):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"the grid chunk's score {i} is a {type(v).__name__}, not a number")
+    if isinstance(best_index, bool) or not isinstance(best_index, int) or not 0 <= best_index < n:
+        raise ValueError(f"the grid chunk's best_index {best_index!r} is not one of its {n} combinations")
+    if best is not None and not isinstance(best, dict):
+        raise ValueError(f"the grid chunk's best run is a {type(best).__name__}")
+    return [None if v is None else float(v) for v in values], best_index, best, logs
+
+
+def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int = 0) -> tuple[list, list[str]]:
+    """Each combination's settled score (``None``: no trades, or unsettleable), and every false claim.
+
+    Scored as the sandbox's grid scores: the ``maximize`` stat, or ``None`` for a run
+    without trades. Only these settled scores rank the grid and fill its heatmap.
+    ``first``: the grid index of the chunk's first combination (for the messages).
+    """
+    from moondev_lab.broker import OrderLog, settle
+
+    frame, settings = data_frame(task["data"]), BacktestSettings(**task["settings"])
+    scores: list = []
+    problems: list[str] = []
+    for i, (log, claim) in enumerate(zip(logs, claimed)):
+        try:
+            if log is None:
+                raise ValueError("no order log")
+            stats = settle(OrderLog.from_dict(log), frame, settings).stats
+            score = float(stats[maximize]) if stats["# Trades"] else None
+        except Exception as exc:  # noqa: BLE001 - whatever the task child sent must not crash the pool
+            scores.append(None)
+            problems.append(f"combination {first + i} cannot be settled: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        scores.append(score)
+        if not (claim is None and score is None or claim is not None and score is not None and _same(claim, score)):
+            problems.append(f"combination {first + i}: claimed {maximize} {claim!r}, settled {score!r}")
+    return scores, problems
+
+
+def flag_grid(result, maximize: str, false_claims: list[str]) -> None:
+    """A grid whose code claimed any score its decisions do not settle at: its best is flagged too."""
+    shown = "; ".join(false_claims[:_SHOWN_DIFFERENCES])
+    more = f" (and {len(false_claims) - _SHOWN_DIFFERENCES} more)" if len(false_claims) > _SHOWN_DIFFERENCES else ""
+    if result.ok or result.error.kind != ErrorKind.RESULT_MISMATCH:
+        result.ok = False
+        result.error = SandboxError(ErrorKind.RESULT_MISMATCH, "ResultMismatch",
+                                    f"the grid's claimed {maximize} scores differ from the settled ones: "
+                                    f"{shown}{more}"[:4000])
+
+
 class _Missing:
     def __repr__(self) -> str:
         return "<missing>"

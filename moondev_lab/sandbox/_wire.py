@@ -108,6 +108,7 @@ MAX_DEPTH = 32
 _FIELD_TYPES = {"ok": bool, "stats": dict, "trades": list, "equity": list, "strategy": (str, type(None)),
                 "size_adjustments": int, "skipped_orders": int, "plot_html": (str, type(None)),
                 "plot_error": (str, type(None)), "csv_redirects": list, "best_index": int, "values": list,
+                "logs": list,
                 "best": (dict, type(None)), "error": (dict, type(None))}
 _KINDS = frozenset(k.value for k in ErrorKind)
 

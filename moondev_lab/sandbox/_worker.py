@@ -51,7 +51,7 @@ from pathlib import Path
 from ._lean import without_pyarrow
 
 with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
-    from . import _isolation, _limits, _seccomp, harness
+    from . import _isolation, _limits, _refusals, _seccomp, harness
 from ._wire import encode_reply, parse_result, recv_msg, send_msg
 from .errors import ErrorKind
 
@@ -516,8 +516,10 @@ class _Supervisor:
         self.in_pid_namespace = in_pid_namespace
         self.listener: int | None = None
         self.kinds = _seccomp.rule_names()
+        self.watched = _seccomp.watched_names()
+        self.writable: list[str] | None = None  # what Landlock lets the task write (None: Landlock is off)
         self.max_processes: int | None = None
-        self.hook_reports = 0
+        self.hook_reports = self.landlock_reports = 0
         self.buf = b""
         self.reported_limit = False
         self.status: int | None = None
@@ -558,6 +560,8 @@ class _Supervisor:
             try:
                 lockdown = json.loads(first)
                 self.max_processes = int(lockdown.get("max_processes", 32))
+                writable = lockdown.get("writable")
+                self.writable = [str(p) for p in writable] if isinstance(writable, list) else None
                 self.emit({"layers": {str(k): str(v) for k, v in dict(lockdown.get("layers", {})).items()}})
             except (ValueError, TypeError, AttributeError):
                 self.max_processes = 32
@@ -582,7 +586,14 @@ class _Supervisor:
         note = _seccomp.receive(self.listener)
         if note is None:
             return
-        nid, _pid, nr, args = note
+        nid, pid, nr, args = note
+        if nr in self.watched:  # a write attempt: reported if Landlock will refuse it, then let through
+            detail = _refusals.refusal(pid, self.watched[nr], args, self.writable) if self.writable else None
+            _seccomp.let_through(self.listener, nid)
+            if detail and self.landlock_reports < _MAX_VIOLATIONS:
+                self.landlock_reports += 1
+                self.emit({"violation": {"kind": "forbidden_file_write", "source": "landlock", "detail": detail}})
+            return
         name, kind = self.kinds.get(nr, (f"syscall {nr}", "forbidden_syscall"))
         _seccomp.refuse(self.listener, nid)
         self.emit({"violation": {"kind": kind, "source": "seccomp", "detail": _seccomp.describe(name, args)}})

@@ -551,6 +551,7 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
     bt = harness_backtest(frame, strategy)
     key = task.get("maximize", "SQN")
     values: list[float | None] = []
+    logs: list[dict | None] = []  # every combination's decisions: the parent settles each one's score
     best_i, best_value, best, best_sizing = 0, None, None, (0, 0)
     for i, params in enumerate(task["combos"]):
         sizing = (capture.size_adjustments, capture.skipped_orders)
@@ -560,6 +561,7 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
         # Backtest._mp_task drops runs without trades from the heatmap
         value = float(stats[key]) if stats["# Trades"] else None
         values.append(value)
+        logs.append(log.to_dict() if log is not None else None)
         is_best = value is not None and not math.isnan(value) and (best_value is None or value > best_value)
         if is_best:  # ">": the first of ties wins
             best_i, best_value = i, value
@@ -574,7 +576,7 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
     if best is not None:
         best = {**_finish_payload(best, task), "ok": True,
                 "size_adjustments": best_sizing[0], "skipped_orders": best_sizing[1]}
-    return {"values": values, "strategy": strategy.__name__, "best_index": best_i, "best": best}
+    return {"values": values, "logs": logs, "strategy": strategy.__name__, "best_index": best_i, "best": best}
 
 
 def _release_run_memory() -> None:

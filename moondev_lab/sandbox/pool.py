@@ -33,7 +33,7 @@ import psutil
 from .. import _registry, config
 from . import _isolation, _limits
 from ._limits import Limits
-from ._settle import confirm_score, settled_result
+from ._settle import confirm_score, flag_grid, grid_chunk, settle_grid, settled_result
 from ._wire import decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
 from .settings import BacktestSettings
@@ -495,23 +495,31 @@ class SandboxPool:
         tasks = [self._task("grid", code, data, timeout * len(chunk), limits, settings, combos=chunk,
                             maximize=maximize) for chunk in chunks]
         futures = [self._executor.submit(self._request, task) for task in tasks]
-        scores: list = []
+        scores: list = []  # settled scores only: a claimed score never ranks
         errors: list[SandboxError] = []
+        false_claims: list[str] = []
         # The full result of the best run so far (grid index, reply): each chunk sends its own
-        # best run, and it is kept only while it is the grid's first best, so losers are dropped.
+        # best run, and it is kept only while it is the settled grid's first best, so losers are dropped.
         best_run: tuple[int, dict] | None = None
-        for chunk, fut in zip(chunks, futures):
-            reply = fut.result()
+        for chunk, task, fut in zip(chunks, tasks, futures):
+            reply = fut.result()  # settling this chunk overlaps the chunks still running
+            if not reply.get("error"):
+                try:
+                    claimed, best_index, best, logs = grid_chunk(reply.pop("payload", None), len(chunk))
+                except ValueError as exc:
+                    reply["error"] = {"kind": ErrorKind.RESULT_INVALID.value, "type": "ValueError",
+                                      "message": f"malformed grid result from the sandbox: {exc}"}
             if reply.get("error"):
                 errors.append(SandboxError.from_dict(reply["error"]))
                 scores += [None] * len(chunk)
                 continue
-            payload = reply.pop("payload")
-            i = len(scores) + payload["best_index"]
-            scores += payload["values"]
-            if payload.get("best") and _first_best(scores) == i:
-                best_run = (i, {**reply, "payload": payload["best"]})
-            del payload, reply
+            settled, problems = settle_grid(task, logs, claimed, maximize, first=len(scores))
+            false_claims += problems
+            i = len(scores) + best_index
+            scores += settled
+            if best is not None and _first_best(scores) == i:
+                best_run = (i, {**reply, "payload": best})
+            del reply, best, logs
         if errors and len(errors) == len(chunks):
             result = BacktestResult(ok=False, error=errors[0])
             return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
@@ -520,8 +528,10 @@ class SandboxPool:
         if best_run is not None and best_run[0] == best_i:  # already run: same stats as a fresh run
             result = settled_result(tasks[0], best_run[1])  # the chunks share data and settings
             confirm_score(result, maximize, scores[best_i])
-        else:
+        else:  # (a chunk whose claimed best is not its settled best)
             result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
+        if false_claims:
+            flag_grid(result, maximize, false_claims)
         return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
 
     # ----------------------------------------------------------------- inspection
