@@ -4,7 +4,12 @@
   or any backtesting.py ``Strategy`` file (:func:`load_strategy`).
 - **Where the code runs.** In a sandboxed child (:class:`~moondev_lab.sandbox._session.StrategySession`):
   closed candles and the account's position go in, decisions come out. This process
-  holds the exchange, the keys and the risk limits; the child never sees them.
+  holds the exchange, the keys and the risk limits; the child never sees them. The child
+  has the pool's Landlock, seccomp and rlimits but **no namespaces yet**; its layers are
+  ``runner.session.layers`` and the ``start`` event's ``layers``.
+- **Memory.** Flat over a long run: the runner keeps a trailing ``history_bars`` of candles,
+  the paper exchange only its open orders (finished ones and fills are in SQLite), and the
+  session allocates a replay's buffers once.
 - **The bars.** Newly *closed* candles, polled with ``fetch_ohlcv``; the still-forming
   candle is dropped. Indicators are updated causally over a trailing window each bar
   (see :class:`~moondev_lab._bt_compat.LiveStrategy`).
@@ -55,6 +60,8 @@ __all__ = ["LiveRunner", "LiveError", "RunnerState", "StrategySource", "load_str
 
 #: Bars handed to the strategy per message in a replay (one per message live).
 REPLAY_CHUNK = 2048
+#: Client ids of the strategy's orders the ccxt route remembers for a later cancel (oldest forgotten first).
+ORDER_IDS_KEPT = 10_000
 _NEW, _CONTINGENT, _CLOSE, _CANCEL = range(4)
 
 
@@ -132,6 +139,41 @@ def load_strategy(target: str | Path) -> StrategySource:
 
 
 # ---------------------------------------------------------------- decisions -> orders
+class OrdinalIds:
+    """The strategy broker's order numbers -> our client ids, for its cancels; the last ``cap`` only.
+
+    A backtesting.py strategy cancels orders still waiting in its broker, so a bounded map is
+    enough and keeps a months-long run's memory flat.
+
+    >>> ids = OrdinalIds(cap=2)
+    >>> for cid in ("a", "b", "c"):
+    ...     _ = ids.add(cid)
+    >>> ids.get(0), ids.get(2), len(ids)
+    (None, 'c', 3)
+    """
+
+    def __init__(self, cap: int = ORDER_IDS_KEPT):
+        from collections import OrderedDict
+
+        self.cap = int(cap)
+        self._ids: OrderedDict[int, str] = OrderedDict()
+        self._next = 0
+
+    def add(self, cid: str) -> int:
+        ordinal, self._next = self._next, self._next + 1
+        self._ids[ordinal] = cid
+        while len(self._ids) > self.cap:
+            self._ids.popitem(last=False)
+        return ordinal
+
+    def get(self, ordinal: int) -> str | None:
+        return self._ids.get(ordinal)
+
+    def __len__(self) -> int:
+        """Orders numbered so far (remembered or not)."""
+        return self._next
+
+
 @dataclass
 class Decision:
     """One decision of the strategy at a bar, as the router sees it."""
@@ -173,7 +215,7 @@ class Route:
 
     def __init__(self, exchange, symbol: str, unit: float = 1.0):
         self.exchange, self.symbol, self.unit = exchange, symbol, float(unit)
-        self.ordinal_cids: dict[int, str] = {}
+        self.ordinal_cids = OrdinalIds()
 
     def position(self) -> float:
         """The account's position in the strategy's units."""
@@ -291,8 +333,12 @@ class LiveRunner:
         code_hash = hashlib.sha256(source.code.encode()).hexdigest()[:12]
         self.strategy_id = f"{source.name}:{code_hash}:{json.dumps(source.params, sort_keys=True, default=str)}"
         self._db: sqlite3.Connection | None = None
+        # A trailing window of candles: ``_times[k]`` is bar ``_base + k``. The strategy's own history
+        # lives in its session; here only bars not yet handed over, plus ``history_bars`` before them.
         self._times = np.empty(0, "M8[ns]")
         self._ohlcv = np.empty((0, 5))
+        self._base = 0
+        self.history_bars = self.window + max(self.warmup_bars, 0)
         self._n = 0                       # bars the strategy has seen
         self._done = -1                   # last bar whose decisions were all handled (committed)
         self._tags: list = []
@@ -351,11 +397,13 @@ class LiveRunner:
                                     (self.strategy_id, self.symbol, first_time, history, self._done))
 
     # ------------------------------------------------------------------ start
-    def start(self, history: pd.DataFrame | None = None) -> dict:
+    def start(self, history: pd.DataFrame | None = None, *, capacity: int = 0) -> dict:
         """Open the sandbox session, reconcile with the exchange, rebuild the strategy's state.
 
         ``history``: the candles to start from (a replay passes its data, from its first bar);
         without it they are fetched (``warmup_bars`` closed candles, or from the stored start).
+        ``capacity``: bars the session will see in all, when known (a replay): its buffers are
+        then allocated once instead of growing.
         """
         self.state = RunnerState.STARTING
         self.kill_switch.install() if _main_thread() else None
@@ -383,21 +431,33 @@ class LiveRunner:
                                        window=self.window, timeout=self.timeout, size_at_send=not self.paper)
         try:
             self.session.open()
-            info = self.session.start(times[:n_history], ohlcv[:n_history])
+            info = self.session.start(times[:n_history], ohlcv[:n_history], capacity=capacity)
         except SessionError as e:
             self._stop(f"the strategy could not start: {e}")
             raise LiveError(f"the strategy could not start: {e}") from None
-        self._times, self._ohlcv, self._n = times, ohlcv, n_history
+        self._times, self._ohlcv, self._base, self._n = times, ohlcv, 0, n_history
         if stored is None:
             self._done = n_history - 1
             self._save_progress(int(times[0].astype("M8[ns]").astype(np.int64)), n_history)
         self._emit("start", strategy=self.source.name, params=self.source.params, symbol=self.symbol,
                    exchange=getattr(self.exchange, "name", "?"), history=n_history, resumed=stored is not None,
-                   warmup=info["warmup"], indicators=info["indicators"])
+                   warmup=info["warmup"], indicators=info["indicators"], layers=self.session.layers)
         self.state = RunnerState.TRADING
         if stored is not None and self._done >= self._n:
             self._rebuild(self._done)
+        self._trim()
         return info
+
+    def _trim(self) -> None:
+        """Forget candles the strategy has seen, but for the last ``history_bars`` (amortised: in batches)."""
+        drop = self._n - self._base - self.history_bars
+        if drop >= max(self.history_bars, 1):
+            self._times, self._ohlcv = self._times[drop:].copy(), self._ohlcv[drop:].copy()
+            self._base += drop
+
+    def _bars(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bars ``lo`` to ``hi - 1`` (global numbers) of the trailing window."""
+        return self._times[lo - self._base:hi - self._base], self._ohlcv[lo - self._base:hi - self._base]
 
     def _history_length(self, available: int) -> int:
         if self.paper and self.warmup_bars <= 0:
@@ -446,17 +506,19 @@ class LiveRunner:
 
     def _rebuild(self, done: int) -> None:
         """Replay bars up to ``done`` without sending: restores the strategy's state (checked below)."""
-        bars = slice(self._n, done + 1)
-        result = self.session.step(self._times[bars], self._ohlcv[bars])
+        lo = self._n
+        result = self.session.step(*self._bars(lo, done + 1))
         self._tags = result.tags
         self._n = done + 1
         seq, last = 0, None
         for row in result.decisions:
+            if not lo <= row[0] <= done:  # (a hostile session's bar number: not one of these bars)
+                continue
             seq = seq + 1 if row[0] == last else 0
             last = row[0]
             d = self._decision(row, seq)
             if d.kind in (_NEW, _CLOSE):
-                self.route.ordinal_cids.setdefault(len(self.route.ordinal_cids), str(d.cid))
+                self.route.ordinal_cids.add(str(d.cid))
         self.position, self.equity = result.position, result.equity
         if not self.paper or self.exchange.bar <= done:  # a paper clock ahead of us is checked at the next chunk
             self._check_position(result.position, "after the restart")
@@ -464,7 +526,7 @@ class LiveRunner:
 
     def _decision(self, row, seq: int) -> Decision:
         bar, kind, size, limit, stop, sl, tp, ref, tag = row
-        t = pd.Timestamp(self._times[bar]).tz_localize("UTC")
+        t = pd.Timestamp(self._times[bar - self._base]).tz_localize("UTC")
         cid = ClientOrderId.make(self.source.name, t, seq)
         return Decision(bar, t, seq, kind, size, limit, stop, sl, tp, ref,
                         self._tags[tag] if 0 <= tag < len(self._tags) else None, cid)
@@ -478,18 +540,20 @@ class LiveRunner:
     def feed(self, frame: pd.DataFrame, *, chunk: int = REPLAY_CHUNK) -> None:
         """Closed candles after the ones seen so far (a replay's rest, or what polling found)."""
         times, ohlcv = bars_of(frame)
+        seen = self._n - self._base
         if self._n and len(times):
-            times_known = self._times[:self._n]
-            keep = times > times_known[-1]
+            keep = times > self._times[seen - 1]
             times, ohlcv = times[keep], ohlcv[keep]
         if not len(times):
             return
-        self._times = np.concatenate([self._times[:self._n], times])
-        self._ohlcv = np.concatenate([self._ohlcv[:self._n], ohlcv])
-        while self._n < len(self._times) and self.state == RunnerState.TRADING:
-            self._step(min(chunk, len(self._times) - self._n))
+        self._times = np.concatenate([self._times[:seen], times])
+        self._ohlcv = np.concatenate([self._ohlcv[:seen], ohlcv])
+        end = self._base + len(self._times)
+        while self._n < end and self.state == RunnerState.TRADING:
+            self._step(min(chunk, end - self._n))
             if self.kill_switch.engaged and self.state == RunnerState.TRADING:
                 self._stop(f"kill switch: {self.kill_switch.engaged}")
+        self._trim()
 
     def _step(self, count: int) -> None:
         lo, hi = self._n, self._n + count
@@ -498,7 +562,7 @@ class LiveRunner:
         else:
             position = None
         try:
-            result = self.session.step(self._times[lo:hi], self._ohlcv[lo:hi], position=position)
+            result = self.session.step(*self._bars(lo, hi), position=position)
         except SessionError as e:
             self._stop(f"strategy session: {e}")
             return
@@ -525,8 +589,8 @@ class LiveRunner:
         if reason:
             self._stop(f"kill switch: {reason}")
             return
-        t = pd.Timestamp(self._times[i]).tz_localize("UTC")
-        o, h, l_, c, v = (float(x) for x in self._ohlcv[i])
+        t = pd.Timestamp(self._times[i - self._base]).tz_localize("UTC")
+        o, h, l_, c, v = (float(x) for x in self._ohlcv[i - self._base])
         if self.paper:
             for f in self.exchange.on_candle(i, t, o, h, l_, c, v):
                 self.counts["fills"] += 1
@@ -584,7 +648,7 @@ class LiveRunner:
             return
         if order is not None:
             if d.kind in (_NEW, _CLOSE):
-                self.route.ordinal_cids.setdefault(len(self.route.ordinal_cids), str(d.cid))
+                self.route.ordinal_cids.add(str(d.cid))
             self.counts["orders"] += 1
             self.last_order = f"{order.side} {order.amount:g} {order.type} ({order.status.value})"
             self._emit("order", order=order.to_dict())
@@ -593,7 +657,7 @@ class LiveRunner:
     def replay(self, frame: pd.DataFrame, *, finalize: bool | None = None) -> "LiveRunner":
         """Start on ``frame``'s first bar(s) and feed the rest (paper only): the parity path."""
         if self.state == RunnerState.NEW:
-            self.start(frame)
+            self.start(frame, capacity=len(frame))
         self.feed(frame)
         if self.paper and (self.settings.finalize_trades if finalize is None else finalize) \
                 and self.state == RunnerState.TRADING:
@@ -606,7 +670,7 @@ class LiveRunner:
         if self.kill_switch.engaged:
             self._stop(self.kill_switch.engaged)
             return 0
-        since = int(self._times[self._n - 1].astype("M8[ms]").astype(np.int64)) if self._n else None
+        since = int(self._times[self._n - 1 - self._base].astype("M8[ms]").astype(np.int64)) if self._n else None
         frame = self._closed_frame(self.exchange.fetch_ohlcv(self.symbol, self.timeframe, since=since))
         before = self._n
         self.feed(frame, chunk=1)

@@ -16,7 +16,11 @@ there is one implementation of the fill rules in the project, and this is a clie
 - ``slippage`` (a fraction, off by default and for parity) is added to the spread paid at entry.
 - With a ``path``, the state (broker arrays, orders, fills) lives in SQLite in WAL mode and
   is committed once per event (order, cancel, candle that filled), so a kill -9 loses
-  nothing that was acknowledged; ``path=None`` keeps it in memory (parity replays).
+  nothing that was acknowledged; ``path=None`` keeps the broker in memory (parity replays).
+- Memory stays flat however long it runs: only *open* orders are held in memory; finished
+  orders and every fill live in SQLite only (the state file, or with ``path=None`` a
+  scratch file deleted on ``close()``) and are read back on demand (``fetch_order``,
+  ``fills()``, ``orders_frame()``).
 
 >>> paper = PaperExchange(symbol="BTC/USDT").start()
 >>> paper.on_candle(0, "2024-01-01 00:00", 100, 101, 99, 100, 1.0)
@@ -33,6 +37,7 @@ import io
 import json
 import math
 import sqlite3
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +55,8 @@ from .sandbox.settings import BacktestSettings
 __all__ = ["PaperExchange"]
 
 _KINDS = ("order", "sl", "tp", "close")
+#: Candle times kept in memory (the state file stores the last 4; finalize needs the last one).
+_TIMES_KEPT = 8
 
 
 class PaperExchange:
@@ -74,11 +81,12 @@ class PaperExchange:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._core: BrokerCore | None = None
+        # Open orders only: a finished one is written to SQLite and dropped from memory (_commit).
         self._orders: dict[str, Order] = {}
         self._meta: dict[str, dict] = {}           # cid -> {ordinal, kind, trade, bar}
         self._by_ordinal: dict[int, str] = {}
-        self._fills: list[dict] = []
-        self._times: dict[int, str] = {}
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self._times: dict[int, str] = {}           # the last few candles' times (bounded: _TIMES_KEPT)
         self._dirty: set[str] = set()
         self.transitions: list[tuple[State, State]] = []
 
@@ -104,10 +112,18 @@ class PaperExchange:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("CREATE TABLE IF NOT EXISTS core (id INTEGER PRIMARY KEY CHECK (id = 1), meta TEXT, arrays BLOB)")
-                db.execute("CREATE TABLE IF NOT EXISTS orders (cid TEXT PRIMARY KEY, ordinal INTEGER, data TEXT)")
-                db.execute("CREATE TABLE IF NOT EXISTS fills (id INTEGER PRIMARY KEY, data TEXT)")
-                self._db = db
+            else:  # no durability wanted, but finished orders and fills still leave memory
+                self._scratch = tempfile.TemporaryDirectory(prefix="moondev_paper_")
+                db = sqlite3.connect(Path(self._scratch.name) / "paper.sqlite", check_same_thread=False,
+                                     isolation_level=None)
+                db.execute("PRAGMA journal_mode=OFF")
+                db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS core (id INTEGER PRIMARY KEY CHECK (id = 1), meta TEXT, arrays BLOB)")
+            db.execute("CREATE TABLE IF NOT EXISTS orders (cid TEXT PRIMARY KEY, ordinal INTEGER, data TEXT)")
+            db.execute("CREATE INDEX IF NOT EXISTS orders_ordinal ON orders (ordinal)")
+            db.execute("CREATE TABLE IF NOT EXISTS fills (id INTEGER PRIMARY KEY, data TEXT)")
+            self._db = db
+            if self.path is not None:
                 self._load()
             self._to(State.READY)
             return self
@@ -117,6 +133,9 @@ class PaperExchange:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._scratch is not None:
+                self._scratch.cleanup()
+                self._scratch = None
             if self._state != State.CLOSED:
                 self._to(State.CLOSED)
 
@@ -150,17 +169,65 @@ class PaperExchange:
         self._times = {int(k): v for k, v in meta.get("times", {}).items()}
         for cid, ordinal, data in self._db.execute("SELECT cid, ordinal, data FROM orders"):
             d = json.loads(data)
-            self._orders[cid] = Order.from_dict(d["order"])
+            order = Order.from_dict(d["order"])
+            if not order.status.open:  # finished: stays in SQLite only
+                continue
+            self._orders[cid] = order
             self._meta[cid] = d["meta"]
             if ordinal is not None and ordinal >= 0:
                 self._by_ordinal[int(ordinal)] = cid
-        self._fills = [json.loads(d) for (d,) in self._db.execute("SELECT data FROM fills ORDER BY id")]
+
+    def _stored_order(self, where: str, key) -> tuple[str, Order, dict] | None:
+        row = self._db.execute(f"SELECT cid, data FROM orders WHERE {where} = ?", (key,)).fetchone() \
+            if self._db is not None else None
+        if row is None:
+            return None
+        d = json.loads(row[1])
+        return row[0], Order.from_dict(d["order"]), d["meta"]
+
+    def _find(self, cid: str) -> Order | None:
+        """An order by id: open ones from memory, finished ones from SQLite."""
+        order = self._orders.get(cid)
+        if order is None:
+            stored = self._stored_order("cid", cid)
+            order = stored[1] if stored is not None else None
+        return order
 
     def _commit(self, new_fills: Iterable[dict] = ()) -> None:
-        """One transaction per event: the broker state, the orders it touched, its fills."""
-        if self._db is None:
+        """One transaction per event: the broker state, the orders it touched, its fills.
+
+        Finished orders leave memory here, once written. Without a ``path`` only what leaves
+        memory is written (finished orders, fills), to the scratch file.
+        """
+        new_fills = list(new_fills)
+        durable = self.path is not None
+        finished = [cid for cid in self._dirty if not self._orders[cid].status.open]
+        if not durable and not finished and not new_fills:
             self._dirty.clear()
             return
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if durable:
+                self._write_core(db)
+            for cid in self._dirty if durable else finished:
+                m = self._meta[cid]
+                db.execute("INSERT OR REPLACE INTO orders (cid, ordinal, data) VALUES (?, ?, ?)",
+                           (cid, m.get("ordinal"), json.dumps({"order": self._orders[cid].to_dict(), "meta": m},
+                                                             default=_plain)))
+            db.executemany("INSERT INTO fills (data) VALUES (?)", [(json.dumps(f, default=_plain),) for f in new_fills])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._dirty.clear()
+        for cid in finished:
+            ordinal = self._meta.pop(cid).get("ordinal")
+            del self._orders[cid]
+            if ordinal is not None and self._by_ordinal.get(int(ordinal)) == cid:
+                del self._by_ordinal[int(ordinal)]
+
+    def _write_core(self, db: sqlite3.Connection) -> None:
         core = self._core
         arrays = core._state  # BrokerCore's flat arrays, stored as raw bytes (state() makes lists: slow)
         buf = io.BytesIO()
@@ -168,23 +235,8 @@ class PaperExchange:
         meta = {"format": 1, "settings": core.settings.kwargs(), "bar": core.bar, "last_candle": core._last_candle,
                 "last_close": core.last_close, "last_equity": core.last_equity,
                 "tags": list(core._tags.values), "times": {str(k): v for k, v in list(self._times.items())[-4:]}}
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("INSERT OR REPLACE INTO core (id, meta, arrays) VALUES (1, ?, ?)",
-                       (json.dumps(meta, default=_plain), buf.getvalue()))
-            for cid in self._dirty:
-                m = self._meta[cid]
-                db.execute("INSERT OR REPLACE INTO orders (cid, ordinal, data) VALUES (?, ?, ?)",
-                           (cid, m.get("ordinal"), json.dumps({"order": self._orders[cid].to_dict(), "meta": m},
-                                                             default=_plain)))
-            for f in new_fills:
-                db.execute("INSERT INTO fills (data) VALUES (?)", (json.dumps(f, default=_plain),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self._dirty.clear()
+        db.execute("INSERT OR REPLACE INTO core (id, meta, arrays) VALUES (1, ?, ?)",
+                   (json.dumps(meta, default=_plain), buf.getvalue()))
 
     # ------------------------------------------------------------------ the clock
     @property
@@ -209,6 +261,8 @@ class PaperExchange:
             cancels = int(s["cnt"][K.C_MARGIN_CANCELS])
             when = _iso(time)
             self._times[int(bar)] = when
+            while len(self._times) > _TIMES_KEPT:
+                del self._times[next(iter(self._times))]
             core.next_bar(int(bar), open, high, low, close)
             fills = self._settle_bar(before_q, n_trades, n_closed, cancels, int(bar), when)
             if fills or self._dirty or self.path is not None and bar % 500 == 0:
@@ -275,7 +329,6 @@ class PaperExchange:
                 self._advance(order, OrderState.ACCEPTED)
                 self._track(cid, order, {"ordinal": ordinal, "kind": kind, "trade": int(queue[r, K.Q_TRADE]),
                                          "bar": bar})
-        self._fills += fills
         return fills
 
     def _contingent_filled(self, meta: dict) -> bool:
@@ -347,8 +400,9 @@ class PaperExchange:
         with self._lock:
             core = self._ready()
             cid = ClientOrderId(client_order_id)
-            if cid in self._orders:
-                return self._orders[cid].copy()
+            known = self._find(cid)
+            if known is not None:
+                return known.copy()
             if symbol != self.symbol:
                 raise OrderRejected(f"paper exchange trades {self.symbol} only, not {symbol}", exchange=self.name)
             p = dict(params or {})
@@ -394,7 +448,7 @@ class PaperExchange:
     def fetch_order(self, client_order_id: str, symbol: str) -> Order | None:
         with self._lock:
             self._ready()
-            order = self._orders.get(str(client_order_id))
+            order = self._find(str(client_order_id))
             return order.copy() if order is not None else None
 
     def open_orders(self) -> list[Order]:
@@ -409,7 +463,7 @@ class PaperExchange:
         with self._lock:
             core = self._ready()
             cid = str(client_order_id)
-            order = self._orders.get(cid)
+            order = self._find(cid)
             if order is None:
                 raise OrderNotFound(f"paper: no order {cid} on {symbol}", exchange=self.name)
             if not order.status.open:
@@ -422,7 +476,12 @@ class PaperExchange:
 
     def client_order_id(self, ordinal: int) -> str | None:
         """The id of the order the broker numbers ``ordinal`` (orders it made itself included)."""
-        return self._by_ordinal.get(int(ordinal))
+        with self._lock:
+            cid = self._by_ordinal.get(int(ordinal))
+            if cid is None:
+                stored = self._stored_order("ordinal", int(ordinal))
+                cid = stored[0] if stored is not None else None
+            return cid
 
     def reconcile(self, known_orders: Iterable[Order], *, symbols: Iterable[str] | None = None,
                   strategy: str | None = None, unknown: str = "cancel") -> ReconcileReport:
@@ -432,13 +491,13 @@ class PaperExchange:
             report = ReconcileReport(symbols=[self.symbol])
             known = {str(o.client_order_id): o for o in known_orders}
             for cid, order in known.items():
-                mine = self._orders.get(cid)
+                mine = self._find(cid)
                 if mine is None:
                     report.missing.append(order.copy().advance(OrderState.REJECTED, "never reached the exchange")
                                           if order.status.can_become(OrderState.REJECTED) else order.copy())
                 else:
                     report.updated.append(mine.copy())
-            for cid, order in self._orders.items():
+            for cid, order in list(self._orders.items()):
                 if cid in known or not order.status.open:
                     continue
                 if cid.startswith("paper-") or order.client_order_id.ours and (
@@ -454,8 +513,10 @@ class PaperExchange:
 
     # ------------------------------------------------------------------ reading
     def fills(self) -> pd.DataFrame:
-        """Every entry and exit so far."""
-        return pd.DataFrame(self._fills)
+        """Every entry and exit so far (read from SQLite)."""
+        with self._lock:
+            self._ready()
+            return pd.DataFrame([json.loads(d) for (d,) in self._db.execute("SELECT data FROM fills ORDER BY id")])
 
     def trades(self) -> pd.DataFrame:
         """Closed trades as the broker has them (Size, EntryBar, ExitBar, prices, SL, TP, Commission, Tag)."""
@@ -464,8 +525,17 @@ class PaperExchange:
         return frame
 
     def orders_frame(self) -> pd.DataFrame:
-        rows = [{**o.to_dict(), **{f"meta_{k}": v for k, v in self._meta[c].items()}} for c, o in self._orders.items()]
-        return pd.DataFrame(rows)
+        """Every order so far, finished (from SQLite) and open, in the order they were placed."""
+        with self._lock:
+            self._ready()
+            rows = {}
+            for cid, data in self._db.execute("SELECT cid, data FROM orders ORDER BY rowid"):
+                if cid not in self._orders:
+                    d = json.loads(data)
+                    rows[cid] = {**d["order"], **{f"meta_{k}": v for k, v in d["meta"].items()}}
+            for c, o in self._orders.items():
+                rows[c] = {**o.to_dict(), **{f"meta_{k}": v for k, v in self._meta[c].items()}}
+            return pd.DataFrame(list(rows.values()))
 
 
 def _iso(t) -> str:

@@ -215,6 +215,36 @@ def test_restart_resumes_without_doubling(tmp_path, btc):
     assert len(paper.orders_frame()) == len(ref_paper.orders_frame())
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["in-memory", "sqlite"])
+def test_long_runs_keep_only_a_trailing_window_and_open_orders_in_memory(tmp_path, btc, durable):
+    data = btc.iloc[:4000]
+    runner, paper = _runner(tmp_path, data, window=200, paper_path=tmp_path / "paper.sqlite" if durable else None)
+    with runner:
+        runner.replay(data, finalize=False)
+        assert runner.counts["bars"] == len(data) - 1 and runner.counts["orders"] > 20  # (bar 0 starts it)
+        assert runner.history_bars == 200 and len(runner._times) <= 2 * runner.history_bars
+        assert len(paper._orders) == len(paper.open_orders()) <= 3      # finished orders left memory
+        orders = paper.orders_frame()
+        assert len(orders) >= runner.counts["orders"] and (orders["status"] == "filled").sum() > 20
+        assert len(paper.fills()) == runner.counts["fills"]              # every fill, read back from SQLite
+        first = orders.iloc[0]
+        assert paper.fetch_order(first["client_order_id"], "BTC/USD").status.value == first["status"]
+        assert paper.client_order_id(int(first["meta_ordinal"])) == first["client_order_id"]
+        again = paper.create_order("BTC/USD", "market", "buy", 1, client_order_id=first["client_order_id"])
+        assert again.status.value == first["status"] and len(paper.orders_frame()) == len(orders)  # not re-sent
+    paper.close()
+
+
+def test_session_reports_its_isolation_layers(tmp_path, btc):
+    runner, _ = _runner(tmp_path, btc)
+    with runner:
+        runner.start(btc.iloc[:50])
+        layers = runner.session.layers
+        assert layers["namespaces"].startswith("off: not yet applied")
+        assert layers["rlimits"].startswith("on (memory 2048 MiB") and {"landlock", "seccomp"} <= set(layers)
+        assert runner.events.frame("start")["layers.namespaces"].iloc[0] == layers["namespaces"]
+
+
 def test_a_state_folder_of_another_strategy_is_refused(tmp_path, btc):
     runner, _ = _runner(tmp_path, btc)
     with runner:

@@ -19,7 +19,15 @@ within the step's timeout kills the child.
 
 This is a separate process rather than a task of :class:`~moondev_lab.sandbox.pool.SandboxPool`:
 pool tasks are one-shot (fork, run, reply, exit), a session lives as long as the
-trading run. It applies the same isolation functions the pool's task children do.
+trading run. It applies the same isolation functions the pool's task children do,
+**except namespaces, which are not yet applied to sessions** (no private mount, PID or
+network namespace, no private /tmp; the network is refused by seccomp and the audit hook,
+files by Landlock). :attr:`StrategySession.layers` says what is on, as a pool result does.
+
+Memory stays flat over a long run: the strategy's bar buffers are allocated once for a
+replay of known length (``start(..., capacity=n)``), and otherwise grow by a fixed
+:data:`GROW_BARS` (never doubling); backtesting.py strategies see their whole history
+(``self.data``), so that history, ~72 bytes a bar, is what the session keeps.
 
 >>> with StrategySession(code) as s:                          # doctest: +SKIP
 ...     s.start(history)
@@ -55,6 +63,8 @@ REPLY_CAP = 96 * 2**20
 MAX_DECISIONS_PER_BAR = 1000
 #: uid of session children when run as root: apart from the pool's (61000 + slot).
 SESSION_UID = _limits.BASE_UID + 900
+#: Bars the session's buffers grow by when full (live: 16,384 15m bars are ~170 days, ~1.2 MB).
+GROW_BARS = 16_384
 _HDR = struct.Struct(">I")
 
 
@@ -182,6 +192,8 @@ class StrategySession:
         self.class_name = class_name
         self.state = SessionState.NEW
         self.strategy_name: str | None = None
+        #: The child's isolation layers as applied (``_lock_down``'s answer), once open.
+        self.layers: dict[str, str] = {}
         self._proc: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._tags: list = []
@@ -211,6 +223,9 @@ class StrategySession:
                                        ("memory_mb", "cpu_seconds", "file_size_mb", "max_processes")}},
                            timeout=max(self.timeout, 120.0))
         self.strategy_name = _text(reply.get("strategy"), 200)
+        layers = reply.get("layers")
+        self.layers = {_text(k, 100): _text(v, 500) for k, v in list(layers.items())[:50]} \
+            if isinstance(layers, dict) else {}
         return self
 
     def close(self) -> None:
@@ -277,9 +292,12 @@ class StrategySession:
         return reply
 
     # ------------------------------------------------------------------ operations
-    def start(self, times: np.ndarray, ohlcv: np.ndarray) -> dict:
-        """``init()`` over the history; returns ``warmup`` (None while unknown), ``indicators``, ``bars``."""
-        reply = self._call({"op": "start", **encode_bars(times, ohlcv)},
+    def start(self, times: np.ndarray, ohlcv: np.ndarray, *, capacity: int = 0) -> dict:
+        """``init()`` over the history; returns ``warmup`` (None while unknown), ``indicators``, ``bars``.
+
+        ``capacity``: the bars this session will see in all, when known (a replay).
+        """
+        reply = self._call({"op": "start", **encode_bars(times, ohlcv), "capacity": max(0, int(capacity))},
                            self.timeout + len(times) * self.per_bar_timeout)
         warmup = reply.get("warmup")
         return {"warmup": warmup if isinstance(warmup, int) else None,
@@ -424,6 +442,8 @@ class _Child:
         times, ohlcv = decode_bars(msg)
         rows = []
         for t, row in zip(times, ohlcv):
+            if live.n >= len(live._ts):  # full: grow by a fixed step, not LiveStrategy's doubling
+                live._regrow(len(live._ts) + GROW_BARS)
             rows += live.step(t, row)
         tags = live.recorder.tags.values
         new_tags, self.tags_sent = tags[self.tags_sent:], len(tags)
@@ -469,10 +489,10 @@ def _child_main() -> None:
 
     load = _recv(request_fd)
     workdir = Path(load["workdir"])
-    _lock_down(_limits.Limits(**load["limits"]), workdir, load.get("uid"), keep_fds=(reply_fd, request_fd))
+    layers = _lock_down(_limits.Limits(**load["limits"]), workdir, load.get("uid"), keep_fds=(reply_fd, request_fd))
     try:
         child = _Child(load)
-        _send(reply_fd, {"ok": True, "strategy": child.cls.__name__})
+        _send(reply_fd, {"ok": True, "strategy": child.cls.__name__, "layers": layers})
     except BaseException as e:  # noqa: BLE001 - any failure of the strategy's code is its own error
         _send(reply_fd, {"ok": False, "error": _describe(e)})
         return
@@ -506,7 +526,12 @@ def _lock_down(limits: "_limits.Limits", workdir: Path, uid: int | None, keep_fd
     caps = dataclasses.replace(_isolation.probe(_isolation.disabled_layers() | {"userns"}), seccomp_notify=False)
     ctx = _limits.TaskContext(caps=caps, workdir=workdir, namespaces=False, store_root=None, keep_fds=keep_fds,
                               read_dirs=tuple(_isolation.python_dirs()))
-    return _limits.enter_sandbox(limits, ctx)
+    layers = _limits.enter_sandbox(limits, ctx)
+    layers["rlimits"] = (f"on (memory {limits.memory_mb} MiB, cpu {limits.cpu_seconds} s, "
+                         f"{limits.max_processes} processes)")
+    layers["uid"] = f"dropped to {uid}" if uid is not None else "unchanged (not started as root)"
+    layers["namespaces"] = "off: not yet applied to sessions (a plain child, not a fork of the pool's standby)"
+    return layers
 
 
 def _describe(e: BaseException) -> str:
