@@ -8,6 +8,9 @@
    sandbox pool grid (SandboxPool.optimize). Same best parameters and stats checked.
 2. A large grid (default 10,000 combinations): time and peak RSS (one equity buffer).
 3. The physical limit: bars x combinations / s of the compiled loop alone.
+4. ``--ideas N``: ideas/minute through the whole RBI loop (offline model), N ideas sampled with a
+   fixed seed from strategy_ideas.csv, RBIConfig(grid_engine="auto") against grid_engine="pool",
+   same process, same sandbox pool, same ideas, one run each (only this part runs then).
 vectorbt is not installed here (not a runtime dependency), so it is not measured.
 """
 from __future__ import annotations
@@ -66,14 +69,59 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+IDEAS_CSV = ROOT.parent.parent / "shared" / "data" / "strategy_ideas.csv"
+
+
+def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
+    """Both grid engines on the same sampled ideas, in a scratch MOONDEV_LAB_HOME; compile paid before timing."""
+    import pandas as pd
+
+    home = tempfile.mkdtemp(prefix="fast-bench-home-")
+    os.environ["MOONDEV_LAB_HOME"] = home
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)  # ideas the offline model cannot map log their failures
+    from moondev_lab.fast import grid
+    from moondev_lab.rbi import RBI, RBIConfig
+    from moondev_lab.sandbox import SandboxPool
+
+    ideas = pd.read_csv(IDEAS_CSV)["idea"].dropna().sample(n, random_state=seed).tolist()
+    t = time.perf_counter()
+    grid(IDEA, {"fast_n": [5, 10]}, start=start, end=end, confirm=False)  # numba compile or cache load
+    print(f"compile (fresh home, once per install): {time.perf_counter() - t:.1f} s; "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    rates = {}
+    with SandboxPool() as pool:
+        for engine in ("auto", "pool"):
+            cfg = RBIConfig(start=start, end=end, grid_engine=engine, force=True)
+            with RBI("offline", cfg, sandbox=pool) as rbi:
+                t = time.perf_counter()
+                report = rbi.run_many(ideas, progress=False, force=True)
+                dt = time.perf_counter() - t
+            results = list(report.results) if hasattr(report, "results") else list(report)
+            engines = pd.Series([getattr(r, "grid_engine", None) for r in results]).value_counts(dropna=False)
+            ok = sum(getattr(r, "status", None) == "ok" for r in results)
+            rates[engine] = n / dt * 60
+            print(f"grid_engine={engine!r}: {n} ideas in {dt:.1f} s -> {rates[engine]:.2f} ideas/min; "
+                  f"{ok} ok; grids by engine {engines.to_dict()}; load {os.getloadavg()[0]:.1f}")
+    print(f"auto is {rates['auto'] / rates['pool']:.2f}x the ideas/minute of pool")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--big", type=int, default=10_000)
+    ap.add_argument("--ideas", type=int, default=0, help="only measure ideas/minute through RBI on N sampled ideas")
+    ap.add_argument("--start", default="2023-01-01", help="the RBI part's data range")
+    ap.add_argument("--end", default="2023-04-30")
+    ap.add_argument("--seed", type=int, default=13)
     a = ap.parse_args()
     if a.child:
         return _child(a.child)
+    if a.ideas:
+        return ideas_per_minute(a.ideas, a.start, a.end, a.seed)
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as cache:
         cold = fresh("cold", cache)
@@ -114,7 +162,7 @@ def main() -> None:
             pool.run("from backtesting import Strategy\nclass S(Strategy):\n    def init(self): pass\n"
                      "    def next(self): pass\n", DataRef())  # warm the pool first
             t = time.perf_counter()
-            out = pool.optimize(g.code, g.params, DataRef(), maximize=g.maximize, timeout=120)
+            out = pool.optimize(g.code, g.params, DataRef(), maximize=g.maximize, timeout=120, fast=False)
             results["sandbox pool grid"] = time.perf_counter() - t
         print(f"sandbox pool grid ({pool.size} workers):          {results['sandbox pool grid']:.2f} s  "
               f"same best: {dict(out.best_params) == g.best_params}")

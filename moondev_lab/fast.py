@@ -26,6 +26,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -459,7 +460,7 @@ def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout) 
     from .sandbox import default_pool as default_sandbox
 
     pool = pool or default_sandbox()
-    out = pool.optimize(code, params, ref, maximize=maximize, timeout=timeout, settings=settings)
+    out = pool.optimize(code, params, ref, maximize=maximize, timeout=timeout, settings=settings, fast=False)
     if out.result is None or not out.result.ok:
         err = out.result.error if out.result is not None else (out.errors[0] if out.errors else "no result")
         raise FastGridError(f"the grid failed in the sandbox: {err}")
@@ -505,14 +506,15 @@ def compare(fast_stats: pd.Series, bt_stats: Mapping, bt_trades: list[dict]) -> 
     return None
 
 
-def _confirm(result: GridResult, ref, pool, timeout: float):
+def _confirm(result: GridResult, ref, pool, timeout: float, *, limits=None, settings=None):
     """One backtesting.py run of the best combination in the sandbox; on a mismatch its result wins.
 
     Returns that run (a :class:`~moondev_lab.sandbox.pool.BacktestResult`), for callers that keep it.
     """
     from .sandbox import default_pool as default_sandbox
 
-    run = (pool or default_sandbox()).run(result.code, ref, params=result.best_params or None, timeout=timeout)
+    run = (pool or default_sandbox()).run(result.code, ref, params=result.best_params or None, timeout=timeout,
+                                          limits=limits, settings=settings)
     if not run.ok:
         result.confirmed, result.mismatch = False, f"the confirmation run failed: {run.error}"
         log.error("fast grid: confirmation run failed: %s", run.error)
@@ -529,3 +531,43 @@ def _confirm(result: GridResult, ref, pool, timeout: float):
     result.best_stats = pd.Series(run.stats, dtype=object)
     result.best_stats["_trades"] = pd.DataFrame(run.trades)
     return run
+
+
+# ----------------------------------------------------------------------------- SandboxPool.optimize
+def pool_grid(pool, code: str, params: Mapping[str, Sequence], combos: list[dict], ref, maximize: str, *,
+              timeout: float, limits=None, settings: BacktestSettings | None = None):
+    """:meth:`SandboxPool.optimize <moondev_lab.sandbox.pool.SandboxPool.optimize>`'s fast path, or None.
+
+    For code :func:`plan_of` recognises (the offline model's own spec strategies), the
+    compiled grid scores ``combos``; its best combination is then run once in ``pool`` and
+    compared trade for trade and stat for stat, and that sandbox run is the result kept.
+    None (the caller runs its sandbox grid) for any other code, a grid the fast path cannot
+    reproduce exactly, data outside this process's store, or a confirmation that fails or
+    differs (logged with both trade lists by :func:`_confirm`).
+
+    >>> out = pool_grid(pool, code, {"fast_n": [5, 10]}, combos, DataRef(), "SQN", timeout=60)  # doctest: +SKIP
+    """
+    import time
+
+    from . import config
+    from .data import default_pool
+    from .sandbox import DataRef
+    from .sandbox.pool import OptimizeResult
+
+    plan = plan_of(code)
+    ref = ref or DataRef()
+    if plan is None or (ref.root is not None and Path(ref.root) != config.store_dir()):
+        return None
+    started = time.perf_counter()
+    settings = settings or pool.settings
+    try:
+        data = default_pool().get(ref.symbol, ref.timeframe, source=ref.source, start=ref.start, end=ref.end)
+        g = _fast_grid(plan, data, settings, dict(params), combos, maximize, False)
+    except (_NotExact, FastGridError) as e:  # the sandbox grid reports a bad parameter its own way
+        log.info("fast grid not used here (%s); the sandbox grid runs instead", e)
+        return None
+    run = _confirm(g, ref, pool, timeout, limits=limits, settings=settings)
+    if not g.confirmed:
+        return None
+    heatmap = [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, g.heatmap.to_numpy())]
+    return OptimizeResult(dict(g.best_params), run, heatmap, [], time.perf_counter() - started)

@@ -335,28 +335,15 @@ class RBI:
         lists by :mod:`~moondev_lab.fast`) this returns None and the pool grid decides.
         """
         from . import fast
-        from .data import default_pool
 
-        plan = fast.plan_of(code)
-        if plan is None:
-            return None
-        t = self.train
-        data = default_pool().get(t.symbol, t.timeframe, source=t.source, start=t.start, end=t.end)
-        combos = fast._combos(grid)
-        try:
-            g = fast._fast_grid(plan, data, self.sandbox.settings, grid, combos, self.cfg.metric, False)
-        except fast._NotExact as e:
-            log.info("fast grid not exact here (%s); the pool grid runs instead", e)
-            return None
-        run = fast._confirm(g, t, self.sandbox, self.cfg.timeout)
-        if not g.confirmed:
-            return None
-        scores = [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, g.heatmap.to_numpy())]
-        return GridOutcome(run, dict(g.best_params), scores, "fast")
+        g = fast.pool_grid(self.sandbox, code, grid, fast._combos(grid), self.train, self.cfg.metric,
+                           timeout=self.cfg.timeout)
+        return None if g is None else GridOutcome(g.result, dict(g.best_params), g.heatmap, "fast")
 
     def _grid_pool(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """Every combination as a sandbox task, spread over the pool (any code)."""
-        g = self.sandbox.optimize(code, grid, self.train, maximize=self.cfg.metric, timeout=self.cfg.timeout)
+        g = self.sandbox.optimize(code, grid, self.train, maximize=self.cfg.metric, timeout=self.cfg.timeout,
+                                  fast=False)
         ok = g.result is not None and g.result.ok
         scores = [(dict(p), s) for p, s in g.heatmap]
         return GridOutcome(g.result, dict(g.best_params), scores, "pool") if ok else GridOutcome(None, {}, scores,

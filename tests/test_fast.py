@@ -266,6 +266,19 @@ def test_grid_errors_are_clear():
 
 
 # ----------------------------------------------------------------------------- confirmation in the sandbox
+def _diverging(real_settle, column: str, delta):
+    """``FastGrid.settle`` with the first trade's ``column`` moved by ``delta``: an injected fast-path bug."""
+
+    def settle(self, combo):
+        s = real_settle(self, combo)
+        trades = s.stats["_trades"].copy()
+        trades.loc[trades.index[0], column] += delta
+        s.stats["_trades"] = trades
+        return s
+
+    return settle
+
+
 @pytest.mark.timeout(300)
 def test_confirmation_run_agrees_and_an_injected_divergence_is_caught(monkeypatch, caplog):
     from moondev_lab.sandbox import SandboxPool
@@ -275,16 +288,8 @@ def test_confirmation_run_agrees_and_an_injected_divergence_is_caught(monkeypatc
         g = grid(CROSS, params, start="2023-01-01", end="2023-01-20", pool=pool)
         assert g.engine == "fast" and g.confirmed is True and g.mismatch is None
 
-        real_settle = FastGrid.settle
-
-        def diverging(self, combo):  # a deliberate bug: the first trade's exit price is off by one dollar
-            s = real_settle(self, combo)
-            trades = s.stats["_trades"].copy()
-            trades.loc[trades.index[0], "ExitPrice"] += 1.0
-            s.stats["_trades"] = trades
-            return s
-
-        monkeypatch.setattr(FastGrid, "settle", diverging)
+        # a deliberate bug: the first trade's exit price is off by one dollar
+        monkeypatch.setattr(FastGrid, "settle", _diverging(FastGrid.settle, "ExitPrice", 1.0))
         with caplog.at_level(logging.ERROR, logger="moondev_lab.fast"):
             bad = grid(CROSS, params, start="2023-01-01", end="2023-01-20", pool=pool)
     assert bad.confirmed is False and "trades differ" in bad.mismatch
@@ -293,3 +298,71 @@ def test_confirmation_run_agrees_and_an_injected_divergence_is_caught(monkeypatc
     assert bad.best_stats["Return [%]"] == g.best_stats["Return [%]"]
     assert list(bad.best_stats["_trades"]["ExitPrice"]) == list(g.best_stats["_trades"]["ExitPrice"])
     assert "MISMATCH" in repr(bad)
+
+
+@pytest.mark.timeout(300)
+def test_pool_optimize_uses_the_fast_grid_for_spec_strategies_and_falls_back_on_a_mismatch(monkeypatch, caplog):
+    from moondev_lab import fast
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    _, code, _ = _plan(CROSS)
+    params = {"fast_n": [5, 10], "slow_n": [30, 40]}
+    ref = DataRef(start="2023-01-01", end="2023-01-20")
+    used: list = []
+    real_pool_grid = fast.pool_grid
+    monkeypatch.setattr(fast, "pool_grid", lambda *a, **k: used.append(real_pool_grid(*a, **k)) or used[-1])
+    with SandboxPool(1) as pool:
+        quick = pool.optimize(code, params, ref, maximize="Return [%]")
+        assert used and used[-1] is quick  # the fast grid answered, confirmed by one sandbox run
+        slow = pool.optimize(code, params, ref, maximize="Return [%]", fast=False)
+        assert len(used) == 1
+        assert quick.best_params == slow.best_params and quick.heatmap == slow.heatmap
+        assert quick.result.ok and quick.result.stats == slow.result.stats
+        assert quick.result.trades == slow.result.trades
+
+        # a deliberate bug: the first trade's size is one unit off
+        monkeypatch.setattr(FastGrid, "settle", _diverging(FastGrid.settle, "Size", 1))
+        with caplog.at_level(logging.ERROR, logger="moondev_lab.fast"):
+            fallback = pool.optimize(code, params, ref, maximize="Return [%]")
+    assert used[-1] is None and "MISMATCH" in caplog.text  # reported, then the sandbox grid decided
+    assert fallback.best_params == slow.best_params and fallback.heatmap == slow.heatmap
+    assert fallback.result.stats == slow.result.stats
+
+
+def test_foreign_code_never_takes_the_fast_grid():
+    from moondev_lab.fast import pool_grid
+    from moondev_lab.sandbox import DataRef
+
+    code = "from backtesting import Strategy\nclass S(Strategy):\n    n = 1\n    def next(self): pass\n"
+    assert pool_grid(None, code, {"n": [1, 2]}, [{"n": 1}, {"n": 2}], DataRef(), "SQN", timeout=5) is None
+
+
+# ----------------------------------------------------------------------------- the compile cache
+def test_numba_cache_directory_is_keyed_by_the_kernel_sources(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from moondev_lab import _broker_kernel as K
+
+    here = Path(K.__file__).parent
+    sources = tuple((here / name).read_bytes() for name in K.KERNEL_SOURCES)
+    assert K.kernel_key() == K.kernel_key(sources, __import__("numba").__version__)
+    edited = (sources[0] + b"\n# a changed fill rule\n", sources[1])
+    assert K.kernel_key(edited) != K.kernel_key(sources)  # an edit to the broker alone changes the key
+    assert K.kernel_key(sources, "0.69.0") != K.kernel_key(sources, "0.68.0")
+
+    root = tmp_path / "numba-cache"
+    stale, fresh = root / "0123456789abcdef", root / "fedcba9876543210"
+    stale.mkdir(parents=True)
+    (stale / "old.nbi").write_text("x")
+    fresh.mkdir()
+    old = time.time() - K.STALE_CACHE_SECONDS - 60
+    os.utime(stale, (old, old))
+    new_dir = K.keyed_cache_dir(root, K.kernel_key(edited))
+    assert new_dir == root / K.kernel_key(edited) and new_dir.is_dir()
+    assert not stale.exists() and fresh.exists()  # a day unused goes; a live sibling (another checkout) stays
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MOONDEV_LAB_HOME", str(tmp_path / "home"))
+    K._cache_dir()
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "home" / "numba-cache" / K.kernel_key())

@@ -463,7 +463,8 @@ class SandboxPool:
     def optimize(self, code: str, grid: dict[str, list], data: DataRef | None = None, *,
                  maximize: str = "SQN", constraint: Callable[[dict], bool] | None = None,
                  timeout: float = 60, limits: Limits | None = None,
-                 settings: BacktestSettings | None = None, chunks_per_worker: int = 1) -> OptimizeResult:
+                 settings: BacktestSettings | None = None, chunks_per_worker: int = 1,
+                 fast: bool = True) -> OptimizeResult:
         """Grid search across the workers, scored like ``Backtest.optimize(method="grid")``.
 
         Same admissible combinations (product order, ``constraint``), same scoring
@@ -473,6 +474,9 @@ class SandboxPool:
         cannot cross into the sandbox). The grid is cut into ``size * chunks_per_worker``
         chunks, one task child each; one chunk per worker is how backtesting.py batches
         too (``len // cpu_count``), and each extra chunk costs a fork and a result to parse.
+        ``fast``: for the offline model's spec strategies, score the grid in compiled code
+        (:func:`moondev_lab.fast.pool_grid`) and run only the best combination here, which
+        must match it trade for trade; otherwise (or on a mismatch) every combination runs here.
         """
         started = time.perf_counter()
         if not isinstance(maximize, str):
@@ -486,6 +490,13 @@ class SandboxPool:
             combos = [c for c in combos if constraint(_AttrDict(c))]
         if not combos:
             raise ValueError("No admissible parameter combinations to test")
+        if fast:
+            from .. import fast as fast_grid
+
+            quick = fast_grid.pool_grid(self, code, grid, combos, data, maximize, timeout=timeout, limits=limits,
+                                        settings=settings)
+            if quick is not None:
+                return quick
         n_chunks = min(len(combos), self.size * max(1, chunks_per_worker))
         step = math.ceil(len(combos) / n_chunks)
         chunks = [combos[i:i + step] for i in range(0, len(combos), step)]
