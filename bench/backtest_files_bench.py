@@ -164,6 +164,10 @@ def main() -> None:
     print(f"{'':28}{'backtest DIR':>14}{'python file.py':>16}{'ratio':>8}   goal")
     print(f"{'failing file, median ms':28}{fail_p:>14.1f}{fail_b:>16.1f}{fail_b / fail_p:>7.1f}x   <= 50")
     print(f"{'runnable overhead, median ms':28}{over_p:>14.1f}{over_b:>16.1f}{over_b / over_p:>7.1f}x   <= 50")
+    by_kind = {k: med([s for n, s in per_file.items() if n.startswith(f"fail_{k}_")]) for k in _FAILING}
+    print("failing files by kind, median ms (syntax errors never reach a sandbox): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items()))
+    print(f"load average after the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,8 @@ _MODULE_PATH = re.compile(r"\b(?:[a-z_][\w]*\.)+(?=[A-Z]\w*(?:Error|Exception|Ex
 def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None = None,
             timeout: float = 120.0) -> FileResult:
     """Backtest one file on ``pool``; every failure becomes a row, nothing is raised."""
-    from .codeextract import CodeExtractionError, extract_code
+    from .sandbox.errors import SandboxError
+    from .sandbox.harness import classify
 
     started = time.perf_counter()
     if path.is_dir():
@@ -200,17 +201,37 @@ def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None
     except OSError as exc:
         return FileResult(str(path), "unreadable", time.perf_counter() - started, error_kind="unreadable",
                           error=f"{type(exc).__name__}: {exc.strerror or exc}")
-    try:
-        code = extract_code(text)
-    except (CodeExtractionError, SyntaxError):
-        code = text  # the sandbox classifies it (syntax_error, no_strategy) exactly as a single run would
+    code, compile_error = _compiled(text)
     settings, source = resolve_settings(code, overrides)
-    res = pool.run(text, data, timeout=timeout, settings=settings)
+    if compile_error is not None:  # fails identically wherever it is compiled: no sandbox dispatch needed
+        res = BacktestResult(ok=False, error=SandboxError.from_dict(classify(compile_error)))
+    else:
+        res = pool.run(text, data, timeout=timeout, settings=settings)
     out = FileResult(str(path), "ok" if res.ok else "failed", time.perf_counter() - started, res,
                      {k: getattr(settings, k) for k in SCRIPT_SETTINGS}, source)
     if not res.ok:
         out.error_kind, out.error = res.error.kind.value, _error_text(res, code)
     return out
+
+
+def _compiled(text: str) -> tuple[str, BaseException | None]:
+    """The code in ``text``, and the error its extraction or compilation raised (None if it compiles).
+
+    Compiling runs nothing, and it is the sandbox harness's own first step, so code that does not compile
+    is classified in the parent by the harness's ``classify`` and saves a sandbox dispatch (~40 ms per file).
+    Anything else (e.g. a RecursionError from absurd nesting) is left to the sandbox to classify.
+    """
+    from .codeextract import CodeExtractionError, extract_code
+
+    code = text
+    try:
+        code = extract_code(text)
+        compile(code, "<strategy>", "exec")
+    except (CodeExtractionError, SyntaxError, ValueError) as exc:  # ValueError: null bytes (Python 3.11)
+        return code, exc
+    except Exception:  # noqa: BLE001 - the sandbox classifies it, as a single run would
+        return text, None
+    return code, None
 
 
 # -------------------------------------------------------------------------- the report

@@ -220,3 +220,21 @@ def test_ctrl_c_keeps_what_finished(folder, tmp_path):
         statuses = {os.path.basename(r["file"]): r["status"] for r in csv.DictReader(f)}
     assert statuses == {"good.py": "ok", "spin.py": "interrupted"}
     assert "interrupted" in stdout and "interrupted: kept the 1 finished" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("code", [SYNTAX_ERROR, TRUNCATED, "Just prose: buy low, sell high.",
+                                  "import os\nreturn 1\n",  # parses, but compile() refuses it
+                                  "x = 1\x00\n"], ids=["syntax", "truncated", "prose", "compile", "null"])
+def test_code_that_does_not_compile_is_classified_in_the_parent_as_the_sandbox_would(tmp_path, pool, code):
+    from moondev_lab.backtest_files import run_one
+
+    (tmp_path / "s.py").write_text(code)
+    ref = DataRef("BTC/USD", "15m", **WINDOW)
+    before = pool.stats().tasks
+    row = run_one(tmp_path / "s.py", pool, ref)
+    assert pool.stats().tasks == before  # no sandbox dispatch for it
+    in_sandbox = pool.run(code, ref, timeout=60)
+    assert pool.stats().tasks == before + 1
+    assert not row.ok and not in_sandbox.ok
+    assert (row.result.error.kind, row.result.error.type, row.result.error.message) == \
+        (in_sandbox.error.kind, in_sandbox.error.type, in_sandbox.error.message)
