@@ -47,7 +47,10 @@ def _numba_cache(tmp_path_factory):
     base temp dir is per session, its parent survives them.
     """
     if not os.environ.get("NUMBA_CACHE_DIR"):
-        path = tmp_path_factory.getbasetemp().parent / "numba-cache"
-        path.mkdir(exist_ok=True)
-        os.environ["NUMBA_CACHE_DIR"] = str(path)
+        from moondev_lab._numba_cache import kernel_key, keyed_cache_dir
+
+        # Keyed by the kernel sources, as the product's own cache is: an edited kernel never
+        # runs a stale compiled loop from an earlier session.
+        root = tmp_path_factory.getbasetemp().parent / "numba-cache"
+        os.environ["NUMBA_CACHE_DIR"] = str(keyed_cache_dir(root, kernel_key()))
     yield
