@@ -202,13 +202,35 @@ def cmd_demo(a: argparse.Namespace) -> int:
     cfg = _rbi_config(a)
     cfg.force = True
     report = run_rbi(DEMO_IDEAS, model="offline", cfg=cfg, ledger=ledger, progress=not a.json)
-    _rbi_report(report, a.json, ledger.leaderboard(limit=10, min_trades=cfg.min_trades))
+    board = ledger.leaderboard(limit=10, min_trades=cfg.min_trades)
+    _rbi_report(report, a.json, board)
+    if not a.json and len(board):
+        _demo_implement(int(board["run"].iloc[0]), ledger)
     if not a.json:
         print(f"\nnext: look at a run with  .venv/bin/moondev-lab runs show {report.results[0].run_id} "
               f"--ledger {ledger.path}")
         print("      (or `source .venv/bin/activate` once, then plain `moondev-lab ...`; "
               "notebooks/00_quickstart.ipynb walks the same loop)")
     return 0 if any(r.status == "ok" for r in report.results) else 1
+
+
+def _demo_implement(run_id: int, ledger) -> None:
+    """The "I" of the demo: the leader replayed bar by bar on the paper exchange, diffed with its backtest."""
+    from .data.pool import default_pool
+    from .live import load_strategy
+    from .parity import check_parity
+    from .results import load_run
+
+    run = load_run(run_id, ledger)
+    if not run.run_dir:
+        return
+    source = load_strategy(run.run_dir)
+    print(f"\nimplement: run {run_id} replayed on the paper exchange through the live runner "
+          f"({source.dataset.get('symbol', 'BTC/USD')} {source.dataset.get('timeframe', '15m')}) ...")
+    frame = default_pool().get(source.dataset.get("symbol", "BTC/USD"), source.dataset.get("timeframe", "15m"))
+    print(check_parity(source, frame).summary())
+    print(f"      (the trade table: .venv/bin/moondev-lab parity {run.run_dir}; "
+          f"paper trading: .venv/bin/moondev-lab trade {run.run_dir})")
 
 
 def cmd_backtest(a: argparse.Namespace) -> int:
