@@ -198,7 +198,14 @@ class Case:
     modes: tuple = ("full", "degraded")
 
 
+def _imported(res, env):
+    return None if res.ok and "imported" in res.stdout else f"a lazy import from the installation failed: {res.error}"
+
+
 CASES: dict[str, Case] = {
+    # Not an attack: the installation must stay importable inside the namespaces, even when the
+    # checkout or venv lives under /tmp or /var/tmp, which the task sees as a private tmpfs.
+    "lazy_import": Case(lambda e: "import wave, pandas.io.formats.csvs\nprint('imported')", _imported),
     "environ": Case(lambda e: "import os\nprint(dict(os.environ))", _no_secret),
     "parent_environ": Case(lambda e: f"print(open('/proc/{os.getpid()}/environ').read())", _no_secret),
     "proc_cmdline": Case(lambda e: "import os\nfor p in os.listdir('/proc'):\n    try: print(open(f'/proc/{p}/cmdline').read())"

@@ -297,6 +297,9 @@ def enter_namespaces(plan: MountPlan, tmp_mb: int) -> None:
             except OSError as exc:  # we cannot even reach it (e.g. root's 0700 home): nor can the task
                 if exc.errno not in (errno.EACCES, errno.ENOENT, errno.ENOTDIR):
                     raise
+        # The private /tmp first, the installation bound back after: a checkout or venv that lives
+        # under /tmp (as CI clones often do) must stay importable inside the namespace.
+        private_tmp(tmp_mb)
         for path, fd in keep_fds.items():
             os.makedirs(path, exist_ok=True)
             mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
@@ -304,7 +307,6 @@ def enter_namespaces(plan: MountPlan, tmp_mb: int) -> None:
     finally:
         for fd in keep_fds.values():
             os.close(fd)
-    private_tmp(tmp_mb)
 
 
 def _remount_read_only(path: str) -> None:
