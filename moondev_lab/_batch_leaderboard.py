@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._overfit import overfit_columns
 from .ledger import metric_columns, rank_by_oos
 
 
@@ -90,11 +91,13 @@ def build(rows: list[dict], metric: str, summary: dict) -> Leaderboard:
         peak = r.get("peak_bytes")
         recs.append({"idea": r["idea"], "status": r["status"], "error_kind": r.get("error_kind") or "",
                      "symbol": r.get("symbol"), "timeframe": r.get("timeframe"), "model": r.get("model"),
-                     "params": _params_text(r.get("params")), **cols, "IS trades": _number(is_.get("# Trades")),
+                     "params": _params_text(r.get("params")), **cols,
+                     **{k: _number(v) for k, v in overfit_columns(r.get("overfitting")).items()},
+                     "IS trades": _number(is_.get("# Trades")),
                      "peak_mib": round(peak / 2**20, 1) if peak else math.nan,
                      "wall_s": round(float(r.get("wall_s") or 0), 2), "link": r.get("link") or "",
                      "run_id": r.get("run_id"), "worker": r.get("worker") or "", "error": r.get("error") or ""})
-    names = COLUMNS_BEFORE[1:] + list(metric_columns({}, {}, metric)) + COLUMNS_AFTER
+    names = COLUMNS_BEFORE[1:] + list(metric_columns({}, {}, metric)) + list(overfit_columns(None)) + COLUMNS_AFTER
     df = pd.DataFrame(recs, columns=names)
     ok = rank_by_oos(df[df["status"] == "ok"].copy(), metric)
     rest = df[df["status"] != "ok"].sort_values(["error_kind", "idea"])

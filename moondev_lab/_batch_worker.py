@@ -245,6 +245,7 @@ def run_direct(item: dict, spec: IdeaSpec) -> dict:
         row = {"index": item["index"], "idea": item["idea"], "status": res.status, "error_kind": res.error_kind,
                "error": res.error, "in_sample": res.in_sample, "out_of_sample": res.out_of_sample,
                "params": res.params, "saved": res.saved, "debug": res.debug_iterations, "optimize": res.optimize_iterations,
+               "overfitting": res.overfitting,  # issue 15: trials, dsr, psr, pbo, ...
                "calls": ledger.calls, "worker": _where(), "peak_bytes": watch.peak_above_baseline,
                "files": _read_files(Path(res.run_dir)) if res.run_dir else {}}
         ledger.close()
@@ -340,7 +341,7 @@ def run_notebook(item: dict, spec: IdeaSpec) -> dict:
             if result is None:
                 row.update(error_kind="no_result", error=f"the notebook published no {RESULT_MIME} output")
             else:
-                row.update({k: result.get(k) for k in ("status", "error_kind", "error")},
+                row.update({k: result.get(k) for k in ("status", "error_kind", "error", "overfitting")},
                            **{k: result.get(k) or {} for k in ("in_sample", "out_of_sample", "params")})
         try:
             cells = read_ledger(str(out))
