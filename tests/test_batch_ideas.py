@@ -68,9 +68,10 @@ def test_four_ideas_on_a_local_cluster(client, tmp_path, lab_home):
     assert list(board["rank"]) == [1, 2, 3, 4] and board.iloc[-1]["idea"] == IDEAS[2]  # failures rank last
     # Best out-of-sample first; runs with too few OOS trades to be evidence ranked below the rest.
     # Then "probably overfit" (issue 15: DSR < 0.95 or PBO > 0.5), then too few trades.
-    tiers = [ok[ok["flag"] == f]["OOS Return [%]"].tolist() for f in ("", "probably overfit", "too few trades")]
+    order = ("", "probably overfit", "too few trades", "probably overfit, too few trades")
+    tiers = [ok[ok["flag"] == f]["OOS Return [%]"].tolist() for f in order]
     assert list(ok["OOS Return [%]"]) == [v for t in tiers for v in sorted(t, reverse=True)]
-    assert list(ok["flag"]) == sorted(ok["flag"])
+    assert [order.index(f) for f in ok["flag"]] == sorted(order.index(f) for f in ok["flag"])
     assert (ok["symbol"] == "BTC/USD").all() and (ok["timeframe"] == "15m").all() and (ok["OOS trades"] >= 0).all()
     assert (ok["trials"] >= 1).all() and ok["dsr"].between(0, 1).all()  # every idea's trials, deflated
     out = tmp_path / "out"

@@ -268,7 +268,9 @@ KILL_SCRIPT = textwrap.dedent('''
     with LiveRunner(StrategySource(code, {{}}, "SmaCross"), paper, symbol="BTC/USD", state_dir={state!r},
                     warmup_bars=0) as r:
         r.start(data)
-        r.feed(data, chunk=32)
+        for end in range(32, {n} + 32, 32):  # progress lines let the test kill at a chosen point of the work
+            r.feed(data.iloc[:end], chunk=32)
+            print("AT", end, flush=True)
     print("DONE", flush=True)
 ''')
 
@@ -291,7 +293,19 @@ def test_kill_minus_nine_at_random_points_loses_and_doubles_nothing(tmp_path, bt
     for trial in range(20):
         proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=os.environ.copy())
-        time.sleep(rng.uniform(1.0, 4.0))
+        # Kill during start-up and reconciliation (k = 0), or a random moment after k more chunks: by
+        # progress, not by the clock, so a fast machine cannot finish the work before the trials do.
+        k = rng.randint(0, 4)
+        if k == 0:
+            time.sleep(rng.uniform(0.2, 1.5))
+        else:
+            seen = 0
+            while seen < k:
+                line = proc.stdout.readline()
+                if not line:
+                    break  # it finished (or died) first
+                seen += line.startswith(b"AT ")
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed += 1
