@@ -518,6 +518,8 @@ def _run_parts(stats: pd.Series, log) -> dict:
 
 
 def _finish_payload(parts: dict, task: dict) -> dict:
+    if task.get("claims") == "stats":  # the pool's parent settles trades and equity itself from the order log
+        return {**parts, "trades": [], "equity": []}
     return {**parts, "trades": trades_to_records(parts["trades"]),
             "equity": equity_points(parts["equity"], task.get("equity_points", EQUITY_POINTS))}
 

@@ -431,8 +431,11 @@ class SandboxPool:
         if not isinstance(code, str):
             raise TypeError("code must be a str of Python source")
         limits = (limits or self.limits).with_timeout(timeout)
+        # claims="stats": the task sends its claimed stats and its order log, not trade records or an
+        # equity curve: the parent settles those itself (sandbox/_settle.py) and would discard the task's.
         return {"op": op, "code": code, "data": (data or DataRef()).resolved(), "timeout": float(timeout),
-                "limits": asdict(limits), "settings": asdict(settings or self.settings), **extra}
+                "limits": asdict(limits), "settings": asdict(settings or self.settings), "claims": "stats",
+                **extra}
 
     def run(self, code: str, data: DataRef | None = None, params: dict | None = None, *,
             timeout: float = 60, limits: Limits | None = None,
