@@ -15,9 +15,10 @@ idea's RBI run tried and produced, and turns it into the ``overfitting`` object 
   the trials' Sharpe ratios comes from the grid's per-combination returns when kept (fast path),
   else from the Sharpe ratios of the runs the loop made; with fewer than two of those it is the
   no-skill estimation variance of a per-bar Sharpe ratio, ``1 / n_obs`` (Lo 2002), and it says so;
-* **pbo** by CSCV over the training grid's per-combination returns, computed through the compiled
-  fast path for the offline model's spec strategies; the pool grid keeps no returns ("pool grid:
-  no returns kept", pbo None);
+* **pbo** by CSCV over the training grid's per-combination returns: the compiled fast path's for
+  the offline model's spec strategies, the pool grid's for any other code (each combination's equity
+  as the trusted side settled it; the notes say so); the ``backtesting`` grid engine keeps none
+  (pbo None, and the notes say that too);
 * **walk_forward** (``RBIConfig.walk_forward = K``): K rolling folds, grids on each train window
   through the fast path (spec strategies, trusted kernel) or :class:`~moondev_lab.robustness.SandboxEvaluator`
   (any other code: it never runs in this process).
@@ -36,7 +37,8 @@ from . import robustness as rb
 log = logging.getLogger(__name__)
 
 PROBABLY_OVERFIT = "probably overfit"
-NO_POOL_RETURNS = "pool grid: no returns kept"
+NO_GRID_RETURNS = "grid engine {engine!r}: no per-combination returns kept, no PBO"
+POOL_RETURNS = "pbo from the pool grid (each combination's settled equity)"
 DSR_THRESHOLD, PBO_THRESHOLD = 0.95, 0.5
 #: The stage under which the ledger keeps a run's overfitting object (stats JSON of code_versions).
 LEDGER_STAGE = "overfitting"
@@ -171,6 +173,80 @@ def walk_forward_idea(engine: Any, code: str, grid: Mapping[str, Sequence], fold
     return rb.walk_forward(ev, folds=folds)
 
 
+def grid_returns(res: Any, code: str, grid: Mapping[str, Sequence], train: pd.DataFrame | None,
+                 notes: list) -> tuple[pd.DataFrame | None, str | None]:
+    """The training grid's per-combination returns and where they came from, or ``(None, None)``.
+
+    The grid engine's own (``res._grid_returns``: the fast path's, or the pool grid's settled ones,
+    dropped from ``res`` here so a batch's results do not keep them), else the fast path's for a spec
+    strategy. Pool-grid combinations without a settled run (NaN columns) are left out, and noted.
+    """
+    kept = res.__dict__.pop("_grid_returns", None)
+    if kept is not None and res.grid_engine != "fast":
+        usable = kept.columns[np.isfinite(kept.to_numpy()).all(axis=0)]
+        if len(usable) < kept.shape[1]:
+            notes.append(f"pbo: {kept.shape[1] - len(usable)} grid combination(s) without a settled run left out")
+        notes.append(POOL_RETURNS)
+        return kept[usable], "pool grid"
+    if kept is not None:
+        return kept, "fast path"
+    matrix = fast_grid_returns(code, grid, train) if train is not None else None
+    return matrix, ("fast path" if matrix is not None else None)
+
+
+# ----- display: the same picture for a fresh run and one loaded from the ledger ------------------------------
+def overfitting_html(obj: Mapping | None) -> str:
+    """An ``overfitting`` object as HTML: the summary table, the CSCV logit histogram, the walk-forward equity.
+
+    Drawn from the JSON object alone (``cscv.logit_hist``, ``walk_forward.equity``), so a run loaded
+    from the ledger shows what the fresh one did.
+    """
+    import html
+
+    if not obj:
+        return ""
+    wf = obj.get("walk_forward") or {}
+    mtr = obj.get("min_track_record")
+    rows = {"trials": obj.get("trials"), "dsr": obj.get("dsr"), "psr": obj.get("psr"), "pbo": obj.get("pbo"),
+            "min track record (bars)": "inf" if mtr is None and obj.get("dsr") is not None else mtr,
+            "of bars": obj.get("n_obs")}
+    if wf:
+        eff = wf.get("efficiency")
+        rows.update({"wf folds": _fold_count(wf),
+                     "wf efficiency": "n/a (in-sample return not positive)" if eff is None else eff})
+    flag = PROBABLY_OVERFIT if obj.get("probably_overfit") else ("not flagged" if obj.get("dsr") is not None
+                                                                 else "not assessed")
+    cells = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(_shown(v))}</td></tr>"
+                    for k, v in rows.items())
+    out = [f"<div class='moondev-overfitting'><b>overfitting: {html.escape(flag)}</b><table>{cells}</table>"]
+    hist = (obj.get("cscv") or {}).get("logit_hist")
+    if hist:
+        out.append(rb._figure_html(rb.plot_logit_histogram(hist, obj.get("pbo"))))
+    eq = wf.get("equity") if wf else None
+    if eq and len(eq.get("equity", ())) >= 2:
+        starts = [f["test"][0] for f in (wf.get("fold_details") or wf.get("folds") or [])[1:]
+                  if isinstance(f, Mapping) and f.get("test")]
+        out.append(rb._figure_html(rb.plot_walk_forward_equity(eq["time"], eq["equity"], starts,
+                                                               wf.get("efficiency"))))
+    notes = obj.get("notes") or []
+    if notes:
+        out.append("<ul>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes) + "</ul>")
+    return "".join(out) + "</div>"
+
+
+def _fold_count(wf: Mapping) -> int | None:
+    folds = wf.get("folds") if wf else None  # a count in the RBI object, the fold list in a bare to_dict()
+    return folds if isinstance(folds, int) or folds is None else len(folds)
+
+
+def _shown(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3f}"
+    return str(v)
+
+
 # ----- one idea, end to end --------------------------------------------------------------------------------
 def assess_idea(engine: Any, res: Any, code: str, grid: Mapping[str, Sequence]) -> rb.Overfitting | None:
     """The idea's :class:`~moondev_lab.robustness.Overfitting`, stored on ``res`` and in the ledger.
@@ -199,7 +275,8 @@ def _assess_idea(engine: Any, res: Any, code: str, grid: Mapping[str, Sequence])
 
         ref = engine.train
         train = default_pool().get(cfg.symbol, cfg.timeframe, source=cfg.source, start=ref.start, end=ref.end)
-    matrix = fast_grid_returns(code, grid, train) if train is not None else None
+    # (the data is mapped, not copied: cheap even when the grid kept its returns)
+    matrix, source = grid_returns(res, code, grid, train, notes)
     pbo = None
     if matrix is not None:
         try:
@@ -207,10 +284,10 @@ def _assess_idea(engine: Any, res: Any, code: str, grid: Mapping[str, Sequence])
         except rb.RobustnessError as e:
             notes.append(f"pbo: {e}")
         sharpes = list(rb.sharpe_ratio(matrix.to_numpy()))
-        variance_source = "grid returns (fast path)"
+        variance_source = f"grid returns ({source})"
     else:
         if grid:
-            notes.append(NO_POOL_RETURNS)
+            notes.append(NO_GRID_RETURNS.format(engine=res.grid_engine or "none"))
         sharpes = [s for s in (_per_bar(c["stats"].get("Sharpe Ratio"), periods)
                                for c in engine.ledger.code_versions(res.run_id)
                                if c.get("stats") and c.get("stage") in ("initial", "debug", "optimize", "grid"))

@@ -244,12 +244,10 @@ class FastGrid:
 
     def returns(self, combo: Mapping[str, Any]) -> np.ndarray:
         """Per-bar returns of one combination's equity curve (0 on the first bar)."""
+        from .sandbox._settle import per_bar_returns
+
         self._run(combo)
-        eq = self._equity
-        out = np.zeros(self.n)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[1:] = eq[1:] / eq[:-1] - 1
-        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        return per_bar_returns(self._equity)
 
     def score(self, combo: Mapping[str, Any], maximize: str) -> float:
         """``Backtest.optimize``'s heatmap value: the metric, or NaN for a run without trades."""
@@ -269,7 +267,9 @@ class GridResult:
     ``Backtest(df, Strategy, **g.settings).optimize(**g.params, maximize=g.maximize)``
     reproduces the grid. ``mismatch`` describes a confirmation run that disagreed (then
     ``best_stats`` is backtesting.py's). ``returns`` (when kept) holds each combination's
-    per-bar returns, one column per combination, for CSCV.
+    per-bar returns, one column per combination, for CSCV (from the compiled path, or from the
+    equity the trusted side settled for each combination of the pool grid). ``walk_forward``
+    (``grid(..., walk_forward=K)``) is the :class:`~moondev_lab.robustness.WalkForwardResult`.
     """
 
     params: dict
@@ -285,13 +285,17 @@ class GridResult:
     mismatch: str | None = None
     returns: pd.DataFrame | None = None
     notes: list = field(default_factory=list)
+    walk_forward: Any = None
 
     def __repr__(self) -> str:
         v = self.best_stats.get(self.maximize) if len(self.best_stats) else None
         shown = f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         conf = {None: "", True: ", confirmed", False: ", MISMATCH (backtesting.py result kept)"}[self.confirmed]
+        wf = self.walk_forward
+        walked = "" if wf is None else (f"; walk-forward {len(wf.folds)} {'anchored' if wf.anchored else 'rolling'}"
+                                        f" folds, efficiency {wf.efficiency:.3f}")
         return (f"GridResult({self.engine}: {len(self.heatmap)} combinations in {self.elapsed_s:.2f}s, "
-                f"best {self.best_params} {self.maximize}={shown}{conf})")
+                f"best {self.best_params} {self.maximize}={shown}{conf}{walked})")
 
     def _repr_html_(self) -> str:
         head = html.escape(repr(self))
@@ -302,7 +306,8 @@ class GridResult:
         keys = ["Return [%]", "Sharpe Ratio", "Max. Drawdown [%]", "# Trades", "Win Rate [%]"]
         rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{_fmt(self.best_stats.get(k))}</td></tr>"
                        for k in keys if k in self.best_stats)
-        return f"<div><b>{head}</b><table>{rows}</table>{img}</div>"
+        walked = "" if self.walk_forward is None else self.walk_forward._repr_html_()
+        return f"<div><b>{head}</b><table>{rows}</table>{img}{walked}</div>"
 
 
 def _fmt(v) -> str:
@@ -372,7 +377,8 @@ def iter_scores(fg: FastGrid, combos: Sequence[dict], maximize: str, returns: np
 def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, symbol: str = "BTC/USD",
          timeframe: str = "15m", start=None, end=None, maximize: str = "Return [%]", source: str | None = None,
          confirm: bool = True, keep_returns: bool = False, pool: Any = None, timeout: float = 120.0,
-         data: pd.DataFrame | None = None) -> GridResult:
+         data: pd.DataFrame | None = None, walk_forward: int = 0, anchored: bool = False,
+         train_bars: int | None = None, test_bars: int | None = None) -> GridResult:
     """Grid-search a strategy's class parameters, fast when the strategy is a spec strategy.
 
     ``idea_or_code``: idea text (through the offline model) or strategy source. ``params``:
@@ -380,7 +386,13 @@ def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, sym
     data is ``symbol``/``timeframe`` from the store, sliced to ``start``..``end``.
     ``confirm``: re-run the best combination with backtesting.py in the sandbox and compare.
     ``keep_returns``: keep every combination's per-bar returns (``g.returns``; n_bars x
-    combinations floats). ``data`` (in-process only) skips the store; no confirmation then.
+    combinations floats; for other code, from the pool grid's settled equity). ``data``
+    (in-process only, spec strategies) skips the store; no confirmation then.
+    ``walk_forward=K``: also K walk-forward folds over the same bars (``g.walk_forward``): the grid
+    on each train window, its best on the test window after it; ``anchored`` train windows all
+    start at the first bar, rolling ones keep ``train_bars``; ``test_bars`` per fold (defaults:
+    :func:`~moondev_lab.robustness.walk_forward_windows`). Compiled for spec strategies, in the
+    sandbox pool for any other code.
     """
     import time
 
@@ -388,6 +400,9 @@ def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, sym
     from .rbi import RBIConfig, param_grid
 
     t0 = time.perf_counter()
+    if walk_forward and (isinstance(walk_forward, bool) or not isinstance(walk_forward, (int, np.integer))
+                         or walk_forward < 1):
+        raise FastGridError(f"walk_forward needs a number of folds >= 1, got {walk_forward!r}")
     plan, code = _plan_for(idea_or_code)
     if params is None:
         defaults = plan.defaults if plan else class_params(code)
@@ -415,15 +430,39 @@ def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, sym
             result.notes += notes
             if confirm and ref is not None:
                 _confirm(result, ref, pool, timeout)
-            result.elapsed_s = time.perf_counter() - t0
-            return result
-    if ref is None:
-        raise FastGridError("this strategy needs the backtesting.py engine, which runs in the sandbox on stored "
-                            "data: pass symbol/timeframe instead of data=")
-    result = _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout)
-    result.notes += notes
+    else:
+        result = None
+    if result is None:
+        if ref is None:
+            raise FastGridError("this strategy needs the backtesting.py engine, which runs in the sandbox on "
+                                "stored data: pass symbol/timeframe instead of data=")
+        result = _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, keep_returns)
+        result.notes += notes
+    if walk_forward:
+        result.walk_forward = _walk_forward(result, plan, data, ref, pool, timeout, int(walk_forward),
+                                            anchored=anchored, train=train_bars, test=test_bars)
     result.elapsed_s = time.perf_counter() - t0
     return result
+
+
+def _walk_forward(result: GridResult, plan: Plan | None, data: pd.DataFrame, ref, pool, timeout: float, folds: int,
+                  **windows):
+    """``folds`` walk-forward folds of ``result``'s grid: compiled when the grid was, else in the sandbox pool."""
+    from . import robustness as rb
+
+    if plan is not None and result.engine == "fast":
+        from ._overfit import FastEvaluator
+
+        ev: Any = FastEvaluator(result.code, result.params, data, result.maximize)
+    else:
+        from .sandbox import default_pool as default_sandbox
+
+        ev = rb.SandboxEvaluator(pool or default_sandbox(), result.code, result.params, ref, data.index,
+                                 maximize=result.maximize, timeout=timeout)
+    try:
+        return rb.walk_forward(ev, folds=folds, **windows)
+    except rb.RobustnessError as e:
+        raise FastGridError(f"walk-forward: {e}") from None
 
 
 def _ref(symbol, timeframe, source, start, end):
@@ -456,18 +495,20 @@ def _label(combo: Mapping) -> str:
     return ",".join(f"{k}={v}" for k, v in combo.items())
 
 
-def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout) -> GridResult:
+def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, keep_returns=False) -> GridResult:
     from .sandbox import default_pool as default_sandbox
 
     pool = pool or default_sandbox()
-    out = pool.optimize(code, params, ref, maximize=maximize, timeout=timeout, settings=settings, fast=False)
+    out = pool.optimize(code, params, ref, maximize=maximize, timeout=timeout, settings=settings, fast=False,
+                        keep_returns=keep_returns)
     if out.result is None or not out.result.ok:
         err = out.result.error if out.result is not None else (out.errors[0] if out.errors else "no result")
         raise FastGridError(f"the grid failed in the sandbox: {err}")
-    scores = [math.nan if s is None else float(s) for _, s in out.scores]
+    scores = [math.nan if s is None else float(s) for _, s in out.heatmap]
     stats = pd.Series(out.result.stats, dtype=object)
+    notes = ["returns from the pool grid (each combination's settled equity)"] if keep_returns else []
     return GridResult(params, dict(out.best_params), stats, _heatmap(params, combos, scores, maximize), code,
-                      settings.kwargs(), maximize, "backtesting")
+                      settings.kwargs(), maximize, "backtesting", returns=out.returns, notes=notes)
 
 
 # ----------------------------------------------------------------------------- confirmation
@@ -535,7 +576,7 @@ def _confirm(result: GridResult, ref, pool, timeout: float, *, limits=None, sett
 
 # ----------------------------------------------------------------------------- SandboxPool.optimize
 def pool_grid(pool, code: str, params: Mapping[str, Sequence], combos: list[dict], ref, maximize: str, *,
-              timeout: float, limits=None, settings: BacktestSettings | None = None):
+              timeout: float, limits=None, settings: BacktestSettings | None = None, keep_returns: bool = False):
     """:meth:`SandboxPool.optimize <moondev_lab.sandbox.pool.SandboxPool.optimize>`'s fast path, or None.
 
     For code :func:`plan_of` recognises (the offline model's own spec strategies), the
@@ -562,7 +603,7 @@ def pool_grid(pool, code: str, params: Mapping[str, Sequence], combos: list[dict
     settings = settings or pool.settings
     try:
         data = default_pool().get(ref.symbol, ref.timeframe, source=ref.source, start=ref.start, end=ref.end)
-        g = _fast_grid(plan, data, settings, dict(params), combos, maximize, False)
+        g = _fast_grid(plan, data, settings, dict(params), combos, maximize, keep_returns)
     except (_NotExact, FastGridError) as e:  # the sandbox grid reports a bad parameter its own way
         log.info("fast grid not used here (%s); the sandbox grid runs instead", e)
         return None
@@ -570,4 +611,4 @@ def pool_grid(pool, code: str, params: Mapping[str, Sequence], combos: list[dict
     if not g.confirmed:
         return None
     heatmap = [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, g.heatmap.to_numpy())]
-    return OptimizeResult(dict(g.best_params), run, heatmap, [], time.perf_counter() - started)
+    return OptimizeResult(dict(g.best_params), run, heatmap, [], time.perf_counter() - started, g.returns)

@@ -287,7 +287,7 @@ class RBI:
             params = class_params(best_code)
             grid = param_grid(params, cfg.max_grid) if params else {}
             if grid and math.prod(len(v) for v in grid.values()) > 1:
-                g_run, g_params, res.grid, res.grid_engine = self._grid(best_code, grid)
+                g_run, g_params, res.grid, res.grid_engine, res._grid_returns = self._grid(best_code, grid)
                 if g_run is not None and _metric(g_run.stats, cfg.metric) > _metric(best_run.stats, cfg.metric):
                     best_run, best_params = g_run, g_params
                     self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g_run.stats, "_params": best_params})
@@ -337,17 +337,17 @@ class RBI:
         from . import fast
 
         g = fast.pool_grid(self.sandbox, code, grid, fast._combos(grid), self.train, self.cfg.metric,
-                           timeout=self.cfg.timeout)
-        return None if g is None else GridOutcome(g.result, dict(g.best_params), g.heatmap, "fast")
+                           timeout=self.cfg.timeout, keep_returns=True)
+        return None if g is None else GridOutcome(g.result, dict(g.best_params), g.heatmap, "fast", g.returns)
 
     def _grid_pool(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """Every combination as a sandbox task, spread over the pool (any code)."""
         g = self.sandbox.optimize(code, grid, self.train, maximize=self.cfg.metric, timeout=self.cfg.timeout,
-                                  fast=False)
+                                  fast=False, keep_returns=True)  # issue 15: PBO needs every combination's returns
         ok = g.result is not None and g.result.ok
         scores = [(dict(p), s) for p, s in g.heatmap]
-        return GridOutcome(g.result, dict(g.best_params), scores, "pool") if ok else GridOutcome(None, {}, scores,
-                                                                                                  "pool")
+        return GridOutcome(g.result, dict(g.best_params), scores, "pool", g.returns) if ok else \
+            GridOutcome(None, {}, scores, "pool", g.returns)
 
     def _grid_backtesting(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """backtesting.py's own optimizer, run as a script inside one sandbox task.
@@ -472,6 +472,7 @@ class GridOutcome(NamedTuple):
     params: dict  # the best combination
     scores: list  # [(params, score or None), ...] in grid order; empty when the engine keeps no heatmap
     engine: str  # the engine that ran: "fast", "pool" or "backtesting"
+    returns: Any = None  # bars x combinations per-bar returns (trusted: compiled or settled), or None
 
 
 #: ``RBIConfig.grid_engine`` -> how the grid runs. "auto": the fast path where it is exact, else the pool.

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from moondev_lab._overfit import PROBABLY_OVERFIT, count_trials
+from moondev_lab._overfit import POOL_RETURNS, PROBABLY_OVERFIT, count_trials
 from moondev_lab.ledger import Ledger, rank_by_oos
 from moondev_lab.rbi import RBIConfig, run_rbi
 from moondev_lab.sandbox import SandboxPool
@@ -91,8 +91,9 @@ def test_walk_forward_through_run_rbi(walked):
     assert math.isfinite(res._overfitting.walk_forward.equity.iloc[-1])
 
 
-def test_pool_grid_says_no_returns_kept(sandbox, tmp_path):
-    """Code that is not a spec strategy: its pool grid keeps no returns, so no PBO, and it says so.
+def test_pool_grid_of_non_spec_code_gets_a_pbo_and_says_where_from(sandbox, tmp_path):
+    """Code that is not a spec strategy: its pool grid keeps each combination's settled returns, so
+    it gets a PBO, and the notes say they came from the pool grid.
 
     Its walk-forward goes through the SandboxEvaluator: the untrusted code never runs in this process.
     """
@@ -112,10 +113,47 @@ def test_pool_grid_says_no_returns_kept(sandbox, tmp_path):
     res = report.results[0]
     assert res.status == "ok", res.error
     o = res.overfitting
-    assert o["pbo"] is None and "pool grid: no returns kept" in o["notes"]
+    assert res.grid_engine == "pool" and len(res.grid) == 4
+    assert o["pbo"] is not None and 0 <= o["pbo"] <= 1 and o["cscv"]["splits"] == 12870
+    assert o["cscv"]["combinations"] == 4  # a combination without trades has flat equity: zero returns, kept
+    assert POOL_RETURNS in o["notes"] and o["sharpe_variance_source"] == "grid returns (pool grid)"
     assert o["trials"] == 1 + len(res.grid) and 0 <= o["dsr"] <= 1
+    assert not hasattr(res, "_grid_returns")  # the matrix is not kept on the result (a batch holds thousands)
     assert o["walk_forward"]["folds"] == 2, o["notes"]
     assert isinstance(res._overfitting.walk_forward.folds[0].oos_equity.index, pd.DatetimeIndex)
+
+
+PNG = '<img src="data:image/png;base64,'
+
+
+def _overfitting_section(page: str) -> str:
+    start = page.index("<div class='moondev-overfitting'>")
+    return page[start:page.index("</div>", start)]
+
+
+def test_result_html_shows_the_summary_the_logit_histogram_and_the_walk_forward_equity(walked):
+    import base64
+
+    from moondev_lab.results import load_run
+
+    report, led = walked
+    res = report.results[0]
+    o = res.overfitting
+    assert sum(o["cscv"]["logit_hist"]["counts"]) == 12870
+    assert 2 <= len(o["walk_forward"]["equity"]["equity"]) <= 200
+    section = _overfitting_section(res._repr_html_())
+    for label in ("trials", "dsr", "psr", "pbo", "min track record", "wf efficiency"):
+        assert f">{label}" in section
+    assert section.count(PNG) == 2  # the CSCV logit histogram and the walk-forward equity
+    for img in section.split(PNG)[1:]:
+        assert base64.b64decode(img[:img.index('"')]).startswith(b"\x89PNG")
+    # A run loaded from the ledger draws the same pictures from the stored object alone.
+    loaded = load_run(res.run_id, led)
+    assert not hasattr(loaded, "_overfitting")
+    assert _overfitting_section(loaded._repr_html_()) == section
+    # The report shows them per idea.
+    page = report._repr_html_()
+    assert f"overfitting of run {res.run_id}" in page and _overfitting_section(page) == section
 
 
 def test_leaderboard_columns_and_probably_overfit_group(walked):

@@ -114,12 +114,30 @@ def grid_chunk(payload, n: int) -> tuple[list, int, dict | None, list]:
     return [None if v is None else float(v) for v in values], best_index, best, logs
 
 
-def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int = 0) -> tuple[list, list[str]]:
+def per_bar_returns(equity) -> "np.ndarray":
+    """Per-bar returns of an equity curve: 0 on the first bar, and where the equity is 0 or undefined.
+
+    >>> per_bar_returns([100.0, 110.0, 99.0]).round(3).tolist()
+    [0.0, 0.1, -0.1]
+    """
+    import numpy as np
+
+    eq = np.asarray(equity, dtype=float)
+    out = np.zeros(len(eq))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[1:] = eq[1:] / eq[:-1] - 1
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int = 0,
+                returns=None) -> tuple[list, list[str]]:
     """Each combination's settled score (``None``: no trades, or unsettleable), and every false claim.
 
     Scored as the sandbox's grid scores: the ``maximize`` stat, or ``None`` for a run
     without trades. Only these settled scores rank the grid and fill its heatmap.
     ``first``: the grid index of the chunk's first combination (for the messages).
+    ``returns`` (bars x grid combinations, optional): column ``first + i`` receives combination
+    ``i``'s per-bar returns from its *settled* equity (an unsettleable one's column is left as it is).
     """
     from moondev_lab.broker import OrderLog, settle
 
@@ -132,6 +150,8 @@ def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int
                 raise ValueError("no order log")
             stats = settle(OrderLog.from_dict(log), frame, settings).stats
             score = float(stats[maximize]) if stats["# Trades"] else None
+            if returns is not None:
+                returns[:, first + i] = per_bar_returns(stats["_equity_curve"]["Equity"].to_numpy())
         except Exception as exc:  # noqa: BLE001 - whatever the task child sent must not crash the pool
             scores.append(None)
             problems.append(f"combination {first + i} cannot be settled: {type(exc).__name__}: {str(exc)[:200]}")

@@ -33,7 +33,7 @@ import psutil
 from .. import _registry, config
 from . import _isolation, _limits
 from ._limits import Limits
-from ._settle import confirm_score, flag_grid, grid_chunk, settle_grid, settled_result
+from ._settle import confirm_score, data_frame, flag_grid, grid_chunk, settle_grid, settled_result
 from ._wire import decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
 from .settings import BacktestSettings
@@ -147,13 +147,19 @@ class BacktestResult:
 
 @dataclass
 class OptimizeResult:
-    """Best parameters of a grid, the full run at them, and every combination's score."""
+    """Best parameters of a grid, the full run at them, and every combination's score.
+
+    ``returns`` (``optimize(..., keep_returns=True)``): a ``pd.DataFrame`` of every combination's
+    per-bar returns (bars x combinations, in grid order), from the equity the trusted side settled;
+    a combination that failed or could not be settled has a column of NaN.
+    """
 
     best_params: dict
     result: BacktestResult
     heatmap: list[tuple[dict, float | None]]
     errors: list[SandboxError]
     duration_s: float
+    returns: object = None
 
     @property
     def stats(self) -> dict:
@@ -467,7 +473,7 @@ class SandboxPool:
                  maximize: str = "SQN", constraint: Callable[[dict], bool] | None = None,
                  timeout: float = 60, limits: Limits | None = None,
                  settings: BacktestSettings | None = None, chunks_per_worker: int = 1,
-                 fast: bool = True) -> OptimizeResult:
+                 fast: bool = True, keep_returns: bool = False) -> OptimizeResult:
         """Grid search across the workers, scored like ``Backtest.optimize(method="grid")``.
 
         Same admissible combinations (product order, ``constraint``), same scoring
@@ -480,6 +486,8 @@ class SandboxPool:
         ``fast``: for the offline model's spec strategies, score the grid in compiled code
         (:func:`moondev_lab.fast.pool_grid`) and run only the best combination here, which
         must match it trade for trade; otherwise (or on a mismatch) every combination runs here.
+        ``keep_returns``: also keep each combination's per-bar returns (``.returns``, one float64
+        column per combination), computed here from the settled equity, never from the sandbox's claims.
         """
         started = time.perf_counter()
         if not isinstance(maximize, str):
@@ -497,7 +505,7 @@ class SandboxPool:
             from .. import fast as fast_grid
 
             quick = fast_grid.pool_grid(self, code, grid, combos, data, maximize, timeout=timeout, limits=limits,
-                                        settings=settings)
+                                        settings=settings, keep_returns=keep_returns)
             if quick is not None:
                 return quick
         n_chunks = min(len(combos), self.size * max(1, chunks_per_worker))
@@ -509,6 +517,8 @@ class SandboxPool:
         tasks = [self._task("grid", code, data, timeout * len(chunk), limits, settings, combos=chunk,
                             maximize=maximize) for chunk in chunks]
         futures = [self._executor.submit(self._request, task) for task in tasks]
+        # Bounded: one float column per combination, filled as each chunk settles (no stats kept).
+        returns = _returns_matrix(tasks[0], len(combos)) if keep_returns else None
         scores: list = []  # settled scores only: a claimed score never ranks
         errors: list[SandboxError] = []
         false_claims: list[str] = []
@@ -527,7 +537,7 @@ class SandboxPool:
                 errors.append(SandboxError.from_dict(reply["error"]))
                 scores += [None] * len(chunk)
                 continue
-            settled, problems = settle_grid(task, logs, claimed, maximize, first=len(scores))
+            settled, problems = settle_grid(task, logs, claimed, maximize, first=len(scores), returns=returns)
             false_claims += problems
             i = len(scores) + best_index
             scores += settled
@@ -536,7 +546,8 @@ class SandboxPool:
             del reply, best, logs
         if errors and len(errors) == len(chunks):
             result = BacktestResult(ok=False, error=errors[0])
-            return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
+            return OptimizeResult({}, result, list(zip(combos, scores)), errors, time.perf_counter() - started,
+                                  _returns_frame(returns, tasks[0], combos))
         best_i = _first_best(scores)
         best = combos[best_i]
         if best_run is not None and best_run[0] == best_i:  # already run: same stats as a fresh run
@@ -546,7 +557,8 @@ class SandboxPool:
             result = self.run(code, data, best, timeout=timeout, limits=limits, settings=settings)
         if false_claims:
             flag_grid(result, maximize, false_claims)
-        return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started)
+        return OptimizeResult(best, result, list(zip(combos, scores)), errors, time.perf_counter() - started,
+                              _returns_frame(returns, tasks[0], combos))
 
     # ----------------------------------------------------------------- inspection
     def stats(self) -> PoolStats:
@@ -588,6 +600,24 @@ def _to_result(reply: dict) -> BacktestResult:
         return BacktestResult._failure(ErrorKind.RESULT_INVALID, type(exc).__name__,
                                        f"malformed result from the sandbox: {str(exc)[:300]}",
                                        worker_pid=reply.get("worker_pid") if isinstance(reply, dict) else None)
+
+
+def _returns_matrix(task: dict, n_combos: int):
+    """NaN-filled bars x combinations for :func:`~moondev_lab.sandbox._settle.settle_grid` to fill."""
+    import numpy as np
+
+    return np.full((len(data_frame(task["data"])), n_combos), np.nan)
+
+
+def _returns_frame(returns, task: dict, combos: list[dict]):
+    """The kept returns as a DataFrame on the task's bars, one column per combination (``k=v,...``)."""
+    if returns is None:
+        return None
+    import pandas as pd
+
+    from ..fast import _label
+
+    return pd.DataFrame(returns, index=data_frame(task["data"]).index, columns=[_label(c) for c in combos])
 
 
 def _first_best(scores: list) -> int:
