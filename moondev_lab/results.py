@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._overfit import batch_overfitting, overfit_columns
+from ._overfit import batch_overfitting, overfit_columns, overfitting_html
 from .ledger import format_params, metric_columns, rank_by_oos
 
 #: The headline stats shown in tables and kept in the ledger.
@@ -491,6 +491,8 @@ class IdeaResult:
             parts.append(f"<p>tuned parameters: <code>{esc(format_params(self.params))}</code></p>")
         if self.in_sample or self.out_of_sample:
             parts.append(_html_table(self.summary))
+        if self.overfitting:  # issue 15: the summary, the CSCV logit histogram, the walk-forward equity
+            parts.append(overfitting_html(self.overfitting))
         if self.datasets:
             parts.append("<details><summary>per quarter</summary>" + _html_table(self.per_quarter) + "</details>")
         if self.code:
@@ -560,7 +562,15 @@ class RBIReport:
         if any(r.out_of_sample for r in self.results):
             out += "<details><summary>out-of-sample stats side by side</summary>" + _html_table(self.compare())
             out += "</details>"
+        assessed = [r for r in self.results if r.overfitting]
+        for r in assessed[:self._OVERFITTING_SHOWN]:
+            out += (f"<details><summary>overfitting of run {r.run_id}: {html.escape(r.idea[:60])}</summary>"
+                    f"{overfitting_html(r.overfitting)}</details>")
+        if len(assessed) > self._OVERFITTING_SHOWN:
+            out += f"<p>({len(assessed) - self._OVERFITTING_SHOWN} more assessed ideas: see each result)</p>"
         return out
+
+    _OVERFITTING_SHOWN = 20  # two pictures per idea: a batch-sized report would carry thousands
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "elapsed_s": self.elapsed_s, "usage": self.usage,

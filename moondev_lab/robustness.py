@@ -291,7 +291,7 @@ class PBOResult:
         return {"pbo": _num(self.pbo), "splits": self.n_splits, "partitions": self.partitions,
                 "combinations": self.n_combinations, "degradation_slope": _num(slope),
                 "degradation_intercept": _num(intercept), "prob_oos_loss": _num(self.prob_oos_loss),
-                "logit_median": _num(float(np.median(self.logits)))}
+                "logit_median": _num(float(np.median(self.logits))), "logit_hist": logit_histogram(self.logits)}
 
     def __repr__(self) -> str:
         slope, _ = self.degradation
@@ -300,12 +300,7 @@ class PBOResult:
 
     def plot(self, ax=None):
         """Histogram of the logits, with the overfit side (logit <= 0) marked."""
-        fig, ax = _axes(ax)
-        ax.hist(self.logits, bins=min(40, max(10, self.n_splits // 50)), color="#4c72b0")
-        ax.axvline(0, color="#c44e52", lw=1.5)
-        ax.set_title(f"CSCV logits: PBO {self.pbo:.2f} over {self.n_splits:,} splits")
-        ax.set_xlabel("logit of the in-sample best's out-of-sample rank")
-        return fig
+        return plot_logit_histogram(logit_histogram(self.logits), self.pbo, ax=ax)
 
     def _repr_html_(self) -> str:
         return f"<pre>{html.escape(repr(self))}</pre>{_figure_html(self.plot())}"
@@ -722,10 +717,11 @@ class WalkForwardResult:
         return pd.DataFrame([{"fold": f.number, **f.params, "IS ann. return": f.is_return_ann,
                               "OOS ann. return": f.oos_return_ann} for f in self.folds]).set_index("fold")
 
-    def to_dict(self) -> dict:
+    def to_dict(self, points: int = 200) -> dict:
+        """JSON: the folds, the efficiency, and the stitched equity at most ``points`` points (to draw it again)."""
         return {"folds": [f.to_dict() for f in self.folds], "efficiency": _num(self.efficiency),
                 "anchored": self.anchored, "oos_return_ann": _num(self.oos_return_ann),
-                "is_return_ann": _num(self.is_return_ann)}
+                "is_return_ann": _num(self.is_return_ann), "equity": downsampled(self.equity, points)}
 
     def __repr__(self) -> str:
         head = (f"WalkForwardResult({len(self.folds)} {'anchored' if self.anchored else 'rolling'} folds, "
@@ -734,13 +730,9 @@ class WalkForwardResult:
         return head + "\n" + self.params_table().to_string(float_format=lambda x: f"{x:.4f}")
 
     def plot(self, ax=None):
-        fig, ax = _axes(ax)
-        ax.plot(self.equity.index, self.equity.to_numpy(), color="#4c72b0", lw=1)
-        for f in self.folds[1:]:
-            ax.axvline(f.oos_equity.index[0], color="#999999", lw=0.6, ls="--")
-        ax.set_title(f"Walk-forward out-of-sample equity, {len(self.folds)} folds, "
-                     f"efficiency {self.efficiency:.2f}")
-        return fig
+        """The stitched out-of-sample equity, fold boundaries dashed."""
+        return plot_walk_forward_equity(self.equity.index, self.equity.to_numpy(dtype=float),
+                                        [f.oos_equity.index[0] for f in self.folds[1:]], self.efficiency, ax=ax)
 
     def _repr_html_(self) -> str:
         return (f"<pre>{html.escape(repr(self).splitlines()[0])}</pre>{self.params_table().to_html()}"
@@ -950,6 +942,54 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (pd.Timestamp, np.datetime64)):
         return pd.Timestamp(v).isoformat()
     return v.item() if isinstance(v, np.generic) else v
+
+
+def logit_histogram(logits: Any, bins: int | None = None) -> dict:
+    """The CSCV logits as histogram ``counts`` over ``edges`` (what the plot draws; small enough to store).
+
+    >>> logit_histogram([-1.0, 0.5, 0.5, 2.0], bins=2)
+    {'edges': [-1.0, 0.5, 2.0], 'counts': [1, 3]}
+    """
+    x = np.asarray(logits, dtype=float)
+    counts, edges = np.histogram(x, bins=bins or min(40, max(10, len(x) // 50)))
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def plot_logit_histogram(hist: Mapping, pbo: float | None, ax=None):
+    """Draw a :func:`logit_histogram` (a fresh one, or one read back from JSON); logit <= 0 is overfit."""
+    fig, ax = _axes(ax)
+    counts = np.asarray(hist["counts"], dtype=float)
+    ax.stairs(counts, np.asarray(hist["edges"], dtype=float), fill=True, color="#4c72b0")
+    ax.axvline(0, color="#c44e52", lw=1.5)
+    shown = "?" if pbo is None else f"{pbo:.2f}"
+    ax.set_title(f"CSCV logits: PBO {shown} over {int(counts.sum()):,} splits")
+    ax.set_xlabel("logit of the in-sample best's out-of-sample rank")
+    return fig
+
+
+def plot_walk_forward_equity(times: Any, equity: Any, fold_starts: Sequence = (), efficiency: float | None = None,
+                             ax=None):
+    """Draw a stitched walk-forward equity (fresh, or :func:`downsampled` and read back), folds dashed."""
+    fig, ax = _axes(ax)
+    ax.plot(pd.DatetimeIndex(times) if len(times) and not isinstance(times[0], (int, np.integer)) else times,
+            np.asarray(equity, dtype=float), color="#4c72b0", lw=1)
+    for t in fold_starts:
+        ax.axvline(pd.Timestamp(t) if isinstance(t, str) else t, color="#999999", lw=0.6, ls="--")
+    eff = "n/a" if efficiency is None or not math.isfinite(efficiency) else f"{efficiency:.2f}"
+    ax.set_title(f"Walk-forward out-of-sample equity, {len(fold_starts) + 1} folds, efficiency {eff}")
+    return fig
+
+
+def downsampled(series: pd.Series, points: int = 200) -> dict:
+    """``{"time": [...], "equity": [...]}``: at most ``points`` evenly spaced values, first and last exact.
+
+    >>> downsampled(pd.Series([1.0, 2.0, 3.0, 4.0, 5.0]), 3)
+    {'time': [0, 2, 4], 'equity': [1.0, 3.0, 5.0]}
+    """
+    n = len(series)
+    at = np.unique(np.linspace(0, n - 1, min(n, max(2, points))).round().astype(int)) if n else np.array([], int)
+    return {"time": [_plain(t) for t in series.index[at]],
+            "equity": [float(v) for v in series.to_numpy(dtype=float)[at]]}
 
 
 def _axes(ax):
