@@ -234,6 +234,31 @@ def overfitting_html(obj: Mapping | None) -> str:
     return "".join(out) + "</div>"
 
 
+class OverfittingSummary:
+    """An ``overfitting`` object for reading: one line of text, or in a notebook the table and both pictures.
+
+    >>> OverfittingSummary({"trials": 12, "dsr": 0.41, "psr": 0.9, "pbo": 0.62, "probably_overfit": True})
+    OverfittingSummary(probably overfit: trials=12, dsr=0.410, psr=0.900, pbo=0.620)
+    """
+
+    def __init__(self, obj: Mapping | None):
+        self.obj = dict(obj or {})
+
+    def __repr__(self) -> str:
+        o = self.obj
+        if o.get("dsr") is None:
+            return f"OverfittingSummary(not assessed: {'; '.join(map(str, o.get('notes') or [])) or 'no object'})"
+        shown = ", ".join(f"{k}={_shown(o.get(k)) or 'n/a'}" for k in ("trials", "dsr", "psr", "pbo"))
+        wf = o.get("walk_forward")
+        if wf:
+            shown += f", wf_folds={_fold_count(wf)}, wf_efficiency={_shown(wf.get('efficiency')) or 'n/a'}"
+        flag = PROBABLY_OVERFIT if o.get("probably_overfit") else "not flagged"
+        return f"OverfittingSummary({flag}: {shown})"
+
+    def _repr_html_(self) -> str:
+        return overfitting_html(self.obj) or "<i>overfitting not assessed</i>"
+
+
 def _fold_count(wf: Mapping) -> int | None:
     folds = wf.get("folds") if wf else None  # a count in the RBI object, the fold list in a bare to_dict()
     return folds if isinstance(folds, int) or folds is None else len(folds)

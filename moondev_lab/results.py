@@ -463,6 +463,13 @@ class IdeaResult:
         values = [np.nan if s is None else float(s) for _, s in self.grid]
         return pd.Series(values, index=index, name=self.metric)
 
+    def overfitting_summary(self):
+        """How far to trust this result (issue 15): trials, DSR, PSR, PBO, minimum track record, walk-forward,
+        with the CSCV logit histogram and the walk-forward equity in a notebook."""
+        from ._overfit import OverfittingSummary
+
+        return OverfittingSummary(self.overfitting)
+
     def plot_heatmap(self, agg: str = "max"):
         from .plotting import heatmap_plot
 

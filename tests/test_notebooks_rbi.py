@@ -27,6 +27,14 @@ def outputs(nb, mime: str) -> list[str]:
     return [o.get("data", {}).get(mime, "") for c in nb.cells for o in c.get("outputs", [])]
 
 
+def assert_overfitting_shown(nb) -> None:
+    """The cell tagged "overfitting" shows the summary, the CSCV logit histogram and the walk-forward equity."""
+    cell = next(c for c in nb.cells if "overfitting" in c.metadata.get("tags", []))
+    page = "".join(o.get("data", {}).get("text/html", "") for o in cell.outputs)
+    assert "moondev-overfitting" in page and ">dsr<" in page and ">wf efficiency<" in page
+    assert page.count('<img src="data:image/png;base64,') == 2  # the histogram and the equity
+
+
 def stream_text(nb) -> str:
     return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream")
 
@@ -56,6 +64,7 @@ def test_quickstart_runs_offline_with_an_inline_plot(tmp_path):
     assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
     assert len(read_ledger(out)) >= 8  # every cell after %memwatch on recorded
     assert any("parity-placeholder" in c.metadata.get("tags", []) for c in nb.cells)
+    assert_overfitting_shown(nb)
 
 
 @pytest.mark.timeout(300)
@@ -81,4 +90,5 @@ def test_research_backtest_notebook_compares_two_ideas(tmp_path):
     html = "".join(outputs(nb, "text/html"))
     assert "research model: offline" in stream_text(nb)
     assert "RBIReport" in html and "side by side" in html and "moondev-plot" in html
+    assert_overfitting_shown(nb)
     assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
