@@ -12,8 +12,13 @@
                sequential), then CSCV on that real matrix; vs ``Backtest.optimize`` (which keeps none).
 * walkforward: 6 rolling folds (train 3x test) with ``Backtest.optimize`` on each train slice and
                ``Backtest.run`` of the best on its test slice, vs one ``Backtest.optimize`` over all bars.
-               The compiled fast path (issue 13) is not in this tree yet; the vectorised-returns
-               evaluator is timed as a stand-in for what a returns-keeping fast engine costs.
+               The vectorised-returns evaluator is timed as a stand-in for what a returns-keeping engine costs.
+* wf-fast:     ``ml.grid(spec code, 100 combinations, walk_forward=6)`` through the compiled fast path
+               (issue 13), vs one ``ml.grid`` of the same 100 combinations over all bars (same engine).
+* pool-returns: a non-spec strategy's pool grid (``SandboxPool.optimize(fast=False)``) with
+               ``keep_returns=True`` (every combination's per-bar returns from its settled equity) vs
+               without; then CSCV on the kept matrix. ``--pool-combos`` combinations (default 16, from the
+               100-grid's corners), ``--pool-bars`` bars (default all), ``--pool-size`` workers.
 """
 from __future__ import annotations
 
@@ -144,9 +149,71 @@ def bench_walkforward(frame: pd.DataFrame, strategy, t_grid: float | None) -> No
           "  vectorised evaluator: efficiency n/a (IS return <= 0)")
 
 
+FAST_IDEA = "Buy when the 10/30 SMA cross up, sell on the cross down"
+FAST_GRID = {"fast_n": list(range(5, 55, 5)), "slow_n": list(range(60, 160, 10))}  # 100, like GRID
+
+
+def bench_wf_fast(frame: pd.DataFrame) -> None:
+    from moondev_lab import fast
+
+    fast.grid(FAST_IDEA, {"fast_n": [5, 10], "slow_n": [60]}, data=frame.iloc[:2000])  # compile / load the cache
+    t = time.perf_counter()
+    one = fast.grid(FAST_IDEA, FAST_GRID, data=frame)
+    t_grid = time.perf_counter() - t
+    t = time.perf_counter()
+    g = fast.grid(FAST_IDEA, FAST_GRID, data=frame, walk_forward=6)
+    t_wf = time.perf_counter() - t
+    wf = g.walk_forward
+    w = wf.folds[0].window
+    print(f"\n== wf-fast: ml.grid(walk_forward=6), compiled fast path, {len(one.heatmap)} combinations, "
+          f"{len(frame):,} bars; train {w.train_stop - w.train_start:,} / test {w.test_stop - w.test_start:,} ==")
+    print(f"  one ml.grid (fast), all bars       {t_grid:7.2f} s")
+    print(f"  ml.grid + 6-fold walk-forward      {t_wf:7.2f} s   walk-forward alone ~{t_wf - t_grid:.2f} s, "
+          f"ratio to one grid {(t_wf - t_grid) / t_grid:.2f}x")
+    eff = wf.efficiency
+    print(f"  efficiency {'n/a' if math.isnan(eff) else f'{eff:.3f}'}; params per fold: "
+          + "; ".join(",".join(f"{k}={v}" for k, v in f.params.items()) for f in wf.folds))
+
+
+def bench_pool_returns(frame: pd.DataFrame, combos: int, bars: int | None, size: int, repeats: int) -> None:
+    from moondev_lab import robustness as rb
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    side = max(1, int(round(math.sqrt(combos))))
+    grid = {"n1": GRID["n1"][::max(1, len(GRID["n1"]) // side)][:side],
+            "n2": GRID["n2"][::max(1, len(GRID["n2"]) // side)][:side]}
+    sub = frame if bars is None else frame.iloc[-bars:]
+    ref = DataRef("BTC/USD", "15m", start=str(sub.index[0]), end=str(sub.index[-1]))
+    n = len(grid["n1"]) * len(grid["n2"])
+    with SandboxPool(size) as pool:
+        pool.run(SMA_CROSS, DataRef("BTC/USD", "15m", start=str(sub.index[0]), end=str(sub.index[min(500, len(sub) - 1)])))
+        plain_times, kept_times = [], []
+        for _ in range(repeats):  # alternated, so a load change on a shared machine hits both alike
+            t = time.perf_counter()
+            plain = pool.optimize(SMA_CROSS, grid, ref, maximize="Return [%]", fast=False)
+            plain_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            kept = pool.optimize(SMA_CROSS, grid, ref, maximize="Return [%]", fast=False, keep_returns=True)
+            kept_times.append(time.perf_counter() - t)
+        t_plain, t_kept = min(plain_times), min(kept_times)
+    t = time.perf_counter()
+    pbo = rb.cscv(kept.returns, 16)
+    t_cscv = time.perf_counter() - t
+    print(f"\n== pool-returns: non-spec SmaCross, {n} combinations x {len(sub):,} bars, pool of {size} ==")
+    print(f"  pool grid, keep_returns=False      {t_plain:7.2f} s   (min of {repeats}, alternated)")
+    print(f"  pool grid, keep_returns=True       {t_kept:7.2f} s   ratio {t_kept / t_plain:.3f}x   "
+          f"matrix {kept.returns.shape[0]:,} x {kept.returns.shape[1]} float64 = "
+          f"{kept.returns.to_numpy().nbytes / 2**20:.1f} MiB")
+    print(f"  cscv on the kept matrix (S=16)     {t_cscv:7.3f} s   PBO {pbo.pbo:.3f}")
+    print(f"  same heatmap and best: {plain.heatmap == kept.heatmap and plain.best_params == kept.best_params}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["cscv", "bt-returns", "walkforward"])
+    ap.add_argument("--only", choices=["cscv", "bt-returns", "walkforward", "wf-fast", "pool-returns"])
+    ap.add_argument("--pool-combos", type=int, default=16)
+    ap.add_argument("--pool-bars", type=int, default=None)
+    ap.add_argument("--pool-size", type=int, default=2)
     ap.add_argument("--loop-splits", type=int, default=400, help="splits the per-split loop baseline runs")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -167,6 +234,10 @@ def main() -> None:
             t_grid = bench_bt_returns(frame, strategy)
         if args.only in (None, "walkforward"):
             bench_walkforward(frame, strategy, t_grid)
+        if args.only in (None, "wf-fast"):
+            bench_wf_fast(frame)
+        if args.only in (None, "pool-returns"):
+            bench_pool_returns(frame, args.pool_combos, args.pool_bars, args.pool_size, min(args.repeats, 3))
 
 
 if __name__ == "__main__":

@@ -136,16 +136,21 @@ class FastEvaluator:
         self.plan = _plan(code)
         if self.plan is None:
             raise rb.RobustnessError("not a spec strategy: the fast path cannot evaluate it")
-        self.code, self.params, self.data, self.maximize = code, dict(params), data, maximize
+        from .fast import _combos
+
+        self.code, self.data, self.maximize = code, data, maximize
+        self.params = {k: list(v) if isinstance(v, (list, tuple, range, np.ndarray)) else [v] for k, v in params.items()}
+        self.combos = _combos(self.params)
         self.index = data.index
 
     def grid(self, start: int, stop: int) -> rb.GridOutcome:
         from . import fast
+        from .sandbox.settings import BacktestSettings
 
-        g = fast.grid(self.code, self.params, data=self.data.iloc[start:stop], maximize=self.maximize,
-                      confirm=False)
-        combos = [dict(zip(g.heatmap.index.names, k if isinstance(k, tuple) else (k,))) for k in g.heatmap.index]
-        return rb.GridOutcome(combos, g.heatmap.to_numpy(float), dict(g.best_params),
+        # The plan is proved once (plan_of regenerates the code): each fold only runs the compiled grid.
+        g = fast._fast_grid(self.plan, self.data.iloc[start:stop], BacktestSettings(), self.params, self.combos,
+                            self.maximize, False)
+        return rb.GridOutcome(list(self.combos), g.heatmap.to_numpy(float), dict(g.best_params),
                               g.best_stats["_equity_curve"]["Equity"])
 
     def run(self, start: int, stop: int, params: Mapping[str, Any]) -> pd.Series:

@@ -12,7 +12,7 @@ The best of many tries looks good by chance alone. This module measures how much
 * :func:`cscv`: the probability of backtest overfitting (PBO) by combinatorially symmetric
   cross-validation over a grid's matrix of per-bar returns (Bailey, Borwein, López de Prado & Zhu 2015);
 * :func:`walk_forward`: optimise on each train window, test on the window after it, stitch the
-  out-of-sample equity, against any :class:`Evaluator` (backtesting.py today, a fast path later);
+  out-of-sample equity, against any :class:`Evaluator` (backtesting.py, the sandbox pool, the compiled fast path);
 * :func:`assess_overfitting`: all of it for one run or one grid, as an :class:`Overfitting` result whose
   ``to_dict()`` is the JSON ``overfitting`` object.
 
@@ -469,8 +469,8 @@ class BacktestingEvaluator:
 
     With ``keep_returns=False`` a grid is ``Backtest(...).optimize(**params, maximize=...)`` (backtesting.py's
     own parallel optimiser); with ``keep_returns=True`` every combination is a ``Backtest.run`` whose per-bar
-    equity returns are kept, which CSCV needs (slow: one full backtest per combination, until a fast path
-    that keeps them replaces it). Indicators warm up inside each slice, as they would on that data alone.
+    equity returns are kept, which CSCV needs (slow: one full backtest per combination; the compiled fast
+    path, ``ml.grid(..., keep_returns=True)``, keeps them at compiled speed for spec strategies). Indicators warm up inside each slice, as they would on that data alone.
     ``Backtest(...)`` gets the sandbox harness's :class:`~moondev_lab.sandbox.BacktestSettings` (default
     costs included) updated with ``backtest_kwargs``.
 
@@ -594,9 +594,9 @@ class SandboxEvaluator:
     For untrusted (LLM-written) strategy code: nothing runs in this process. ``index`` is the bar
     index of the data ``ref`` names (e.g. ``DataPool().get(...).index``; no copy); a slice
     ``[start, stop)`` becomes ``ref`` restricted to ``index[start]..index[stop - 1]``. A grid is
-    ``pool.optimize`` (it keeps no per-combination returns, so this evaluator feeds walk-forward, not CSCV),
-    and equity curves come back downsampled by the pool (at most 2,000 points per run), which keeps
-    their first and last values exact.
+    ``pool.optimize``; with ``keep_returns=True`` it keeps every combination's per-bar returns, from the
+    equity the trusted side settled (CSCV-ready). The best run's equity curve comes back downsampled by
+    the pool (at most 2,000 points per run), which keeps its first and last values exact.
 
     >>> from moondev_lab.sandbox import DataRef, SandboxPool
     >>> with SandboxPool(2) as pool:                                                  # doctest: +SKIP
@@ -605,9 +605,10 @@ class SandboxEvaluator:
     """
 
     def __init__(self, pool: Any, code: str, params: Mapping[str, Sequence], ref: Any, index: pd.Index, *,
-                 maximize: str = "Return [%]", timeout: float = 120.0, settings: Any = None):
+                 maximize: str = "Return [%]", timeout: float = 120.0, settings: Any = None,
+                 keep_returns: bool = False):
         self.pool, self.code, self.params, self.ref, self.index = pool, code, dict(params), ref, index
-        self.maximize, self.timeout, self.settings = maximize, timeout, settings
+        self.maximize, self.timeout, self.settings, self.keep_returns = maximize, timeout, settings, keep_returns
 
     def __repr__(self) -> str:
         return f"SandboxEvaluator({len(self.index)} bars, grid {self.params}, maximize={self.maximize!r})"
@@ -625,11 +626,11 @@ class SandboxEvaluator:
 
     def grid(self, start: int, stop: int) -> GridOutcome:
         g = self.pool.optimize(self.code, self.params, self._slice(start, stop), maximize=self.maximize,
-                               timeout=self.timeout, settings=self.settings)
+                               timeout=self.timeout, settings=self.settings, keep_returns=self.keep_returns)
         equity = self._equity(g.result, f"the grid on bars {start}..{stop}")
         combos = [dict(p) for p, _ in g.heatmap]
         scores = np.array([math.nan if v is None else float(v) for _, v in g.heatmap])
-        return GridOutcome(combos, scores, dict(g.best_params), equity)
+        return GridOutcome(combos, scores, dict(g.best_params), equity, g.returns)
 
     def run(self, start: int, stop: int, params: Mapping[str, Any]) -> pd.Series:
         r = self.pool.run(self.code, self._slice(start, stop), params=dict(params), timeout=self.timeout,

@@ -183,3 +183,13 @@ def test_walk_forward_and_cscv_json_carry_what_the_plots_need():
     hist = pbo.to_dict()["logit_hist"]
     assert sum(hist["counts"]) == pbo.n_splits and len(hist["edges"]) == len(hist["counts"]) + 1
     assert math.isclose(hist["edges"][0], pbo.logits.min(), abs_tol=1e-5)
+
+
+@pytest.mark.timeout(240)
+def test_sandbox_evaluator_keeps_the_pool_grid_returns_on_request(pool):
+    frame = _frame()
+    ev = rb.SandboxEvaluator(pool, SMA_CROSS, PARAMS, DataRef(), frame.index, keep_returns=True)
+    g = ev.grid(0, 600)
+    assert g.returns.shape == (600, 4) and g.returns.index.equals(frame.index[:600])
+    assert list(g.returns.columns) == [f"n1={p['n1']},n2={p['n2']}" for p in g.params]
+    assert rb.SandboxEvaluator(pool, SMA_CROSS, PARAMS, DataRef(), frame.index).grid(0, 600).returns is None

@@ -193,6 +193,10 @@ def test_cli_rbi_json_carries_overfitting(lab_home, tmp_path):
     out = json.loads(p.stdout)
     o = out["results"][0]["overfitting"]
     assert KEYS <= set(o) and o["walk_forward"]["folds"] == 2 and "efficiency" in o["walk_forward"]
+    assert 0 <= o["dsr"] <= 1 and 0 <= o["psr"] <= 1 and 0 <= o["pbo"] <= 1 and isinstance(o["trials"], int)
+    # ... and what a reader of the JSON needs to draw the CSCV histogram and the walk-forward equity again.
+    assert sum(o["cscv"]["logit_hist"]["counts"]) == o["cscv"]["splits"]
+    assert len(o["walk_forward"]["equity"]["time"]) == len(o["walk_forward"]["equity"]["equity"]) >= 2
     assert out["overfitting"]["ideas"] == 1
 
 
