@@ -449,18 +449,25 @@ def _walk_forward(result: GridResult, plan: Plan | None, data: pd.DataFrame, ref
                   **windows):
     """``folds`` walk-forward folds of ``result``'s grid: compiled when the grid was, else in the sandbox pool."""
     from . import robustness as rb
+    from .sandbox import default_pool as default_sandbox
 
-    if plan is not None and result.engine == "fast":
-        from ._overfit import FastEvaluator
+    def sandboxed():
+        if ref is None:
+            raise FastGridError("walk-forward: a fold needs the backtesting.py engine, which runs in the sandbox "
+                                "on stored data: pass symbol/timeframe instead of data=")
+        return rb.SandboxEvaluator(pool or default_sandbox(), result.code, result.params, ref, data.index,
+                                   maximize=result.maximize, timeout=timeout)
 
-        ev: Any = FastEvaluator(result.code, result.params, data, result.maximize)
-    else:
-        from .sandbox import default_pool as default_sandbox
-
-        ev = rb.SandboxEvaluator(pool or default_sandbox(), result.code, result.params, ref, data.index,
-                                 maximize=result.maximize, timeout=timeout)
     try:
-        return rb.walk_forward(ev, folds=folds, **windows)
+        if plan is not None and result.engine == "fast":
+            from ._overfit import FastEvaluator
+
+            try:
+                return rb.walk_forward(FastEvaluator(result.code, result.params, data, result.maximize),
+                                       folds=folds, **windows)
+            except _NotExact as e:  # one fold's grid the compiled path cannot reproduce: all folds in the sandbox
+                result.notes.append(f"walk-forward: fast path not exact on a fold ({e}); ran backtesting.py")
+        return rb.walk_forward(sandboxed(), folds=folds, **windows)
     except rb.RobustnessError as e:
         raise FastGridError(f"walk-forward: {e}") from None
 

@@ -193,3 +193,25 @@ def test_sandbox_evaluator_keeps_the_pool_grid_returns_on_request(pool):
     assert g.returns.shape == (600, 4) and g.returns.index.equals(frame.index[:600])
     assert list(g.returns.columns) == [f"n1={p['n1']},n2={p['n2']}" for p in g.params]
     assert rb.SandboxEvaluator(pool, SMA_CROSS, PARAMS, DataRef(), frame.index).grid(0, 600).returns is None
+
+
+@pytest.mark.timeout(300)
+def test_a_fold_the_fast_path_cannot_reproduce_walks_forward_in_the_sandbox(pool, monkeypatch):
+    from moondev_lab import _overfit
+    from moondev_lab.fast import _NotExact
+
+    real = _overfit.FastEvaluator.grid
+
+    def second_fold_not_exact(self, start, stop):
+        if start > 0:
+            raise _NotExact("an injected inexact fold")
+        return real(self, start, stop)
+
+    monkeypatch.setattr(_overfit.FastEvaluator, "grid", second_fold_not_exact)
+    params = {"fast_n": [5, 10], "slow_n": [30]}
+    with pytest.raises(FastGridError, match="pass symbol/timeframe instead of data="):
+        fast.grid(CROSS, params, data=_frame(), walk_forward=2, anchored=False)
+    g = fast.grid(CROSS, params, start=START, end=END, pool=pool, walk_forward=2, confirm=False)
+    assert g.engine == "fast" and len(g.walk_forward.folds) == 2
+    assert any("fast path not exact on a fold" in n for n in g.notes)
+    assert isinstance(g.walk_forward.folds[0].oos_equity.index, pd.DatetimeIndex)
