@@ -493,7 +493,7 @@ def _fast_grid(plan: Plan, data, settings, params, combos, maximize, keep_return
     stats = fg.settle(best_params).stats
     frame = None
     if returns is not None:
-        frame = pd.DataFrame(returns, index=data.index, columns=[_label(c) for c in combos])
+        frame = pd.DataFrame(returns, index=data.index, columns=[_label(c) for c in combos], copy=False)
     return GridResult(params, best_params, stats, _heatmap(params, combos, scores, maximize), plan.code,
                       settings.kwargs(), maximize, "fast", returns=frame)
 

@@ -215,3 +215,34 @@ def test_a_fold_the_fast_path_cannot_reproduce_walks_forward_in_the_sandbox(pool
     assert g.engine == "fast" and len(g.walk_forward.folds) == 2
     assert any("fast path not exact on a fold" in n for n in g.notes)
     assert isinstance(g.walk_forward.folds[0].oos_equity.index, pd.DatetimeIndex)
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_grid_keeps_no_returns_and_a_failed_chunk_keeps_nan(pool):
+    """Nothing is made up for runs that never settled: NaN columns, or no matrix when no chunk settled."""
+    def strategy(condition: str) -> str:
+        return (SMA_CROSS.replace("    def init(self):\n", f"    def init(self):\n        if {condition}:\n"
+                                  "            raise RuntimeError('boom')\n", 1))
+
+    grid = {"n1": [5, 10], "n2": [20]}  # a pool of 2: one chunk per combination
+    ref = DataRef(start=START, end=END)
+    opt = pool.optimize(strategy("True"), grid, ref, maximize="Return [%]", keep_returns=True)
+    assert not opt.result.ok and opt.returns is None
+    opt = pool.optimize(strategy("self.n1 == 10"), grid, ref, maximize="Return [%]", keep_returns=True)
+    assert opt.returns["n1=10,n2=20"].isna().all() and np.isfinite(opt.returns["n1=5,n2=20"]).all()
+
+
+def test_pool_grid_returns_feed_cscv_without_the_unsettled_combinations():
+    from types import SimpleNamespace
+
+    from moondev_lab._overfit import POOL_RETURNS, grid_returns
+
+    m = pd.DataFrame(np.random.default_rng(0).normal(0, 0.01, (400, 4)), columns=list("abcd"))
+    m["c"] = np.nan
+    res = SimpleNamespace(grid_engine="pool", _grid_returns=m)
+    notes: list = []
+    matrix, source = grid_returns(res, "code", {"n": [1, 2, 3, 4]}, None, notes)
+    assert list(matrix.columns) == ["a", "b", "d"] and source == "pool grid"
+    assert notes == ["pbo: 1 grid combination(s) without a settled run left out", POOL_RETURNS]
+    assert not hasattr(res, "_grid_returns")  # dropped from the result once used
+    assert rb.cscv(matrix, 4).n_combinations == 3

@@ -151,7 +151,7 @@ class OptimizeResult:
 
     ``returns`` (``optimize(..., keep_returns=True)``): a ``pd.DataFrame`` of every combination's
     per-bar returns (bars x combinations, in grid order), from the equity the trusted side settled;
-    a combination that failed or could not be settled has a column of NaN.
+    a combination that failed or could not be settled has a column of NaN (None: no chunk settled).
     """
 
     best_params: dict
@@ -517,8 +517,7 @@ class SandboxPool:
         tasks = [self._task("grid", code, data, timeout * len(chunk), limits, settings, combos=chunk,
                             maximize=maximize) for chunk in chunks]
         futures = [self._executor.submit(self._request, task) for task in tasks]
-        # Bounded: one float column per combination, filled as each chunk settles (no stats kept).
-        returns = _returns_matrix(tasks[0], len(combos)) if keep_returns else None
+        returns = None  # keep_returns: bars x combinations, allocated when the first chunk settles
         scores: list = []  # settled scores only: a claimed score never ranks
         errors: list[SandboxError] = []
         false_claims: list[str] = []
@@ -537,6 +536,9 @@ class SandboxPool:
                 errors.append(SandboxError.from_dict(reply["error"]))
                 scores += [None] * len(chunk)
                 continue
+            if keep_returns and returns is None:
+                # Bounded: one float column per combination, filled as each chunk settles (no stats kept).
+                returns = _returns_matrix(task, len(combos))
             settled, problems = settle_grid(task, logs, claimed, maximize, first=len(scores), returns=returns)
             false_claims += problems
             i = len(scores) + best_index
@@ -617,7 +619,8 @@ def _returns_frame(returns, task: dict, combos: list[dict]):
 
     from ..fast import _label
 
-    return pd.DataFrame(returns, index=data_frame(task["data"]).index, columns=[_label(c) for c in combos])
+    return pd.DataFrame(returns, index=data_frame(task["data"]).index, columns=[_label(c) for c in combos],
+                        copy=False)  # the matrix as it is: no second copy of bars x combinations
 
 
 def _first_best(scores: list) -> int:
