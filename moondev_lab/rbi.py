@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import config
 from .ledger import Experiment, Ledger
+from .models._outage import outage_reason
 from .models.offline import class_params
 from .results import RESULT_FILE, STAT_KEYS, BacktestRun, IdeaResult, RBIReport, StrategyCode, load_run
 
@@ -187,14 +188,11 @@ class RBI:
         res.run_id = run_id = self.ledger.start_run(exp, settings=asdict(self.sandbox.settings))
         try:
             self._run(text, res)
-        except ModelOutage as e:
+        except ModelOutage as e:  # only model calls raise it (_ask): a failed file write is never an outage
             self._fail(res, MODEL_UNAVAILABLE, str(e))
         except Exception as e:  # one idea's crash must never stop the batch
-            if _is_model_unavailable(e):
-                self._fail(res, MODEL_UNAVAILABLE, f"{type(e).__name__}: {e}")
-            else:
-                log.exception("RBI idea crashed: %s", text[:80])
-                self._fail(res, "internal", f"{type(e).__name__}: {e}")
+            log.exception("RBI idea crashed: %s", text[:80])
+            self._fail(res, "internal", f"{type(e).__name__}: {e}")
         if res.status == "ok":
             self.ledger.record_success(exp.id)
         else:
@@ -220,12 +218,23 @@ class RBI:
         res.status, res.error_kind, res.error = "failed", getattr(kind, "value", kind), error
 
     def _ask(self, step: str, run_id: int, call, *args):
-        """One model call: usage recorded, an outage (network, 5xx, 429 after retries) raised as such."""
-        result = call(*args)
+        """One model call: usage recorded, an outage raised as :class:`ModelOutage`.
+
+        An outage is told by the exception's type (:func:`~moondev_lab.models._outage.outage_reason`),
+        whether the model raised it or caught it and returned a failed result carrying it.
+        """
+        try:
+            result = call(*args)
+        except Exception as e:
+            reason = outage_reason(e)
+            if reason:
+                raise ModelOutage(f"{step}: {reason}: {e}") from e
+            raise
         self._usage(run_id, step, result)
-        outage = _outage_message(result)
-        if outage:
-            raise ModelOutage(f"{step}: {outage}")
+        reason = None if getattr(result, "ok", True) else outage_reason(getattr(result, "failure", None))
+        if reason:
+            said = getattr(result, "error", None) or getattr(result, "text", None) or ""
+            raise ModelOutage(f"{step}: {reason}: {said}")
         return result
 
     def _run(self, text: str, res: IdeaResult) -> None:
@@ -431,28 +440,6 @@ MODEL_UNAVAILABLE = "model_unavailable"
 class ModelOutage(RuntimeError):
     """The model could not be reached (network, HTTP 5xx/429 after retries): not the idea's fault."""
 
-
-# The model clients report a failed call as text (ClaudeModel._call); these are the transient ones.
-_OUTAGE = re.compile(r"^API connection failed|^API error HTTP (408|409|429|5\d\d)\b")
-
-
-def _outage_message(result: Any) -> str | None:
-    if getattr(result, "ok", True) or getattr(result, "usage", None) is not None:
-        return None
-    text = getattr(result, "error", None) or getattr(result, "text", None) or ""
-    return text if _OUTAGE.search(text) else None
-
-
-def _is_model_unavailable(exc: BaseException) -> bool:
-    from .models import ModelUnavailable
-
-    if isinstance(exc, ModelUnavailable):
-        return True
-    try:
-        import anthropic
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, (anthropic.APIConnectionError, anthropic.InternalServerError, anthropic.RateLimitError))
 
 
 def _ref_fields(ref: Any) -> dict:
