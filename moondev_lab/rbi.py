@@ -303,7 +303,8 @@ class RBI:
 
         # Held-out and multi-dataset tests.
         res.code, res.params, res.in_sample = StrategyCode(best_code), best_params, _slim(best_run.stats)
-        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout)
+        # The held-out run is the one plotted (plot.html, IdeaResult.plot()): only it reports its indicators.
+        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout, indicators=True)
         if not oos.ok:
             return self._fail(res, oos.error.kind, f"out-of-sample run failed: {oos.error.type}: {oos.error.message}")
         res.out_of_sample = _slim(oos.stats)

@@ -64,6 +64,13 @@ def settled_result(task: dict, reply: dict):
     result.trades = trades_to_records(settlement.trades)
     result.equity = equity_points(settlement.equity, task.get("equity_points", EQUITY_POINTS))
     result.settled = settlement
+    if task.get("indicators"):  # display-only claims; a bad payload costs the plot its indicators, not the run
+        from ._wire import decode_indicators
+
+        result.indicators, refused = decode_indicators(payload.get("indicators"), len(settlement.equity))
+        if refused:
+            result.indicators_error = SandboxError(ErrorKind.RESULT_INVALID, "IndicatorPayload",
+                                                   f"indicators refused, plotted without them: {refused}")
     differences = [k for k in dict.fromkeys([*stats, *claimed]) if k != "_strategy"
                    and not _same(claimed.get(k, _MISSING), stats.get(k, _MISSING))]
     differences.sort(key=lambda k: k not in claimed)  # the false claims first, then what it left out

@@ -492,6 +492,8 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
                 payload = _run_payload(capture.last_run, capture.last_log, task)
             if task.get("plot") and task.get("op") != "grid":
                 payload.update(_plot_html(capture))
+            if task.get("indicators") and task.get("op") != "grid":
+                payload["indicators"] = indicator_payload(capture.last_run)
         payload["ok"] = True
     except WarmUpInterrupted:
         raise  # a task is waiting: skip classifying (formatting a traceback costs milliseconds)
@@ -522,6 +524,38 @@ def _finish_payload(parts: dict, task: dict) -> dict:
         return {**parts, "trades": [], "equity": []}
     return {**parts, "trades": trades_to_records(parts["trades"]),
             "equity": equity_points(parts["equity"], task.get("equity_points", EQUITY_POINTS))}
+
+
+def indicator_payload(stats: pd.Series | None) -> list[dict]:
+    """The last run's ``Strategy.I`` indicators, for the trusted side's plot: plain floats, bounded.
+
+    Only for runs whose plot is wanted (``task["indicators"]``). Rows longer than the chart
+    can show are downsampled to :data:`~moondev_lab.sandbox._wire.INDICATOR_POINTS` bars
+    (:func:`~moondev_lab.sandbox._wire.sample_index`); indicators past the wire's bounds are
+    left out. The parent decodes this with :func:`~moondev_lab.sandbox._wire.decode_indicators`
+    and draws it only: the values are the strategy's claims, never used for stats or ranking.
+    """
+    from moondev_lab._bt_compat import indicator_specs
+
+    from . import _wire
+
+    if stats is None:
+        return []
+    try:
+        specs = indicator_specs(stats["_strategy"])[:_wire.MAX_INDICATORS]
+    except Exception:  # noqa: BLE001 - display-only: odd indicators never fail the run, they are left out
+        return []
+    out, total = [], 0
+    for spec in specs:
+        values = spec["values"]
+        if len(values) > _wire.MAX_INDICATOR_ROWS:
+            continue
+        values = values[:, _wire.sample_index(values.shape[1], min(values.shape[1], _wire.INDICATOR_POINTS))]
+        total += values.size
+        if total > _wire.MAX_INDICATOR_VALUES:
+            break
+        out.append({**spec, "values": values.tolist()})
+    return out
 
 
 def _plot_html(capture: _Capture) -> dict:
