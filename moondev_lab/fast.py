@@ -464,7 +464,7 @@ def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout) 
     if out.result is None or not out.result.ok:
         err = out.result.error if out.result is not None else (out.errors[0] if out.errors else "no result")
         raise FastGridError(f"the grid failed in the sandbox: {err}")
-    scores = [math.nan if s is None else float(s) for _, s in out.scores]
+    scores = [math.nan if s is None else float(s) for _, s in out.heatmap]  # settled, in grid order
     stats = pd.Series(out.result.stats, dtype=object)
     return GridResult(params, dict(out.best_params), stats, _heatmap(params, combos, scores, maximize), code,
                       settings.kwargs(), maximize, "backtesting")

@@ -362,8 +362,9 @@ class RBI:
     def _grid_backtesting(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """backtesting.py's own optimizer, run as a script inside one sandbox task.
 
-        The harness gives its Backtest the pooled data and the harness's money settings.
-        It returns only the best run, so this engine leaves no heatmap.
+        The harness gives its Backtest the pooled data and the harness's money settings, and
+        sends every combination's order log back (``heatmap=``): the heatmap holds their
+        settled scores, as ``Backtest.optimize(return_heatmap=True)`` lists them.
         """
         from .codeextract import extract_strategy
 
@@ -372,11 +373,12 @@ class RBI:
         driver = (f"\n\nfrom backtesting import Backtest as _Backtest\n"
                   f"_Backtest(None, {name}).optimize(**{grid!r}, maximize={cfg.metric!r})\n")
         timeout = cfg.timeout * max(1, math.prod(len(v) for v in grid.values()) // 4)
-        r = self.sandbox.run(code + driver, self.train, timeout=timeout)
+        r = self.sandbox.run(code + driver, self.train, timeout=timeout, heatmap=cfg.metric)
+        scores = [(dict(p), s) for p, s in (r.heatmap or [])]
         if not r.ok:
-            return GridOutcome(None, {}, [], "backtesting")
+            return GridOutcome(None, {}, scores, "backtesting")
         chosen = r.stats.get("_strategy") or {}
-        return GridOutcome(r, {k: chosen[k] for k in grid if k in chosen}, [], "backtesting")
+        return GridOutcome(r, {k: chosen[k] for k in grid if k in chosen}, scores, "backtesting")
 
     def _write_run_dir(self, res: IdeaResult) -> Path:
         """The run's folder, written in a temp folder and renamed into place: complete or absent, never reused.
@@ -458,7 +460,7 @@ class GridOutcome(NamedTuple):
 
     run: Any  # the best combination's sandbox run (settled by the trusted broker), or None
     params: dict  # the best combination
-    scores: list  # [(params, score or None), ...] in grid order; empty when the engine keeps no heatmap
+    scores: list  # [(params, settled score or None), ...] in grid order (every engine)
     engine: str  # the engine that ran: "fast", "pool" or "backtesting"
 
 

@@ -470,8 +470,7 @@ class IdeaResult:
     def heatmap(self) -> pd.Series:
         """The grid's in-sample scores, indexed by parameters, as ``Backtest.optimize(return_heatmap=True)``."""
         if not self.grid:
-            raise ValueError("this idea ran no parameter grid (grid=False, no numeric parameters, or the "
-                             "'backtesting' grid engine, which returns no heatmap)")
+            raise ValueError("this idea ran no parameter grid (grid=False, or no numeric parameters to tune)")
         names = list(self.grid[0][0])
         index = pd.MultiIndex.from_tuples([tuple(p[n] for n in names) for p, _ in self.grid], names=names)
         values = [np.nan if s is None else float(s) for _, s in self.grid]
