@@ -464,7 +464,11 @@ class IdeaResult:
         return self._run("out_of_sample")
 
     def plot(self, segment: str = "out_of_sample", **kwargs):
-        """backtesting.py's chart of the held-out run (``segment="in_sample"`` for the tuning part)."""
+        """backtesting.py's chart of the held-out run (``segment="in_sample"`` for the tuning part).
+
+        The held-out run's chart has the strategy's indicator panels (display only); the
+        in-sample one has none: only the plotted run reports its indicators.
+        """
         return self._run(segment).plot(**kwargs)
 
     def heatmap(self) -> pd.Series:
