@@ -396,13 +396,15 @@ def _patched(capture: _Capture):
 
         def optimize(self, **kwargs):
             # No processes in the sandbox: run the grid on threads in this process.
-            if capture.heatmap_key is not None and capture.optimizing is None:
-                capture.optimizing, capture.grid_runs = self, []  # the last optimize() call's grid is reported
+            reporting = capture.heatmap_key is not None and capture.optimizing is None
+            if reporting:  # a script calling optimize() more than once: its last grid is the one reported
+                capture.optimizing, capture.grid_runs = self, []
             try:
                 with _in_process_optimize():
                     stats = super().optimize(**kwargs)
             finally:
-                capture.optimizing = None if capture.optimizing is self else capture.optimizing
+                if reporting:
+                    capture.optimizing = None
             result = stats[0] if isinstance(stats, tuple) else stats
             capture.last_run = result
             return stats
