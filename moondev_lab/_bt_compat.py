@@ -311,10 +311,43 @@ def _silent_plotting():
                 setattr(plotting, n, f)
 
 
-def build_plot(results: pd.Series, df: pd.DataFrame, **kwargs):
-    """backtesting.py's interactive figure for ``results`` on ``df``, *without* showing or saving it."""
+def build_plot(results: pd.Series, df: pd.DataFrame, indicators=(), **kwargs):
+    """backtesting.py's interactive figure for ``results`` on ``df``, *without* showing or saving it.
+
+    ``indicators``: dicts as :func:`indicator_specs` gives (``values`` one row per line,
+    ``len(df)`` bars), drawn as ``Backtest.plot()`` draws ``Strategy.I`` indicators.
+    """
+    shown = [_Indicator(spec["values"][0] if len(spec["values"]) == 1 else spec["values"], name=spec["name"],
+                        plot=spec["plot"], overlay=spec["overlay"], scatter=spec["scatter"], color=spec["color"],
+                        index=df.index) for spec in indicators]
     with _silent_plotting() as plotting:
-        return plotting.plot(results=results, df=df, indicators=[], open_browser=False, **kwargs)
+        return plotting.plot(results=results, df=df, indicators=shown, open_browser=False, **kwargs)
+
+
+def indicator_specs(strategy) -> list[dict]:
+    """A finished run's ``Strategy.I`` indicators with their plot options, as plain values.
+
+    Each: ``name`` (str, or one per row), ``values`` (2-D float64, one row per line),
+    ``overlay``, ``scatter``, ``plot``, ``color``. Indicators that are not numbers are left out.
+    """
+    out = []
+    for value in getattr(strategy, "_indicators", None) or []:
+        try:
+            values = np.atleast_2d(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError):
+            continue
+        if values.ndim != 2:
+            continue  # backtesting.py does not plot >2-D indicators either
+        opts = getattr(value, "_opts", {}) or {}
+        name = getattr(value, "name", None) or "indicator"
+        names = [str(n) for n in name] if isinstance(name, (list, tuple)) else str(name)
+        if isinstance(names, list) and len(names) != len(values):
+            names = ", ".join(names)
+        color = opts.get("color")
+        colors = None if color is None else [str(c) for c in ([color] if isinstance(color, str) else color)]
+        out.append({"name": names, "values": values, "overlay": bool(opts.get("overlay")),
+                    "scatter": bool(opts.get("scatter")), "plot": bool(opts.get("plot", True)), "color": colors})
+    return out
 
 
 def build_heatmaps(heatmap: pd.Series, agg: str = "max", ncols: int = 3, plot_width: int = 1200):

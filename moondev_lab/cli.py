@@ -261,7 +261,7 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
         code = ""
     settings, source = resolve_settings(code or text, _backtest_overrides(a))
     ref = DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end)
-    res = run_file(path, ref, timeout=a.timeout, settings=settings)
+    res = run_file(path, ref, timeout=a.timeout, settings=settings, indicators=True)  # it is always plotted
     plot_path = None
     if res.ok:
         title = f"{res.strategy} - {Path(path).name} ({a.symbol} {a.timeframe})"
@@ -284,6 +284,8 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
           + (f" ({', '.join(own)} from the script's own Backtest(...))" if own else ""))
     print(stats_table(res.stats))
     print(f"plot: {plot_path}")
+    if res.indicators_error:
+        print(f"note: {res.indicators_error.message}")
     return 0
 
 

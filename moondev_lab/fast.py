@@ -511,7 +511,7 @@ def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, 
     if out.result is None or not out.result.ok:
         err = out.result.error if out.result is not None else (out.errors[0] if out.errors else "no result")
         raise FastGridError(f"the grid failed in the sandbox: {err}")
-    scores = [math.nan if s is None else float(s) for _, s in out.heatmap]
+    scores = [math.nan if s is None else float(s) for _, s in out.heatmap]  # settled, in grid order
     stats = pd.Series(out.result.stats, dtype=object)
     notes = ["returns from the pool grid (each combination's settled equity)"] if keep_returns else []
     return GridResult(params, dict(out.best_params), stats, _heatmap(params, combos, scores, maximize), code,

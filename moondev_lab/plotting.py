@@ -101,17 +101,42 @@ class Plot:
         print(f"plot written to {self.save(name)}")
 
 
-def backtest_plot(stats: pd.Series, data: pd.DataFrame, title: str, **kwargs) -> Plot:
-    """backtesting.py's chart (candles, equity, P/L, trades, volume) for ``stats`` on ``data``."""
+def backtest_plot(stats: pd.Series, data: pd.DataFrame, title: str, indicators=(), **kwargs) -> Plot:
+    """backtesting.py's chart (candles, equity, P/L, trades, volume, indicators) for ``stats`` on ``data``.
+
+    ``indicators``: the run's claimed ``Strategy.I`` values (:func:`~moondev_lab.sandbox._wire.decode_indicators`
+    dicts), possibly downsampled; drawn as ``Backtest.plot()`` draws them, for display only.
+    """
     from ._bt_compat import build_plot
 
     stats, data = _naive_utc(stats, data)
+    shown = [x for x in (_full_length(spec, len(data)) for spec in indicators) if x is not None]
     with warnings.catch_warnings():
         # The chart resamples 31k bars to ~10k candles for the browser, and says so; that is by design here.
         warnings.filterwarnings("ignore", message="Data contains too many candlesticks")
-        fig = build_plot(stats, data, **kwargs)
+        fig = build_plot(stats, data, indicators=shown, **kwargs)
     _set_title(fig, title)
     return Plot(fig, title)
+
+
+def _full_length(spec: dict, n_bars: int) -> dict | None:
+    """An indicator's rows on every bar: a downsampled row holds each sampled value until the next sample.
+
+    The chart shows at most ~10k candles, so at its resolution that is the indicator itself.
+    None for rows that do not fit these bars (data changed since the run).
+    """
+    import numpy as np
+
+    from .sandbox._wire import sample_index
+
+    values = np.atleast_2d(np.asarray(spec["values"], dtype=np.float64))
+    k = values.shape[1]
+    if k == n_bars:
+        return {**spec, "values": values}
+    if not 0 < k < n_bars:
+        return None
+    held = np.searchsorted(sample_index(n_bars, k), np.arange(n_bars), side="right") - 1
+    return {**spec, "values": values[:, held]}
 
 
 def _naive_utc(stats: pd.Series, data: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import config
 from .ledger import Experiment, Ledger
+from .models._outage import outage_reason
 from .models.offline import class_params
 from .results import RESULT_FILE, STAT_KEYS, BacktestRun, IdeaResult, RBIReport, StrategyCode, load_run
 
@@ -187,14 +188,11 @@ class RBI:
         res.run_id = run_id = self.ledger.start_run(exp, settings=asdict(self.sandbox.settings))
         try:
             self._run(text, res)
-        except ModelOutage as e:
+        except ModelOutage as e:  # only model calls raise it (_ask): a failed file write is never an outage
             self._fail(res, MODEL_UNAVAILABLE, str(e))
         except Exception as e:  # one idea's crash must never stop the batch
-            if _is_model_unavailable(e):
-                self._fail(res, MODEL_UNAVAILABLE, f"{type(e).__name__}: {e}")
-            else:
-                log.exception("RBI idea crashed: %s", text[:80])
-                self._fail(res, "internal", f"{type(e).__name__}: {e}")
+            log.exception("RBI idea crashed: %s", text[:80])
+            self._fail(res, "internal", f"{type(e).__name__}: {e}")
         if res.status == "ok":
             self.ledger.record_success(exp.id)
         else:
@@ -220,12 +218,23 @@ class RBI:
         res.status, res.error_kind, res.error = "failed", getattr(kind, "value", kind), error
 
     def _ask(self, step: str, run_id: int, call, *args):
-        """One model call: usage recorded, an outage (network, 5xx, 429 after retries) raised as such."""
-        result = call(*args)
+        """One model call: usage recorded, an outage raised as :class:`ModelOutage`.
+
+        An outage is told by the exception's type (:func:`~moondev_lab.models._outage.outage_reason`),
+        whether the model raised it or caught it and returned a failed result carrying it.
+        """
+        try:
+            result = call(*args)
+        except Exception as e:
+            reason = outage_reason(e)
+            if reason:
+                raise ModelOutage(f"{step}: {reason}: {e}") from e
+            raise
         self._usage(run_id, step, result)
-        outage = _outage_message(result)
-        if outage:
-            raise ModelOutage(f"{step}: {outage}")
+        reason = None if getattr(result, "ok", True) else outage_reason(getattr(result, "failure", None))
+        if reason:
+            said = getattr(result, "error", None) or getattr(result, "text", None) or ""
+            raise ModelOutage(f"{step}: {reason}: {said}")
         return result
 
     def _run(self, text: str, res: IdeaResult) -> None:
@@ -294,7 +303,8 @@ class RBI:
 
         # Held-out and multi-dataset tests.
         res.code, res.params, res.in_sample = StrategyCode(best_code), best_params, _slim(best_run.stats)
-        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout)
+        # The held-out run is the one plotted (plot.html, IdeaResult.plot()): only it reports its indicators.
+        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout, indicators=True)
         if not oos.ok:
             return self._fail(res, oos.error.kind, f"out-of-sample run failed: {oos.error.type}: {oos.error.message}")
         res.out_of_sample = _slim(oos.stats)
@@ -352,8 +362,9 @@ class RBI:
     def _grid_backtesting(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """backtesting.py's own optimizer, run as a script inside one sandbox task.
 
-        The harness gives its Backtest the pooled data and the harness's money settings.
-        It returns only the best run, so this engine leaves no heatmap.
+        The harness gives its Backtest the pooled data and the harness's money settings, and
+        sends every combination's order log back (``heatmap=``): the heatmap holds their
+        settled scores, as ``Backtest.optimize(return_heatmap=True)`` lists them.
         """
         from .codeextract import extract_strategy
 
@@ -362,11 +373,12 @@ class RBI:
         driver = (f"\n\nfrom backtesting import Backtest as _Backtest\n"
                   f"_Backtest(None, {name}).optimize(**{grid!r}, maximize={cfg.metric!r})\n")
         timeout = cfg.timeout * max(1, math.prod(len(v) for v in grid.values()) // 4)
-        r = self.sandbox.run(code + driver, self.train, timeout=timeout)
+        r = self.sandbox.run(code + driver, self.train, timeout=timeout, heatmap=cfg.metric)
+        scores = [(dict(p), s) for p, s in (r.heatmap or [])]
         if not r.ok:
-            return GridOutcome(None, {}, [], "backtesting")
+            return GridOutcome(None, {}, scores, "backtesting")
         chosen = r.stats.get("_strategy") or {}
-        return GridOutcome(r, {k: chosen[k] for k in grid if k in chosen}, [], "backtesting")
+        return GridOutcome(r, {k: chosen[k] for k in grid if k in chosen}, scores, "backtesting")
 
     def _write_run_dir(self, res: IdeaResult) -> Path:
         """The run's folder, written in a temp folder and renamed into place: complete or absent, never reused.
@@ -432,28 +444,6 @@ class ModelOutage(RuntimeError):
     """The model could not be reached (network, HTTP 5xx/429 after retries): not the idea's fault."""
 
 
-# The model clients report a failed call as text (ClaudeModel._call); these are the transient ones.
-_OUTAGE = re.compile(r"^API connection failed|^API error HTTP (408|409|429|5\d\d)\b")
-
-
-def _outage_message(result: Any) -> str | None:
-    if getattr(result, "ok", True) or getattr(result, "usage", None) is not None:
-        return None
-    text = getattr(result, "error", None) or getattr(result, "text", None) or ""
-    return text if _OUTAGE.search(text) else None
-
-
-def _is_model_unavailable(exc: BaseException) -> bool:
-    from .models import ModelUnavailable
-
-    if isinstance(exc, ModelUnavailable):
-        return True
-    try:
-        import anthropic
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, (anthropic.APIConnectionError, anthropic.InternalServerError, anthropic.RateLimitError))
-
 
 def _ref_fields(ref: Any) -> dict:
     return ref.resolved()  # with the store's root: a run loads its bars from the store it ran on
@@ -470,7 +460,7 @@ class GridOutcome(NamedTuple):
 
     run: Any  # the best combination's sandbox run (settled by the trusted broker), or None
     params: dict  # the best combination
-    scores: list  # [(params, score or None), ...] in grid order; empty when the engine keeps no heatmap
+    scores: list  # [(params, settled score or None), ...] in grid order (every engine)
     engine: str  # the engine that ran: "fast", "pool" or "backtesting"
     returns: Any = None  # bars x combinations per-bar returns (trusted: compiled or settled), or None
 

@@ -257,11 +257,18 @@ class BacktestRun:
     title: str = ""
     settled: Any = field(default=None, repr=False)  # the broker's Settlement, for a run made in this process
     full_equity: np.ndarray | None = field(default=None, repr=False)  # a saved run's exact per-bar equity
+    # The strategy's own Strategy.I indicators, as it reported them (sandbox/_wire.decode_indicators): claims,
+    # drawn in plot() only, never used for stats or ranking. Empty unless the run was made with indicators=True.
+    indicators: list = field(default_factory=list, repr=False)
+    indicators_error: str | None = None  # why a run's indicator payload was refused
 
     @classmethod
     def from_result(cls, result: Any, data: dict, settings: dict, title: str = "") -> "BacktestRun":
+        refused = getattr(result, "indicators_error", None)
         return cls(result.stats, result.trades, result.equity, dict(data), dict(settings),
-                   result.strategy or "Strategy", title, getattr(result, "settled", None))
+                   result.strategy or "Strategy", title, getattr(result, "settled", None),
+                   indicators=list(getattr(result, "indicators", None) or []),
+                   indicators_error=None if refused is None else str(refused))
 
     def to_json(self) -> dict:
         d = {"stats": self.stats_dict, "trades": self.trade_records, "equity": self.equity_points,
@@ -269,13 +276,19 @@ class BacktestRun:
         exact = self.settled.equity["Equity"].to_numpy() if self.settled is not None else self.full_equity
         if exact is not None:
             d["equity_full"] = _encode_floats(exact)
+        if self.indicators:
+            d["indicators"] = [{**x, "values": [_encode_floats(row) for row in x["values"]]} for x in self.indicators]
+        if self.indicators_error:
+            d["indicators_error"] = self.indicators_error
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "BacktestRun":
         full = _decode_floats(d["equity_full"]) if d.get("equity_full") else None
+        shown = [{**x, "values": np.array([_decode_floats(row) for row in x["values"]])}
+                 for x in d.get("indicators") or []]
         return cls(d["stats"], d["trades"], d["equity"], d["data"], d["settings"], d.get("strategy", "Strategy"),
-                   d.get("title", ""), full_equity=full)
+                   d.get("title", ""), full_equity=full, indicators=shown, indicators_error=d.get("indicators_error"))
 
     def __repr__(self) -> str:
         keys = ("Return [%]", "Sharpe Ratio", "Max. Drawdown [%]", "# Trades")
@@ -350,10 +363,11 @@ class BacktestRun:
         return pd.DataFrame({"value": [self.stats_dict.get(k) for k in STAT_KEYS]}, index=list(STAT_KEYS))
 
     def plot(self, title: str | None = None, **kwargs):
-        """backtesting.py's interactive chart of this run (inline in a notebook, offline)."""
+        """backtesting.py's interactive chart of this run (inline in a notebook, offline), with its indicators."""
         from .plotting import backtest_plot
 
-        return backtest_plot(self.stats, self.market_data, title or self.title or self.strategy, **kwargs)
+        return backtest_plot(self.stats, self.market_data, title or self.title or self.strategy,
+                             indicators=self.indicators, **kwargs)
 
 
 # ----------------------------------------------------------------------------- one idea
@@ -450,14 +464,17 @@ class IdeaResult:
         return self._run("out_of_sample")
 
     def plot(self, segment: str = "out_of_sample", **kwargs):
-        """backtesting.py's chart of the held-out run (``segment="in_sample"`` for the tuning part)."""
+        """backtesting.py's chart of the held-out run (``segment="in_sample"`` for the tuning part).
+
+        The held-out run's chart has the strategy's indicator panels (display only); the
+        in-sample one has none: only the plotted run reports its indicators.
+        """
         return self._run(segment).plot(**kwargs)
 
     def heatmap(self) -> pd.Series:
         """The grid's in-sample scores, indexed by parameters, as ``Backtest.optimize(return_heatmap=True)``."""
         if not self.grid:
-            raise ValueError("this idea ran no parameter grid (grid=False, no numeric parameters, or the "
-                             "'backtesting' grid engine, which returns no heatmap)")
+            raise ValueError("this idea ran no parameter grid (grid=False, or no numeric parameters to tune)")
         names = list(self.grid[0][0])
         index = pd.MultiIndex.from_tuples([tuple(p[n] for n in names) for p, _ in self.grid], names=names)
         values = [np.nan if s is None else float(s) for _, s in self.grid]

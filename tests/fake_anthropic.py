@@ -18,6 +18,9 @@ value, so a large one hangs the client.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +37,7 @@ class Reply:
     status: int = 200
     body: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
+    reset: bool = False  # no reply at all: the connection is reset (TCP RST), as a dropped network does
 
 
 @dataclass
@@ -72,6 +76,11 @@ def error_reply(status: int, message: str = "fake error", retry_after: float | N
     return Reply(status, body, headers)
 
 
+def reset_reply() -> Reply:
+    """The server resets the connection instead of answering (the client sees ``ECONNRESET``)."""
+    return Reply(reset=True)
+
+
 class FakeAnthropic:
     """A threaded HTTP server playing ``script`` in order (then asking ``responder``); use as a context manager."""
 
@@ -103,6 +112,13 @@ class FakeAnthropic:
                 self._send(reply)
 
             def _send(self, reply: Reply):
+                if reply.reset:
+                    # SO_LINGER 0: close() sends RST, not FIN. The fd is detached first, so that the
+                    # server's own shutdown(SHUT_WR) afterwards cannot send a FIN before it.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    os.close(self.connection.detach())
+                    self.close_connection = True
+                    return
                 data = json.dumps(reply.body).encode()
                 self.send_response(reply.status)
                 self.send_header("content-type", "application/json")

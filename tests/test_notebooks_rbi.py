@@ -59,6 +59,7 @@ def test_quickstart_runs_offline_with_an_inline_plot(tmp_path):
     plot_cell = next(c for c in nb.cells if "backtest-plot" in c.metadata.get("tags", []))
     plot_html = "".join(o.get("data", {}).get("text/html", "") for o in plot_cell.outputs)
     assert "moondev-plot" in plot_html and "run " in plot_html and "GridPlot(id" not in stream_text(nb)
+    assert '"RSI"' in plot_html  # the strategy's indicator panel, drawn on the trusted side
     text = stream_text(nb) + "".join(outputs(nb, "text/plain"))
     assert "[memwatch" in text and "Jupyter Notebook detected" not in text
     assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))

@@ -101,6 +101,16 @@ class ModelUnavailable(RuntimeError):
     """The requested model cannot be used here (no API key, or the client library is missing)."""
 
 
+class ModelCallFailed(Exception):
+    """A model call that failed after the SDK's retries; ``__cause__`` is the SDK's exception."""
+
+
+def _failed(message: str, cause: BaseException) -> ModelCallFailed:
+    err = ModelCallFailed(message)
+    err.__cause__ = cause
+    return err
+
+
 class ClaudeModel:
     """One Anthropic model behind the :class:`~moondev_lab.models.Model` protocol. Thread-safe."""
 
@@ -146,8 +156,10 @@ class ClaudeModel:
             if wait:
                 self.limiter.pause(wait)
 
-    def _call(self, step: str, prompt: str) -> tuple[str | None, str | None, Usage | None, str | None]:
-        """``(text, stop_reason, usage, error)``; error is a readable message when the call failed."""
+    def _call(self, step: str, prompt: str) -> tuple[str | None, str | None, Usage | None, ModelCallFailed | None]:
+        """``(text, stop_reason, usage, error)``; ``error`` when the call failed: its message reads well,
+        its ``__cause__`` is the SDK's exception, by whose type the RBI loop tells an outage
+        (:mod:`moondev_lab.models._outage`)."""
         api = self._anthropic
         self.limiter.acquire()
         t0 = time.perf_counter()
@@ -156,10 +168,11 @@ class ClaudeModel:
                                                messages=[{"role": "user", "content": prompt}])
         except api.APIStatusError as e:
             log.warning("%s %s failed: HTTP %s %s", self.name, step, e.status_code, type(e).__name__)
-            return None, None, None, f"API error HTTP {e.status_code} ({type(e).__name__}) after retries: {_short(e)}"
+            return None, None, None, _failed(f"API error HTTP {e.status_code} ({type(e).__name__}) after retries: "
+                                             f"{_short(e)}", e)
         except api.APIConnectionError as e:
             log.warning("%s %s failed: %s", self.name, step, type(e).__name__)
-            return None, None, None, f"API connection failed after retries ({type(e).__name__}): {_short(e)}"
+            return None, None, None, _failed(f"API connection failed after retries ({type(e).__name__}): {_short(e)}", e)
         latency = time.perf_counter() - t0
         text = "".join(getattr(b, "text", "") for b in msg.content if getattr(b, "type", None) == "text")
         u = msg.usage
@@ -178,7 +191,7 @@ class ClaudeModel:
     def _code(self, step: str, prompt: str) -> CodeResult:
         text, stop, usage, err = self._call(step, prompt)
         if err:
-            return CodeResult(False, error=err)
+            return CodeResult(False, error=str(err), failure=err.__cause__)
         if stop == "max_tokens":
             return CodeResult(False, error=f"truncated reply (stop_reason=max_tokens at {self.max_tokens} tokens); "
                                            "not used as code", raw=text or "", usage=usage)
@@ -194,7 +207,7 @@ class ClaudeModel:
     def research(self, idea: str) -> ResearchResult:
         text, stop, usage, err = self._call("research", RESEARCH_PROMPT.format(idea=idea))
         if err:
-            return ResearchResult(False, err, usage=usage)
+            return ResearchResult(False, str(err), usage=usage, failure=err.__cause__)
         first = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
         if first.upper().startswith("NOT_BACKTESTABLE"):
             reason = first.split(":", 1)[1].strip() if ":" in first else "needs data not in OHLCV candles"

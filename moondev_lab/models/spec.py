@@ -105,6 +105,8 @@ class ResearchResult:
     spec: StrategySpec | None = None
     not_understood: list[str] = field(default_factory=list)
     usage: Usage | None = None
+    # The exception a failed call caught (e.g. anthropic.APIConnectionError): typed, for models._outage
+    failure: BaseException | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         head = "understood" if self.ok else f"NOT understood: {', '.join(self.not_understood)}"
@@ -122,6 +124,7 @@ class CodeResult:
     raw: str = ""
     usage: Usage | None = None
     notes: list[str] = field(default_factory=list)
+    failure: BaseException | None = field(default=None, repr=False, compare=False)  # as ResearchResult's
 
     def __repr__(self) -> str:
         if self.ok:

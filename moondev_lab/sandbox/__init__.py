@@ -40,10 +40,11 @@ def default_pool() -> SandboxPool:
 
 def run_file(path: str | Path, data: DataRef | None = None, params: dict | None = None, *,
              timeout: float = 60, limits: Limits | None = None, settings: BacktestSettings | None = None,
-             pool: SandboxPool | None = None) -> BacktestResult:
+             pool: SandboxPool | None = None, indicators: bool = False) -> BacktestResult:
     """Run a strategy file (hand-written, an LLM reply, or a self-running script) in the sandbox.
 
     >>> res = run_file("strategy.py", DataRef("BTC/USD", "15m"))       # doctest: +SKIP
     """
     code = Path(path).read_text(encoding="utf-8", errors="replace")
-    return (pool or default_pool()).run(code, data, params, timeout=timeout, limits=limits, settings=settings)
+    return (pool or default_pool()).run(code, data, params, timeout=timeout, limits=limits, settings=settings,
+                                        indicators=indicators)

@@ -64,6 +64,26 @@ def settled_result(task: dict, reply: dict):
     result.trades = trades_to_records(settlement.trades)
     result.equity = equity_points(settlement.equity, task.get("equity_points", EQUITY_POINTS))
     result.settled = settlement
+    if task.get("indicators"):  # display-only claims; a bad payload costs the plot its indicators, not the run
+        from ._wire import decode_indicators
+
+        result.indicators, refused = decode_indicators(payload.get("indicators"), len(settlement.equity))
+        if refused:
+            result.indicators_error = SandboxError(ErrorKind.RESULT_INVALID, "IndicatorPayload",
+                                                   f"indicators refused, plotted without them: {refused}")
+    if task.get("heatmap"):
+        try:
+            params, scores, logs = grid_runs(payload.get("grid_runs"))
+        except ValueError as exc:
+            result.ok = False
+            result.error = SandboxError(ErrorKind.RESULT_INVALID, "ValueError",
+                                        f"malformed Backtest.optimize runs from the sandbox: {exc}"[:4000])
+            return result
+        settled, false_claims = settle_grid(task, logs, scores, task["heatmap"])
+        result.heatmap = list(zip(params, settled))  # settled scores only: a claimed score never fills it
+        if false_claims:
+            flag_grid(result, task["heatmap"], false_claims)
+            return result
     differences = [k for k in dict.fromkeys([*stats, *claimed]) if k != "_strategy"
                    and not _same(claimed.get(k, _MISSING), stats.get(k, _MISSING))]
     differences.sort(key=lambda k: k not in claimed)  # the false claims first, then what it left out
@@ -127,6 +147,40 @@ def per_bar_returns(equity) -> "np.ndarray":
     with np.errstate(divide="ignore", invalid="ignore"):
         out[1:] = eq[1:] / eq[:-1] - 1
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def grid_runs(value) -> tuple[list[dict], list, list]:
+    """``(params, claimed scores, order logs)`` of the combinations a script's ``Backtest.optimize`` ran.
+
+    The task child's claim, all checked: anything of the wrong type raises ``ValueError``.
+
+    >>> grid_runs([{"params": {"n": 5}, "score": 1.5, "log": None}])
+    ([{'n': 5}], [1.5], [None])
+    >>> grid_runs([{"params": {"n": [5]}, "score": 1.5, "log": None}])
+    Traceback (most recent call last):
+    ValueError: combination 0's parameters must be a flat object of numbers, strings or booleans
+    """
+    from .harness import MAX_GRID_RUNS
+
+    if not isinstance(value, list):  # (empty: the code never called Backtest.optimize)
+        raise ValueError(f"expected a list of combinations, got {type(value).__name__}")
+    if len(value) > MAX_GRID_RUNS:
+        raise ValueError(f"{len(value)} combinations, over the limit of {MAX_GRID_RUNS}")
+    params, scores, logs = [], [], []
+    for i, run in enumerate(value):
+        if not isinstance(run, dict):
+            raise ValueError(f"combination {i} is a {type(run).__name__}, not an object")
+        p, score = run.get("params"), run.get("score")
+        if not isinstance(p, dict) or not p or not all(isinstance(v, (int, float, str, bool)) for v in p.values()):
+            raise ValueError(f"combination {i}'s parameters must be a flat object of numbers, strings or booleans")
+        if params and list(p) != list(params[0]):
+            raise ValueError(f"combination {i} names other parameters than combination 0")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise ValueError(f"combination {i}'s score is a {type(score).__name__}, not a number")
+        params.append(p)
+        scores.append(None if score is None else float(score))
+        logs.append(run.get("log"))
+    return params, scores, logs
 
 
 def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int = 0,

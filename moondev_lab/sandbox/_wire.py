@@ -63,9 +63,11 @@ def decode_reply(raw: bytes | bytearray) -> dict:
     The header comes from the (trusted) worker; it is still size-checked. The result is
     the task's: it is parsed by :func:`parse_result`, which never raises.
     """
-    head, _, result = bytes(raw).partition(b"\n") if len(raw) <= MAX_HEADER else (b"", b"", b"")
-    if len(head) > MAX_HEADER or not head:
+    # The header ends within its first MAX_HEADER bytes; the result after it may be larger (up to MAX_RESULT).
+    end = raw.find(b"\n", 0, MAX_HEADER + 1)
+    if end <= 0:
         raise ValueError("the worker's reply header is missing or too large")
+    head, result = bytes(raw[:end]), bytes(raw[end + 1:])
     reply = json.loads(head)
     if not isinstance(reply, dict):
         raise ValueError("the worker's reply header is not an object")
@@ -138,3 +140,98 @@ def _check_error(error) -> dict:
 def _short(value, limit: int = 500) -> str:
     return (value if isinstance(value, str) else str(value) if isinstance(value, BaseException)
             else repr(value))[:limit]
+
+
+# ------------------------------------------------------------------ claimed indicators (display only)
+#: A plot-run's task reports at most this many indicators, rows per indicator and points per row.
+#: Points: backtesting.py's chart shows at most 10,000 candles (``_plotting._MAX_CANDLES``), so more is never drawn.
+MAX_INDICATORS = 32
+MAX_INDICATOR_ROWS = 8
+INDICATOR_POINTS = 10_000
+MAX_INDICATOR_NAME = 200
+#: ... and at most this many values in all (40 full rows): a payload's worst case stays a few MiB of JSON.
+MAX_INDICATOR_VALUES = 400_000
+
+
+def sample_index(n_bars: int, points: int):
+    """The bars a downsampled indicator row holds: ``points`` evenly spaced bars, first and last kept.
+
+    Both sides compute it from ``(n_bars, points)``, so no index crosses the wire.
+
+    >>> sample_index(10, 4).tolist(), sample_index(3, 3).tolist()
+    ([0, 3, 6, 9], [0, 1, 2])
+    """
+    import numpy as np
+
+    if points >= n_bars:
+        return np.arange(n_bars)
+    return np.linspace(0, n_bars - 1, points).round().astype(np.int64)
+
+
+def decode_indicators(value, n_bars: int) -> tuple[list[dict], str | None]:
+    """``(indicators, error)`` from a task's claimed indicator list, every bound checked.
+
+    Each entry: ``name`` (a str, or a list of one str per row), ``overlay``, ``scatter``,
+    ``plot`` (bools), ``color`` (None, a str or a list of str) and ``values`` (a list of
+    rows, each a list of floats, ``min(n_bars, INDICATOR_POINTS)`` long: the bars of
+    :func:`sample_index`). The result holds each row as float64. Anything else refuses
+    the whole list with a reason (``indicators`` then empty); never raises.
+    These are the strategy's own claims: they are drawn, never used for stats or ranking.
+
+    >>> decode_indicators([{"name": "SMA", "values": [[1.0, 2.0]]}], 2)[0][0]["values"].shape
+    (1, 2)
+    >>> decode_indicators([{"name": "SMA", "values": [["x", 2.0]]}], 2)[1]
+    "indicator 0 ('SMA'): values must be numbers"
+    """
+    import numpy as np
+
+    if value is None:
+        return [], None
+    try:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of indicators, got {type(value).__name__}")
+        if len(value) > MAX_INDICATORS:
+            raise ValueError(f"{len(value)} indicators, over the limit of {MAX_INDICATORS}")
+        points = min(n_bars, INDICATOR_POINTS)
+        out, total = [], 0
+        for i, item in enumerate(value):
+            out.append(_decode_indicator(i, item, points, np))
+            total += out[-1]["values"].size
+            if total > MAX_INDICATOR_VALUES:
+                raise ValueError(f"over {MAX_INDICATOR_VALUES:,} indicator values in all")
+        return out, None
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+        return [], _short(exc)
+
+
+def _decode_indicator(i: int, item, points: int, np) -> dict:
+    if not isinstance(item, dict):
+        raise ValueError(f"indicator {i} is a {type(item).__name__}, not an object")
+    name = item.get("name")
+    label = f"indicator {i}"
+    if isinstance(name, str):
+        label += f" ({name[:40]!r})"
+    rows = item.get("values")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise ValueError(f"{label}: values must be a non-empty list of rows")
+    if len(rows) > MAX_INDICATOR_ROWS:
+        raise ValueError(f"{label}: {len(rows)} rows, over the limit of {MAX_INDICATOR_ROWS}")
+    if any(len(r) != points for r in rows):
+        raise ValueError(f"{label}: each row must hold {points} points, not {sorted({len(r) for r in rows})[:3]}")
+    if not all(type(x) in (float, int) for r in rows for x in r):  # exact types: no bools, no strings
+        raise ValueError(f"{label}: values must be numbers")
+    names = [name] if isinstance(name, str) else name
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) or (
+            not isinstance(name, str) and len(names) != len(rows)):
+        raise ValueError(f"{label}: name must be a str, or one str per row")
+    color = item.get("color")
+    colors = [color] if isinstance(color, str) else color
+    if colors is not None and (not isinstance(colors, list) or not all(isinstance(c, str) for c in colors)
+                               or len(colors) > MAX_INDICATOR_ROWS):
+        raise ValueError(f"{label}: color must be None, a str, or a list of str")
+    flags = {k: item.get(k, default) for k, default in (("overlay", False), ("scatter", False), ("plot", True))}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise ValueError(f"{label}: overlay, scatter and plot must be true or false")
+    short = [n[:MAX_INDICATOR_NAME] for n in names]
+    return {"name": short[0] if isinstance(name, str) else short, "values": np.array(rows, dtype=np.float64),
+            "color": None if colors is None else [c[:40] for c in colors], **flags}

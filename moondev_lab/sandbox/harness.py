@@ -324,6 +324,11 @@ class _Capture:
         self.last_backtest = None  # the Backtest behind the last run, for plotting
         self.last_log = None  # the last run's decisions, which the trusted parent settles
         self.real_plot = None
+        # task["heatmap"] (a stats key): every grid combination a script's Backtest.optimize runs, with its
+        # decisions, for the parent to settle into a heatmap; None when not asked for.
+        self.heatmap_key: str | None = None
+        self.optimizing = None  # the Backtest whose optimize() is running (its combinations run on copies)
+        self.grid_runs: list[dict] = []
 
 
 @contextlib.contextmanager
@@ -385,12 +390,21 @@ def _patched(capture: _Capture):
             stats = super().run(**kwargs)
             capture.last_run, capture.last_log = stats, self.order_log
             capture.last_backtest = self
+            if capture.optimizing is not None and self is not capture.optimizing:  # a combination, on a copy
+                _record_grid_run(capture, kwargs, stats, self.order_log)
             return stats
 
         def optimize(self, **kwargs):
             # No processes in the sandbox: run the grid on threads in this process.
-            with _in_process_optimize():
-                stats = super().optimize(**kwargs)
+            reporting = capture.heatmap_key is not None and capture.optimizing is None
+            if reporting:  # a script calling optimize() more than once: its last grid is the one reported
+                capture.optimizing, capture.grid_runs = self, []
+            try:
+                with _in_process_optimize():
+                    stats = super().optimize(**kwargs)
+            finally:
+                if reporting:
+                    capture.optimizing = None
             result = stats[0] if isinstance(stats, tuple) else stats
             capture.last_run = result
             return stats
@@ -408,6 +422,21 @@ def _patched(capture: _Capture):
         Strategy.buy, Strategy.sell = orig_buy, orig_sell
         pd.read_csv = orig_read_csv
         backtesting.Backtest = btmod.Backtest = orig_backtest
+
+
+#: A script's Backtest.optimize reports at most this many combinations for the heatmap.
+MAX_GRID_RUNS = 5000
+
+
+def _record_grid_run(capture: _Capture, params: dict, stats: pd.Series, log) -> None:
+    """One combination of a script's ``Backtest.optimize``: its parameters, claimed score and decisions."""
+    if len(capture.grid_runs) >= MAX_GRID_RUNS:
+        raise ValueError(f"Backtest.optimize ran more than {MAX_GRID_RUNS} combinations; the heatmap holds at most "
+                         "that many (narrow the grid)")
+    key = capture.heatmap_key
+    score = to_jsonable(stats.get(key)) if stats["# Trades"] else None  # as Backtest.optimize's heatmap: NaN w/o trades
+    capture.grid_runs.append({"params": to_jsonable(dict(params)), "score": score,
+                              "log": log.to_dict() if log is not None else None})
 
 
 @contextlib.contextmanager
@@ -474,6 +503,7 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
 
     settings = BacktestSettings(**(task.get("settings") or {}))
     capture = _Capture(frame, settings)
+    capture.heatmap_key = task.get("heatmap") if task.get("op") != "grid" else None
     try:
         code = extract_code(task["code"])
         compiled = compile(code, "<strategy>", "exec")
@@ -492,6 +522,10 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
                 payload = _run_payload(capture.last_run, capture.last_log, task)
             if task.get("plot") and task.get("op") != "grid":
                 payload.update(_plot_html(capture))
+            if task.get("indicators") and task.get("op") != "grid":
+                payload["indicators"] = indicator_payload(capture.last_run)
+            if capture.heatmap_key is not None:
+                payload["grid_runs"] = capture.grid_runs
         payload["ok"] = True
     except WarmUpInterrupted:
         raise  # a task is waiting: skip classifying (formatting a traceback costs milliseconds)
@@ -522,6 +556,38 @@ def _finish_payload(parts: dict, task: dict) -> dict:
         return {**parts, "trades": [], "equity": []}
     return {**parts, "trades": trades_to_records(parts["trades"]),
             "equity": equity_points(parts["equity"], task.get("equity_points", EQUITY_POINTS))}
+
+
+def indicator_payload(stats: pd.Series | None) -> list[dict]:
+    """The last run's ``Strategy.I`` indicators, for the trusted side's plot: plain floats, bounded.
+
+    Only for runs whose plot is wanted (``task["indicators"]``). Rows longer than the chart
+    can show are downsampled to :data:`~moondev_lab.sandbox._wire.INDICATOR_POINTS` bars
+    (:func:`~moondev_lab.sandbox._wire.sample_index`); indicators past the wire's bounds are
+    left out. The parent decodes this with :func:`~moondev_lab.sandbox._wire.decode_indicators`
+    and draws it only: the values are the strategy's claims, never used for stats or ranking.
+    """
+    from moondev_lab._bt_compat import indicator_specs
+
+    from . import _wire
+
+    if stats is None:
+        return []
+    try:
+        specs = indicator_specs(stats["_strategy"])[:_wire.MAX_INDICATORS]
+    except Exception:  # noqa: BLE001 - display-only: odd indicators never fail the run, they are left out
+        return []
+    out, total = [], 0
+    for spec in specs:
+        values = spec["values"]
+        if len(values) > _wire.MAX_INDICATOR_ROWS:
+            continue
+        values = values[:, _wire.sample_index(values.shape[1], min(values.shape[1], _wire.INDICATOR_POINTS))]
+        total += values.size
+        if total > _wire.MAX_INDICATOR_VALUES:
+            break
+        out.append({**spec, "values": values.tolist()})
+    return out
 
 
 def _plot_html(capture: _Capture) -> dict:

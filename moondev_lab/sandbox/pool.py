@@ -78,6 +78,12 @@ class BacktestResult:
     """
 
     settled = None  # not a field: the Settlement (pandas objects) stays out of to_dict()/repr
+    #: Not a field either: the strategy's claimed ``Strategy.I`` indicators, when ``run(..., indicators=True)``
+    #: (dicts of :func:`~moondev_lab.sandbox._wire.decode_indicators`): for the plot only, never stats or ranking.
+    indicators = ()
+    #: Not a field: ``run(..., heatmap=key)``: ``[(params, settled score or None), ...]`` of every combination
+    #: the code's own ``Backtest.optimize`` ran, in its order, as its ``return_heatmap=True`` Series lists them.
+    heatmap = None
 
     ok: bool
     stats: dict = field(default_factory=dict)
@@ -97,6 +103,7 @@ class BacktestResult:
     plot_error: str | None = None
     layers: dict = field(default_factory=dict)      # sandbox layer -> "on ..." / "off: why"
     violations: list = field(default_factory=list)  # refused attempts, even those the strategy caught
+    indicators_error: SandboxError | None = None  # a refused indicator payload (result_invalid); the run stands
 
     @classmethod
     def _from_reply(cls, reply: dict) -> "BacktestResult":
@@ -122,6 +129,7 @@ class BacktestResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["error"] = self.error.to_dict() if self.error else None
+        d["indicators_error"] = self.indicators_error.to_dict() if self.indicators_error else None
         return d
 
     def stats_series(self):
@@ -445,12 +453,24 @@ class SandboxPool:
 
     def run(self, code: str, data: DataRef | None = None, params: dict | None = None, *,
             timeout: float = 60, limits: Limits | None = None,
-            settings: BacktestSettings | None = None, plot: bool = False) -> BacktestResult:
+            settings: BacktestSettings | None = None, plot: bool = False,
+            indicators: bool = False, heatmap: str | None = None) -> BacktestResult:
         """Run ``code`` (a Strategy, an LLM reply, or a whole script) on ``data`` in a sandbox.
 
         ``plot=True`` also returns backtesting.py's HTML plot in ``.plot_html``.
+        ``indicators=True`` (for a run that will be plotted): the strategy's ``Strategy.I``
+        indicators in ``.indicators``, downsampled to the chart's resolution; the strategy's
+        claims, drawn only. A payload that breaks the wire's bounds sets ``.indicators_error``.
+        ``heatmap`` (a stats key, for code that calls ``Backtest.optimize`` itself): every
+        combination it runs comes back with its order log, settled here and scored by that key
+        into ``.heatmap``; a claimed score that differs flags the result ``result_mismatch``.
         """
-        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot)
+        extra = {"indicators": True} if indicators else {}  # other runs' tasks stay as small as before
+        if heatmap is not None:
+            if not isinstance(heatmap, str):
+                raise TypeError("heatmap must be the name of a stats field, e.g. 'Return [%]'")
+            extra["heatmap"] = heatmap
+        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot, **extra)
         return settled_result(task, self._request(task))
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
