@@ -31,7 +31,7 @@ from .sandbox import BacktestResult, BacktestSettings, DataRef, SandboxPool
 SCRIPT_SETTINGS = ("cash", "commission", "margin")
 #: The table's columns, in order (also the header of ``backtests.csv``).
 COLUMNS = ["file", "status", "error_kind", "error", "trades", "return_pct", "sharpe", "max_drawdown_pct",
-           "settings", "seconds"]
+           "settings", "optimize", "seconds"]
 _ERROR_WIDTH = 80  # the text table shows the start of an error; CSV/JSON/HTML carry all of it
 
 
@@ -148,6 +148,8 @@ class FileResult:
     settings_source: dict = field(default_factory=dict)
     error_kind: str = ""
     error: str = ""
+    optimize: str = ""  # how the script's own Backtest.optimize call ran (over the pool, or in its task and why)
+    best_params: dict | None = None  # that call's best combination, when it ran over the pool
 
     @property
     def ok(self) -> bool:
@@ -160,7 +162,7 @@ class FileResult:
                 "trades": stats.get("# Trades"), "return_pct": _rounded(stats.get("Return [%]")),
                 "sharpe": _rounded(stats.get("Sharpe Ratio")),
                 "max_drawdown_pct": _rounded(stats.get("Max. Drawdown [%]")), "settings": shown,
-                "seconds": round(self.seconds, 3)}
+                "optimize": self.optimize, "seconds": round(self.seconds, 3)}
 
     def to_json(self) -> dict:
         """The single-file ``backtest --json`` object, plus ``file``, ``seconds`` and ``status``."""
@@ -170,7 +172,8 @@ class FileResult:
             base = BacktestResult(ok=False).to_dict()
             base["error"] = {"kind": self.error_kind, "type": "", "message": self.error, "traceback": ""}
         return {**base, "settings": self.settings, "settings_source": self.settings_source, "plot_html": None,
-                "plot_path": None, "file": self.file, "seconds": round(self.seconds, 4), "status": self.status}
+                "plot_path": None, "file": self.file, "seconds": round(self.seconds, 4), "status": self.status,
+                "optimize": self.optimize, "best_params": self.best_params}
 
 
 def _rounded(value, digits: int = 2):
@@ -206,12 +209,42 @@ def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None
     if compile_error is not None:  # fails identically wherever it is compiled: no sandbox dispatch needed
         res = BacktestResult(ok=False, error=SandboxError.from_dict(classify(compile_error)))
     else:
-        res = pool.run(text, data, timeout=timeout, settings=settings)
+        res = pool.run(text, data, timeout=timeout, settings=settings, report_optimize=True)
+    optimize, best_params = "", None
+    if res.ok and res.optimize_call is not None:
+        res, optimize, best_params = _spread_optimize(text, res.optimize_call, pool, data, settings, timeout)
+    elif res.optimize_note:
+        optimize = f"ran inside its task: {res.optimize_note}"
     out = FileResult(str(path), "ok" if res.ok else "failed", time.perf_counter() - started, res,
-                     {k: getattr(settings, k) for k in SCRIPT_SETTINGS}, source)
+                     {k: getattr(settings, k) for k in SCRIPT_SETTINGS}, source, optimize=optimize,
+                     best_params=best_params)
     if not res.ok:
         out.error_kind, out.error = res.error.kind.value, _error_text(res, code)
     return out
+
+
+def _spread_optimize(code: str, call: dict, pool: SandboxPool, data: DataRef, settings: BacktestSettings,
+                     timeout: float) -> tuple[BacktestResult, str, dict | None]:
+    """The script's own ``Backtest.optimize`` call, as the sandbox described it, run over the whole pool.
+
+    Every combination is settled on the trusted side (:meth:`SandboxPool.optimize`); the result is
+    the best combination's run, as ``Backtest.optimize`` returns it. ``timeout`` is per combination.
+    """
+    from .sandbox._script_optimize import BadReport, parse
+    from .sandbox.errors import ErrorKind
+
+    try:
+        grid, admissible, maximize, sampled = parse(call)
+    except BadReport as exc:
+        return BacktestResult._failure(ErrorKind.RESULT_INVALID, "BadReport",
+                                       f"the script's optimize call, as its sandbox reported it: {exc}"), "", None
+    opt = pool.optimize(code, grid, data, maximize=maximize, constraint=admissible, timeout=timeout,
+                        settings=settings, fast=False)
+    what = f"{len(admissible)} {'sampled ' if sampled else ''}combinations over the pool"
+    if not opt.result.ok:
+        return opt.result, what, None
+    best = ", ".join(f"{k}={v}" for k, v in opt.best_params.items())
+    return opt.result, f"{what}, max {maximize} at {best}", opt.best_params
 
 
 def _compiled(text: str) -> tuple[str, BaseException | None]:
@@ -262,7 +295,7 @@ class BacktestFilesReport:
     def text(self) -> str:
         """The table for a terminal: errors cut to their start."""
         rows = [{**row, "error": _short(row["error"])} for row in self.rows()]
-        cols = [c for c in COLUMNS if c != "settings" or any(r["settings"] for r in rows)]
+        cols = [c for c in COLUMNS if c not in ("settings", "optimize") or any(r[c] for r in rows)]
         widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in cols} if rows else {}
         lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
         lines += ["  ".join(_cell(r[c]).ljust(widths[c]) for c in cols) for r in rows]
@@ -320,7 +353,7 @@ def backtest_files(paths: Iterable[str | Path], data: DataRef | None = None, *,
     data = data or DataRef()
     started = time.perf_counter()
     own_pool = pool is None
-    pool = pool or SandboxPool()
+    pool = SandboxPool() if pool is None else pool  # not `pool or`: a pool with no workers yet is falsy (len 0)
     results: dict[int, FileResult] = {}
     interrupted = False
     executor = ThreadPoolExecutor(pool.size, thread_name_prefix="backtest-files")

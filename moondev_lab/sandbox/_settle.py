@@ -43,6 +43,9 @@ def settled_result(task: dict, reply: dict):
     if not result.ok:
         return result  # a failed run claims nothing to rank
     payload = reply.get("payload") or {}
+    if task.get("optimize") == "report" and payload.get("optimize_call") is not None:
+        result.optimize_call, result.stats = payload["optimize_call"], {}  # nothing ran: nothing to settle
+        return result
     claimed = result.stats
     result.stats, result.trades, result.equity = {}, [], []
     if payload.get("order_log") is None:

@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 from ..codeextract import NoCodeFound, StrategyNotFound
+from ._script_optimize import OptimizeReached
+from ._script_optimize import describe as describe_optimize
 from .errors import ErrorKind, SandboxViolation
 from .settings import BacktestSettings
 
@@ -324,6 +326,12 @@ class _Capture:
         self.last_backtest = None  # the Backtest behind the last run, for plotting
         self.last_log = None  # the last run's decisions, which the trusted parent settles
         self.real_plot = None
+        # A script's own Backtest.optimize: "report" describes it and stops the script (a pool spreads
+        # it), "stop" stops there and keeps its Backtest (a grid chunk of that spread), None runs it here.
+        self.optimize_mode: str | None = None
+        self.optimize_call: dict | None = None
+        self.optimize_note = ""
+        self.optimize_backtest = None
 
 
 @contextlib.contextmanager
@@ -388,6 +396,13 @@ def _patched(capture: _Capture):
             return stats
 
         def optimize(self, **kwargs):
+            if capture.optimize_mode == "stop":
+                capture.optimize_backtest = self
+                raise OptimizeReached
+            if capture.optimize_mode == "report":
+                capture.optimize_call, capture.optimize_note = describe_optimize(kwargs, _stats_keys(capture.frame))
+                if capture.optimize_call is not None:
+                    raise OptimizeReached
             # No processes in the sandbox: run the grid on threads in this process.
             with _in_process_optimize():
                 stats = super().optimize(**kwargs)
@@ -440,6 +455,13 @@ def _in_process_optimize():
         backtesting.Pool, btmod.SharedMemoryManager = orig_pool, orig_smm
 
 
+def _stats_keys(frame: pd.DataFrame) -> set:
+    """The stats fields ``Backtest.optimize`` may maximize (those of a two-bar run)."""
+    from moondev_lab._bt_compat import compute_stats
+
+    return {k for k in compute_stats([], np.ones(2), frame.iloc[:2], 0).index if not k.startswith("_")}
+
+
 def _as_sample_csv(frame: pd.DataFrame) -> str:
     """The pooled frame in the layout of the bundled BTC-USD-15m.csv, which wild code expects."""
     idx = frame.index.tz_convert("UTC").tz_localize(None) if frame.index.tz is not None else frame.index
@@ -481,16 +503,22 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
         module.__dict__["__builtins__"] = builtins
         # as `python strategy.py` would: scripts find their data next to themselves via __file__
         module.__dict__["__file__"] = str(Path.cwd() / "strategy.py")
+        capture.optimize_mode = "stop" if task.get("op") == "grid" else task.get("optimize")
         with _patched(capture) as harness_backtest:
-            exec(compiled, module.__dict__)
-            if task.get("op") == "grid":
+            try:
+                exec(compiled, module.__dict__)
+            except OptimizeReached:
+                pass
+            if capture.optimize_call is not None:  # even if the script caught OptimizeReached
+                payload = {"optimize_call": capture.optimize_call, "strategy": None}
+            elif task.get("op") == "grid":
                 payload = _run_grid(task, module, frame, harness_backtest, capture)
             else:
                 if capture.last_run is None or task.get("params"):
                     strategy = find_strategy(module.__dict__, module.__name__)
                     harness_backtest(frame, strategy).run(**(task.get("params") or {}))
                 payload = _run_payload(capture.last_run, capture.last_log, task)
-            if task.get("plot") and task.get("op") != "grid":
+            if task.get("plot") and task.get("op") != "grid" and capture.optimize_call is None:
                 payload.update(_plot_html(capture))
         payload["ok"] = True
     except WarmUpInterrupted:
@@ -500,6 +528,8 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
     payload["size_adjustments"] = capture.size_adjustments
     payload["skipped_orders"] = capture.skipped_orders
     payload["csv_redirects"] = capture.csv_redirects[:5]
+    if capture.optimize_note:
+        payload["optimize_note"] = capture.optimize_note
     return payload
 
 
@@ -548,9 +578,13 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
     comes back, so the pool needs no extra run at the overall best parameters:
     the first maximum of the whole grid is also the first maximum of its chunk.
     """
-    strategy = find_strategy(module.__dict__, module.__name__)
     _pin_mmap_threshold()
-    bt = harness_backtest(frame, strategy)
+    bt = capture.optimize_backtest  # a script's own optimize call: its grid runs on its own Backtest
+    if bt is None:
+        bt = harness_backtest(frame, find_strategy(module.__dict__, module.__name__))
+    from moondev_lab._bt_compat import strategy_class
+
+    strategy = strategy_class(bt)
     key = task.get("maximize", "SQN")
     values: list[float | None] = []
     logs: list[dict | None] = []  # every combination's decisions: the parent settles each one's score

@@ -97,6 +97,10 @@ class BacktestResult:
     plot_error: str | None = None
     layers: dict = field(default_factory=dict)      # sandbox layer -> "on ..." / "off: why"
     violations: list = field(default_factory=list)  # refused attempts, even those the strategy caught
+    # run(..., report_optimize=True): a script's own Backtest.optimize call, described instead of run
+    # (untrusted: see sandbox/_script_optimize.parse), or why it ran inside the task after all
+    optimize_call: dict | None = None
+    optimize_note: str = ""
 
     @classmethod
     def _from_reply(cls, reply: dict) -> "BacktestResult":
@@ -113,7 +117,8 @@ class BacktestResult:
                    strategy=payload.get("strategy"), size_adjustments=int(payload.get("size_adjustments", 0)),
                    skipped_orders=int(payload.get("skipped_orders", 0)),
                    plot_html=payload.get("plot_html"), plot_error=payload.get("plot_error"),
-                   layers=dict(reply.get("layers") or {}), violations=list(reply.get("violations") or []))
+                   layers=dict(reply.get("layers") or {}), violations=list(reply.get("violations") or []),
+                   optimize_note=str(payload.get("optimize_note") or "")[:300])
 
     @classmethod
     def _failure(cls, kind: ErrorKind, type_: str, message: str, **kw) -> "BacktestResult":
@@ -439,12 +444,16 @@ class SandboxPool:
 
     def run(self, code: str, data: DataRef | None = None, params: dict | None = None, *,
             timeout: float = 60, limits: Limits | None = None,
-            settings: BacktestSettings | None = None, plot: bool = False) -> BacktestResult:
+            settings: BacktestSettings | None = None, plot: bool = False,
+            report_optimize: bool = False) -> BacktestResult:
         """Run ``code`` (a Strategy, an LLM reply, or a whole script) on ``data`` in a sandbox.
 
         ``plot=True`` also returns backtesting.py's HTML plot in ``.plot_html``.
+        ``report_optimize=True``: a script that calls ``Backtest.optimize`` itself stops there, and
+        ``.optimize_call`` describes the call, for :meth:`optimize` to spread over the pool.
         """
-        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot)
+        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot,
+                          **({"optimize": "report"} if report_optimize else {}))
         return settled_result(task, self._request(task))
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
