@@ -163,20 +163,19 @@ def cmd_rbi(a: argparse.Namespace) -> int:
     from .ledger import Ledger
     from .rbi import run_rbi
 
-    from .sources import EmptyIdea, extract_idea
+    from .sources import EmptyIdea
 
     if a.idea is not None and not a.idea.strip():
         raise EmptyIdea("the idea is empty: give an idea in words, --ideas FILE or --from SOURCE")
     ideas = ([a.idea] if a.idea else []) + (read_ideas(a.ideas) if a.ideas else [])
-    ideas += [extract_idea(s, model=a.model).rules for s in a.sources or []]
-    if not ideas:
+    if not ideas and not a.sources:
         raise ValueError("give an idea in quotes, --ideas FILE, or --from SOURCE")
     if a.walk_forward is not None and a.walk_forward < 1:  # issue 15
         raise ValueError(f"--walk-forward needs a number of folds >= 1, got {a.walk_forward}")
     ledger = Ledger()
     cfg = _rbi_config(a)
     report = run_rbi(ideas, model=a.model, cfg=cfg, ledger=ledger, parallel=a.parallel,
-                     progress=not a.json)
+                     progress=not a.json, sources=a.sources)  # --from: read first, kept in the ledger
     _rbi_report(report, a.json, ledger.leaderboard(limit=10, min_trades=cfg.min_trades))
     return 0 if any(r.status in ("ok", "skipped") for r in report.results) else 1
 
