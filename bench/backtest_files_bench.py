@@ -100,14 +100,34 @@ def backtest_seconds(files: list[Path]) -> dict[str, float]:
     return out
 
 
-def project(folder: Path, env: dict) -> tuple[float, dict[str, float]]:
+def project(folder: Path, env: dict) -> tuple[float, dict[str, float], dict[str, dict]]:
+    """Wall time of one ``backtest DIR --json`` call; each file's seconds, and its stages (see run_one)."""
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "moondev_lab.cli", "backtest", str(folder), "--start", START,
                           "--end", END, "--json", "--out", str(folder.parent / "out")],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     wall = time.perf_counter() - t
     rows = json.loads(out.stdout)
-    return wall, {Path(r["file"]).name: r["seconds"] for r in rows}
+    return wall, {Path(r["file"]).name: r["seconds"] for r in rows}, {Path(r["file"]).name: r["stages"] for r in rows}
+
+
+#: A file's stages, as ``backtest --json`` reports them: read/extract/compile/settings in the parent, the
+#: sandbox round trip (the task child's own run inside it), the trusted settlement; "rest" is the remainder.
+STAGES = ("prepare", "round_trip", "task", "dispatch", "settle", "rest")
+
+
+def stage_medians(names: list[str], seconds: dict[str, float], stages: dict[str, dict]) -> dict[str, float]:
+    """Median ms of each stage over ``names``; ``dispatch`` = round trip less the task's own run."""
+    rows = []
+    for n in names:
+        st = dict(stages[n])
+        st.setdefault("round_trip", 0.0)
+        st.setdefault("task", 0.0)
+        st.setdefault("settle", 0.0)
+        st["dispatch"] = st["round_trip"] - st["task"]
+        st["rest"] = seconds[n] - st.get("prepare", 0.0) - st["round_trip"] - st["settle"]
+        rows.append(st)
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1000 for k in STAGES}
 
 
 def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:
@@ -127,6 +147,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=60)
     ap.add_argument("--baseline", type=int, default=12, help="how many files also run as `python file.py`")
     a = ap.parse_args()
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MOONDEV_LAB_HOME": str(Path(tmp) / "home"), "PYTHONWARNINGS": "ignore"}
         os.environ["MOONDEV_LAB_HOME"] = env["MOONDEV_LAB_HOME"]
@@ -141,8 +162,8 @@ def main() -> None:
         warm = Path(tmp) / "warm"
         warm.mkdir()
         (warm / runnable[0].name).write_text(runnable[0].read_text())
-        first_wall, _ = project(warm, env)
-        wall, per_file = project(folder, env)
+        first_wall, _, _ = project(warm, env)
+        wall, per_file, stages = project(folder, env)
         failing = [f for f in files if kinds[f.name] == "failing"]
         sample = failing[: a.baseline // 2] + runnable[: a.baseline - a.baseline // 2]
         base = baseline(sample, env)
@@ -167,7 +188,15 @@ def main() -> None:
     by_kind = {k: med([s for n, s in per_file.items() if n.startswith(f"fail_{k}_")]) for k in _FAILING}
     print("failing files by kind, median ms (syntax errors never reach a sandbox): "
           + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items()))
-    print(f"load average after the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print("per-file stages, median ms (prepare: read/extract/compile in the parent; dispatch: sandbox round trip "
+          "less the task's own run; settle: the trusted broker's stats, trades, equity):")
+    print(f"  {'':22}" + "".join(f"{k:>11}" for k in STAGES))
+    groups = {"runnable": [n for n in per_file if kinds[n] == "runnable"],
+              **{f"failing: {k}": [n for n in per_file if n.startswith(f"fail_{k}_")] for k in _FAILING}}
+    for label, names in groups.items():
+        med_stage = stage_medians(names, per_file, stages)
+        print(f"  {label:22}" + "".join(f"{med_stage[k]:>11.1f}" for k in STAGES))
+    print(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ class FileResult:
     error: str = ""
     optimize: str = ""  # how the script's own Backtest.optimize call ran (over the pool, or in its task and why)
     best_params: dict | None = None  # that call's best combination, when it ran over the pool
+    stages: dict = field(default_factory=dict)  # seconds: prepare, round_trip (task inside it), settle, optimize
 
     @property
     def ok(self) -> bool:
@@ -173,7 +174,8 @@ class FileResult:
             base["error"] = {"kind": self.error_kind, "type": "", "message": self.error, "traceback": ""}
         return {**base, "settings": self.settings, "settings_source": self.settings_source, "plot_html": None,
                 "plot_path": None, "file": self.file, "seconds": round(self.seconds, 4), "status": self.status,
-                "optimize": self.optimize, "best_params": self.best_params}
+                "optimize": self.optimize, "best_params": self.best_params,
+                "stages": {k: round(v, 5) for k, v in self.stages.items()}}
 
 
 def _rounded(value, digits: int = 2):
@@ -206,20 +208,25 @@ def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None
                           error=f"{type(exc).__name__}: {exc.strerror or exc}")
     code, compile_error = _compiled(text)
     settings, source = resolve_settings(code, overrides)
+    stages = {"prepare": time.perf_counter() - started}
     if compile_error is not None:  # fails identically wherever it is compiled: no sandbox dispatch needed
         res = BacktestResult(ok=False, error=SandboxError.from_dict(classify(compile_error)))
     else:
         res = pool.run(text, data, timeout=timeout, settings=settings, report_optimize=True)
+        stages.update({k[:-2]: v for k, v in (res.timings or {}).items()}, task=res.duration_s)
     optimize, best_params = "", None
     if res.ok and res.optimize_call is not None:
+        spread = time.perf_counter()
         res, optimize, best_params = _spread_optimize(text, res.optimize_call, pool, data, settings, timeout)
+        stages["optimize"] = time.perf_counter() - spread
     elif res.optimize_note:
         optimize = f"ran inside its task: {res.optimize_note}"
-    out = FileResult(str(path), "ok" if res.ok else "failed", time.perf_counter() - started, res,
+    out = FileResult(str(path), "ok" if res.ok else "failed", 0.0, res,
                      {k: getattr(settings, k) for k in SCRIPT_SETTINGS}, source, optimize=optimize,
-                     best_params=best_params)
+                     best_params=best_params, stages=stages)
     if not res.ok:
         out.error_kind, out.error = res.error.kind.value, _error_text(res, code)
+    out.seconds = time.perf_counter() - started
     return out
 
 

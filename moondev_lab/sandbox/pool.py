@@ -78,6 +78,7 @@ class BacktestResult:
     """
 
     settled = None  # not a field: the Settlement (pandas objects) stays out of to_dict()/repr
+    timings = None  # not a field: run()'s {"round_trip_s", "settle_s"} in the parent, for benches
 
     ok: bool
     stats: dict = field(default_factory=dict)
@@ -454,7 +455,12 @@ class SandboxPool:
         """
         task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot,
                           **({"optimize": "report"} if report_optimize else {}))
-        return settled_result(task, self._request(task))
+        started = time.perf_counter()
+        reply = self._request(task)
+        replied = time.perf_counter()
+        result = settled_result(task, reply)
+        result.timings = {"round_trip_s": replied - started, "settle_s": time.perf_counter() - replied}
+        return result
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
                **kwargs) -> "Future[BacktestResult]":
