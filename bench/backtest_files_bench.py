@@ -112,19 +112,20 @@ def project(folder: Path, env: dict) -> tuple[float, dict[str, float], dict[str,
 
 
 #: A file's stages, as ``backtest --json`` reports them: read/extract/compile/settings in the parent, the
-#: sandbox round trip (the task child's own run inside it), the trusted settlement; "rest" is the remainder.
-STAGES = ("prepare", "round_trip", "task", "dispatch", "settle", "rest")
+#: sandbox round trip, and inside it the worker's handling of the task (the standby child's sandbox, the data
+#: mapped, the script's run, its reply), the trusted settlement; "rest" is the remainder.
+STAGES = ("prepare", "round_trip", "worker", "transport", "settle", "rest")
 
 
 def stage_medians(names: list[str], seconds: dict[str, float], stages: dict[str, dict]) -> dict[str, float]:
-    """Median ms of each stage over ``names``; ``dispatch`` = round trip less the task's own run."""
+    """Median ms of each stage over ``names``; ``transport`` = round trip less the worker's own time."""
     rows = []
     for n in names:
         st = dict(stages[n])
         st.setdefault("round_trip", 0.0)
-        st.setdefault("task", 0.0)
+        st.setdefault("worker", 0.0)
         st.setdefault("settle", 0.0)
-        st["dispatch"] = st["round_trip"] - st["task"]
+        st["transport"] = st["round_trip"] - st["worker"]
         st["rest"] = seconds[n] - st.get("prepare", 0.0) - st["round_trip"] - st["settle"]
         rows.append(st)
     return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1000 for k in STAGES}
@@ -188,8 +189,9 @@ def main() -> None:
     by_kind = {k: med([s for n, s in per_file.items() if n.startswith(f"fail_{k}_")]) for k in _FAILING}
     print("failing files by kind, median ms (syntax errors never reach a sandbox): "
           + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items()))
-    print("per-file stages, median ms (prepare: read/extract/compile in the parent; dispatch: sandbox round trip "
-          "less the task's own run; settle: the trusted broker's stats, trades, equity):")
+    print("per-file stages, median ms (prepare: read/extract/compile in the parent; worker: the sandbox worker's "
+          "whole task, its sandboxed run included; transport: the round trip less that; settle: the trusted "
+          "broker's stats, trades, equity):")
     print(f"  {'':22}" + "".join(f"{k:>11}" for k in STAGES))
     groups = {"runnable": [n for n in per_file if kinds[n] == "runnable"],
               **{f"failing: {k}": [n for n in per_file if n.startswith(f"fail_{k}_")] for k in _FAILING}}

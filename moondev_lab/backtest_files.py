@@ -150,7 +150,7 @@ class FileResult:
     error: str = ""
     optimize: str = ""  # how the script's own Backtest.optimize call ran (over the pool, or in its task and why)
     best_params: dict | None = None  # that call's best combination, when it ran over the pool
-    stages: dict = field(default_factory=dict)  # seconds: prepare, round_trip (task inside it), settle, optimize
+    stages: dict = field(default_factory=dict)  # seconds: prepare, round_trip (worker inside it), settle, optimize
 
     @property
     def ok(self) -> bool:
@@ -213,7 +213,7 @@ def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None
         res = BacktestResult(ok=False, error=SandboxError.from_dict(classify(compile_error)))
     else:
         res = pool.run(text, data, timeout=timeout, settings=settings, report_optimize=True)
-        stages.update({k[:-2]: v for k, v in (res.timings or {}).items()}, task=res.duration_s)
+        stages.update({k[:-2]: v for k, v in (res.timings or {}).items()}, worker=res.duration_s)
     optimize, best_params = "", None
     if res.ok and res.optimize_call is not None:
         spread = time.perf_counter()
