@@ -248,10 +248,10 @@ def _backtest_overrides(a: argparse.Namespace) -> dict:
 def _backtest_one(a: argparse.Namespace, path: str) -> int:
     from pathlib import Path
 
-    from .backtest_files import resolve_settings
+    from .backtest_files import resolve_settings, run_one
     from .codeextract import extract_code
     from .results import BacktestRun, explain_error, format_value, stats_table
-    from .sandbox import DataRef, run_file
+    from .sandbox import DataRef, default_pool
 
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
@@ -260,7 +260,8 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
         code = ""
     settings, source = resolve_settings(code or text, _backtest_overrides(a))
     ref = DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end)
-    res = run_file(path, ref, timeout=a.timeout, settings=settings)
+    row = run_one(Path(path), default_pool(), ref, _backtest_overrides(a), timeout=a.timeout)  # as in bulk:
+    res = row.result  # the script's own bt.optimize(...) is spread over the pool
     plot_path = None
     if res.ok:
         title = f"{res.strategy} - {Path(path).name} ({a.symbol} {a.timeframe})"
@@ -270,7 +271,8 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
         run.plot().save(plot_path)
     if a.json:
         _print_json({**res.to_dict(), "settings": settings.kwargs(), "settings_source": source, "plot_html": None,
-                     "plot_path": str(plot_path) if plot_path else None})
+                     "plot_path": str(plot_path) if plot_path else None, "optimize": row.optimize,
+                     "best_params": row.best_params})
         return 0 if res.ok else 1
     if not res.ok:
         print(f"backtest failed: {explain_error(res.error, code)}")
@@ -281,6 +283,8 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
     print(f"cash {settings.cash:,.0f}, commission {settings.commission:.2%} of each trade's value, per side"
           + (f", margin {settings.margin:g}" if settings.margin != 1 else "")
           + (f" ({', '.join(own)} from the script's own Backtest(...))" if own else ""))
+    if row.optimize:
+        print(f"optimize: {row.optimize}")
     print(stats_table(res.stats))
     print(f"plot: {plot_path}")
     return 0

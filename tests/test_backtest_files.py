@@ -250,6 +250,32 @@ def test_a_forged_optimize_report_is_refused():
             parse(bad)
 
 
+def test_a_report_forged_inside_the_sandbox_fails_its_row(tmp_path, pool):
+    # the script rewrites the harness's describe step (it runs in the same process) to report a bogus grid
+    forged = OWN_OPTIMIZE.replace("print(\"BEFORE OPTIMIZE\")", """print("BEFORE OPTIMIZE")
+import moondev_lab.sandbox.harness as h
+h.describe_optimize = lambda kwargs, keys: ({"grid": {"n1": [5]}, "combos": [[7]], "maximize": "SQN"}, "")""")
+    (tmp_path / "forged.py").write_text(forged)
+    (row,) = backtest_files([tmp_path / "forged.py"], DataRef("BTC/USD", "15m", **WINDOW), pool=pool,
+                            progress=False).results
+    assert not row.ok and row.error_kind == "result_invalid"
+    assert "not one of the grid's" in row.error and row.best_params is None and not row.result.stats
+    # and a run that did not ask for a report never takes one: it must bring an order log to be settled
+    res = pool.run(forged, DataRef("BTC/USD", "15m", **WINDOW), timeout=60)
+    assert res.optimize_call is None and res.ok, res.error  # the script's optimize ran in its task, settled
+
+
+def test_cli_backtest_of_one_file_spreads_its_optimize_too(folder):
+    window = ["--start", WINDOW["start"], "--end", WINDOW["end"]]
+    out = cli("backtest", str(folder / "own_optimize.py"), *window, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["optimize"].startswith("11 combinations over the pool") and result["ok"]
+    assert result["stats"]["_strategy"] == result["best_params"]
+    text = cli("backtest", str(folder / "own_optimize.py"), *window)
+    assert "optimize: 11 combinations over the pool, max Return [%] at" in text.stdout, text.stderr
+
+
 def test_script_settings_are_read_not_run():
     assert script_settings("bt = backtesting.Backtest(df, S, cash=1e4, commission=-(-0.001))") == \
         {"cash": 10000.0, "commission": 0.001}
