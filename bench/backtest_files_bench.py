@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/backtest_files_bench.py                 # 60 files; baseline on 12 of them
     .venv/bin/python bench/backtest_files_bench.py --baseline 60   # every file as its own process too
+    .venv/bin/python bench/backtest_files_bench.py --optimize-combos 30   # a bigger own-optimize grid (0: skip it)
 
 Half the files fail (syntax errors, a missing import, a NameError in the strategy), half are runnable
 wild scripts that read the bundled CSV and call ``Backtest(...).run()`` themselves (in the sandbox
@@ -143,10 +144,54 @@ def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
+_OPTIMIZE = '''
+import time
+import pandas as pd
+from backtesting import Backtest
+
+df = pd.read_csv({csv!r}, parse_dates=["datetime"], index_col="datetime")
+df.columns = [c.strip().capitalize() for c in df.columns]
+df = df[["Open", "High", "Low", "Close", "Volume"]].loc["{start}":"{end}"]
+bt = Backtest(df, SmaCross, cash=1_000_000, commission=0.001, finalize_trades=True)
+t = time.perf_counter()
+stats = bt.optimize(n1={n1}, n2={n2}, maximize={maximize})
+print("OPT_SECONDS", time.perf_counter() - t, stats._strategy)
+'''
+
+
+def own_optimize(folder: Path, env: dict, combos: int) -> dict:
+    """A script's own ``bt.optimize`` of ``combos`` combinations: spread over the pool, in one task, and
+    ``python file.py`` (backtesting.py's own process pool); seconds each, and the best params each found."""
+    from moondev_lab.backtest_files import backtest_files
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    grid = {"n1": list(range(5, 5 + 5 * max(1, combos // 3), 5)), "n2": [30, 40, 50]}
+    files = {}
+    for name, maximize in (("spread", "'Return [%]'"), ("in_task", "lambda s: s['Return [%]']")):
+        f = folder / f"optimize_{name}.py"  # a function as maximize cannot leave the sandbox: runs in its task
+        f.write_text(sma_cross() + _OPTIMIZE.format(csv=str(CSV), start=START, end=END, maximize=maximize, **grid))
+        files[name] = f
+    out = {"combos": len(grid["n1"]) * len(grid["n2"])}
+    ref = DataRef("BTC/USD", "15m", start=START, end=END)
+    with SandboxPool() as pool:
+        backtest_files([files["spread"]], ref, pool=pool, progress=False)  # warm the workers
+        for name, f in files.items():
+            t = time.perf_counter()
+            (row,) = backtest_files([f], ref, pool=pool, progress=False, timeout=600).results
+            out[name] = (time.perf_counter() - t, row.result.stats.get("_strategy") if row.ok else row.error)
+        out["workers"] = pool.size
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, str(files["spread"])], capture_output=True, text=True, env=env, timeout=900)
+    out["python"] = (time.perf_counter() - t, (res.stdout.strip().splitlines() or [res.stderr[-300:]])[-1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=60)
     ap.add_argument("--baseline", type=int, default=12, help="how many files also run as `python file.py`")
+    ap.add_argument("--optimize-combos", type=int, default=12,
+                    help="a script's own bt.optimize of about this many combinations (0: skip)")
     a = ap.parse_args()
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +213,7 @@ def main() -> None:
         failing = [f for f in files if kinds[f.name] == "failing"]
         sample = failing[: a.baseline // 2] + runnable[: a.baseline - a.baseline // 2]
         base = baseline(sample, env)
+        opt = own_optimize(Path(tmp), env, a.optimize_combos) if a.optimize_combos > 0 else None
 
     def med(values):
         return statistics.median(values) * 1000 if values else float("nan")
@@ -198,6 +244,12 @@ def main() -> None:
     for label, names in groups.items():
         med_stage = stage_medians(names, per_file, stages)
         print(f"  {label:22}" + "".join(f"{med_stage[k]:>11.1f}" for k in STAGES))
+    if opt is not None:
+        (spread, best), (in_task, best_in_task), (python, line) = opt["spread"], opt["in_task"], opt["python"]
+        print(f"a script's own bt.optimize, {opt['combos']} combinations: spread over the pool of {opt['workers']} "
+              f"{spread:.2f} s, in one task {in_task:.2f} s ({in_task / spread:.1f}x), `python file.py` "
+              f"{python:.2f} s ({python / spread:.1f}x)")
+        print(f"  best: spread {best}; in one task {best_in_task}; python: {line}")
     print(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
