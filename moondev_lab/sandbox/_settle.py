@@ -124,7 +124,7 @@ def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int
     without trades. Only these settled scores rank the grid and fill its heatmap.
     ``first``: the grid index of the chunk's first combination (for the messages).
     """
-    from moondev_lab.broker import OrderLog, settle
+    from moondev_lab.broker import OrderLog, settled_score
 
     frame, settings = data_frame(task["data"]), BacktestSettings(**task["settings"])
     scores: list = []
@@ -133,8 +133,7 @@ def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int
         try:
             if log is None:
                 raise ValueError("no order log")
-            stats = settle(OrderLog.from_dict(log), frame, settings).stats
-            score = float(stats[maximize]) if stats["# Trades"] else None
+            score = settled_score(OrderLog.from_dict(log), frame, settings, maximize)
         except Exception as exc:  # noqa: BLE001 - whatever the task child sent must not crash the pool
             scores.append(None)
             problems.append(f"combination {first + i} cannot be settled: {type(exc).__name__}: {str(exc)[:200]}")
