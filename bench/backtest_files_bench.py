@@ -129,7 +129,7 @@ def stage_medians(names: list[str], seconds: dict[str, float], stages: dict[str,
         st["transport"] = st["round_trip"] - st["worker"]
         st["rest"] = seconds[n] - st.get("prepare", 0.0) - st["round_trip"] - st["settle"]
         rows.append(st)
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1000 for k in STAGES}
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1000 if rows else float("nan") for k in STAGES}
 
 
 def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:

@@ -11,6 +11,10 @@ of the others), and a directory found inside a folder gets its own ``not_a_file`
 A script's own ``Backtest(..., cash=, commission=, margin=)`` is honoured unless the caller
 overrides it. The values are read from the source here, in the trusted parent (:func:`script_settings`),
 so the sandboxed run and the trusted settlement of its orders use the same, known settings.
+
+A script's own ``bt.optimize(...)`` is reported by its sandbox instead of run there, and spread over the
+pool (:mod:`moondev_lab.sandbox._script_optimize`, :meth:`SandboxPool.optimize`); the row's ``optimize``
+column says how it ran, or why it ran inside its one task after all.
 """
 from __future__ import annotations
 
