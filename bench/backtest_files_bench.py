@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/backtest_files_bench.py                 # 60 files; baseline on 12 of them
     .venv/bin/python bench/backtest_files_bench.py --baseline 60   # every file as its own process too
+    .venv/bin/python bench/backtest_files_bench.py --optimize-combos 30   # a bigger own-optimize grid (0: skip it)
 
 Half the files fail (syntax errors, a missing import, a NameError in the strategy), half are runnable
 wild scripts that read the bundled CSV and call ``Backtest(...).run()`` themselves (in the sandbox
@@ -100,14 +101,35 @@ def backtest_seconds(files: list[Path]) -> dict[str, float]:
     return out
 
 
-def project(folder: Path, env: dict) -> tuple[float, dict[str, float]]:
+def project(folder: Path, env: dict) -> tuple[float, dict[str, float], dict[str, dict]]:
+    """Wall time of one ``backtest DIR --json`` call; each file's seconds, and its stages (see run_one)."""
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "moondev_lab.cli", "backtest", str(folder), "--start", START,
                           "--end", END, "--json", "--out", str(folder.parent / "out")],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     wall = time.perf_counter() - t
     rows = json.loads(out.stdout)
-    return wall, {Path(r["file"]).name: r["seconds"] for r in rows}
+    return wall, {Path(r["file"]).name: r["seconds"] for r in rows}, {Path(r["file"]).name: r["stages"] for r in rows}
+
+
+#: A file's stages, as ``backtest --json`` reports them: read/extract/compile/settings in the parent, the
+#: sandbox round trip, and inside it the worker's handling of the task (the standby child's sandbox, the data
+#: mapped, the script's run, its reply), the trusted settlement; "rest" is the remainder.
+STAGES = ("prepare", "round_trip", "worker", "transport", "settle", "rest")
+
+
+def stage_medians(names: list[str], seconds: dict[str, float], stages: dict[str, dict]) -> dict[str, float]:
+    """Median ms of each stage over ``names``; ``transport`` = round trip less the worker's own time."""
+    rows = []
+    for n in names:
+        st = dict(stages[n])
+        st.setdefault("round_trip", 0.0)
+        st.setdefault("worker", 0.0)
+        st.setdefault("settle", 0.0)
+        st["transport"] = st["round_trip"] - st["worker"]
+        st["rest"] = seconds[n] - st.get("prepare", 0.0) - st["round_trip"] - st["settle"]
+        rows.append(st)
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1000 if rows else float("nan") for k in STAGES}
 
 
 def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:
@@ -122,11 +144,56 @@ def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
+_OPTIMIZE = '''
+import time
+import pandas as pd
+from backtesting import Backtest
+
+df = pd.read_csv({csv!r}, parse_dates=["datetime"], index_col="datetime")
+df.columns = [c.strip().capitalize() for c in df.columns]
+df = df[["Open", "High", "Low", "Close", "Volume"]].loc["{start}":"{end}"]
+bt = Backtest(df, SmaCross, cash=1_000_000, commission=0.001, finalize_trades=True)
+t = time.perf_counter()
+stats = bt.optimize(n1={n1}, n2={n2}, maximize={maximize})
+print("OPT_SECONDS", time.perf_counter() - t, stats._strategy)
+'''
+
+
+def own_optimize(folder: Path, env: dict, combos: int) -> dict:
+    """A script's own ``bt.optimize`` of ``combos`` combinations: spread over the pool, in one task, and
+    ``python file.py`` (backtesting.py's own process pool); seconds each, and the best params each found."""
+    from moondev_lab.backtest_files import backtest_files
+    from moondev_lab.sandbox import DataRef, SandboxPool
+
+    grid = {"n1": list(range(5, 5 + 5 * max(1, combos // 3), 5)), "n2": [30, 40, 50]}
+    files = {}
+    for name, maximize in (("spread", "'Return [%]'"), ("in_task", "lambda s: s['Return [%]']")):
+        f = folder / f"optimize_{name}.py"  # a function as maximize cannot leave the sandbox: runs in its task
+        f.write_text(sma_cross() + _OPTIMIZE.format(csv=str(CSV), start=START, end=END, maximize=maximize, **grid))
+        files[name] = f
+    out = {"combos": len(grid["n1"]) * len(grid["n2"])}
+    ref = DataRef("BTC/USD", "15m", start=START, end=END)
+    with SandboxPool() as pool:
+        backtest_files([files["spread"]], ref, pool=pool, progress=False)  # warm the workers
+        for name, f in files.items():
+            t = time.perf_counter()
+            (row,) = backtest_files([f], ref, pool=pool, progress=False, timeout=600).results
+            out[name] = (time.perf_counter() - t, row.result.stats.get("_strategy") if row.ok else row.error)
+        out["workers"] = pool.size
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, str(files["spread"])], capture_output=True, text=True, env=env, timeout=900)
+    out["python"] = (time.perf_counter() - t, (res.stdout.strip().splitlines() or [res.stderr[-300:]])[-1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=60)
     ap.add_argument("--baseline", type=int, default=12, help="how many files also run as `python file.py`")
+    ap.add_argument("--optimize-combos", type=int, default=12,
+                    help="a script's own bt.optimize of about this many combinations (0: skip)")
     a = ap.parse_args()
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MOONDEV_LAB_HOME": str(Path(tmp) / "home"), "PYTHONWARNINGS": "ignore"}
         os.environ["MOONDEV_LAB_HOME"] = env["MOONDEV_LAB_HOME"]
@@ -141,11 +208,12 @@ def main() -> None:
         warm = Path(tmp) / "warm"
         warm.mkdir()
         (warm / runnable[0].name).write_text(runnable[0].read_text())
-        first_wall, _ = project(warm, env)
-        wall, per_file = project(folder, env)
+        first_wall, _, _ = project(warm, env)
+        wall, per_file, stages = project(folder, env)
         failing = [f for f in files if kinds[f.name] == "failing"]
         sample = failing[: a.baseline // 2] + runnable[: a.baseline - a.baseline // 2]
         base = baseline(sample, env)
+        opt = own_optimize(Path(tmp), env, a.optimize_combos) if a.optimize_combos > 0 else None
 
     def med(values):
         return statistics.median(values) * 1000 if values else float("nan")
@@ -167,7 +235,22 @@ def main() -> None:
     by_kind = {k: med([s for n, s in per_file.items() if n.startswith(f"fail_{k}_")]) for k in _FAILING}
     print("failing files by kind, median ms (syntax errors never reach a sandbox): "
           + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items()))
-    print(f"load average after the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print("per-file stages, median ms (prepare: read/extract/compile in the parent; worker: the sandbox worker's "
+          "whole task, its sandboxed run included; transport: the round trip less that; settle: the trusted "
+          "broker's stats, trades, equity):")
+    print(f"  {'':22}" + "".join(f"{k:>11}" for k in STAGES))
+    groups = {"runnable": [n for n in per_file if kinds[n] == "runnable"],
+              **{f"failing: {k}": [n for n in per_file if n.startswith(f"fail_{k}_")] for k in _FAILING}}
+    for label, names in groups.items():
+        med_stage = stage_medians(names, per_file, stages)
+        print(f"  {label:22}" + "".join(f"{med_stage[k]:>11.1f}" for k in STAGES))
+    if opt is not None:
+        (spread, best), (in_task, best_in_task), (python, line) = opt["spread"], opt["in_task"], opt["python"]
+        print(f"a script's own bt.optimize, {opt['combos']} combinations: spread over the pool of {opt['workers']} "
+              f"{spread:.2f} s, in one task {in_task:.2f} s ({in_task / spread:.1f}x), `python file.py` "
+              f"{python:.2f} s ({python / spread:.1f}x)")
+        print(f"  best: spread {best}; in one task {best_in_task}; python: {line}")
+    print(f"load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

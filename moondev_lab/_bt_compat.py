@@ -222,6 +222,11 @@ class RecordingBacktest(Backtest):
         return stats
 
 
+def strategy_class(bt: Backtest) -> type:
+    """The ``Strategy`` class a ``Backtest`` was built with."""
+    return bt._strategy
+
+
 def order_log_of(recorder: Recorder, strategy, index: pd.Index):
     """The :class:`~moondev_lab.broker.OrderLog` of a finished run."""
     from .broker import OrderLog  # broker imports this module

@@ -11,6 +11,10 @@ of the others), and a directory found inside a folder gets its own ``not_a_file`
 A script's own ``Backtest(..., cash=, commission=, margin=)`` is honoured unless the caller
 overrides it. The values are read from the source here, in the trusted parent (:func:`script_settings`),
 so the sandboxed run and the trusted settlement of its orders use the same, known settings.
+
+A script's own ``bt.optimize(...)`` is reported by its sandbox instead of run there, and spread over the
+pool (:mod:`moondev_lab.sandbox._script_optimize`, :meth:`SandboxPool.optimize`); the row's ``optimize``
+column says how it ran, or why it ran inside its one task after all.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from .sandbox import BacktestResult, BacktestSettings, DataRef, SandboxPool
 SCRIPT_SETTINGS = ("cash", "commission", "margin")
 #: The table's columns, in order (also the header of ``backtests.csv``).
 COLUMNS = ["file", "status", "error_kind", "error", "trades", "return_pct", "sharpe", "max_drawdown_pct",
-           "settings", "seconds"]
+           "settings", "optimize", "seconds"]
 _ERROR_WIDTH = 80  # the text table shows the start of an error; CSV/JSON/HTML carry all of it
 
 
@@ -148,6 +152,9 @@ class FileResult:
     settings_source: dict = field(default_factory=dict)
     error_kind: str = ""
     error: str = ""
+    optimize: str = ""  # how the script's own Backtest.optimize call ran (over the pool, or in its task and why)
+    best_params: dict | None = None  # that call's best combination, when it ran over the pool
+    stages: dict = field(default_factory=dict)  # seconds: prepare, round_trip (worker inside it), settle, optimize
 
     @property
     def ok(self) -> bool:
@@ -160,7 +167,7 @@ class FileResult:
                 "trades": stats.get("# Trades"), "return_pct": _rounded(stats.get("Return [%]")),
                 "sharpe": _rounded(stats.get("Sharpe Ratio")),
                 "max_drawdown_pct": _rounded(stats.get("Max. Drawdown [%]")), "settings": shown,
-                "seconds": round(self.seconds, 3)}
+                "optimize": self.optimize, "seconds": round(self.seconds, 3)}
 
     def to_json(self) -> dict:
         """The single-file ``backtest --json`` object, plus ``file``, ``seconds`` and ``status``."""
@@ -170,7 +177,9 @@ class FileResult:
             base = BacktestResult(ok=False).to_dict()
             base["error"] = {"kind": self.error_kind, "type": "", "message": self.error, "traceback": ""}
         return {**base, "settings": self.settings, "settings_source": self.settings_source, "plot_html": None,
-                "plot_path": None, "file": self.file, "seconds": round(self.seconds, 4), "status": self.status}
+                "plot_path": None, "file": self.file, "seconds": round(self.seconds, 4), "status": self.status,
+                "optimize": self.optimize, "best_params": self.best_params,
+                "stages": {k: round(v, 5) for k, v in self.stages.items()}}
 
 
 def _rounded(value, digits: int = 2):
@@ -188,8 +197,11 @@ _MODULE_PATH = re.compile(r"\b(?:[a-z_][\w]*\.)+(?=[A-Z]\w*(?:Error|Exception|Ex
 
 
 def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None = None,
-            timeout: float = 120.0) -> FileResult:
-    """Backtest one file on ``pool``; every failure becomes a row, nothing is raised."""
+            timeout: float = 120.0, indicators: bool = False) -> FileResult:
+    """Backtest one file on ``pool``; every failure becomes a row, nothing is raised.
+
+    ``indicators=True`` (a file that will be plotted): the strategy's claimed indicators come back too.
+    """
     from .sandbox.errors import SandboxError
     from .sandbox.harness import classify
 
@@ -203,15 +215,51 @@ def run_one(path: Path, pool: SandboxPool, data: DataRef, overrides: dict | None
                           error=f"{type(exc).__name__}: {exc.strerror or exc}")
     code, compile_error = _compiled(text)
     settings, source = resolve_settings(code, overrides)
+    stages = {"prepare": time.perf_counter() - started}
     if compile_error is not None:  # fails identically wherever it is compiled: no sandbox dispatch needed
         res = BacktestResult(ok=False, error=SandboxError.from_dict(classify(compile_error)))
     else:
-        res = pool.run(text, data, timeout=timeout, settings=settings)
-    out = FileResult(str(path), "ok" if res.ok else "failed", time.perf_counter() - started, res,
-                     {k: getattr(settings, k) for k in SCRIPT_SETTINGS}, source)
+        res = pool.run(text, data, timeout=timeout, settings=settings, report_optimize=True,
+                       indicators=indicators)
+        stages.update({k[:-2]: v for k, v in (res.timings or {}).items()}, worker=res.duration_s)
+    optimize, best_params = "", None
+    if res.ok and res.optimize_call is not None:
+        spread = time.perf_counter()
+        res, optimize, best_params = _spread_optimize(text, res.optimize_call, pool, data, settings, timeout)
+        stages["optimize"] = time.perf_counter() - spread
+    elif res.optimize_note:
+        optimize = f"ran inside its task: {res.optimize_note}"
+    out = FileResult(str(path), "ok" if res.ok else "failed", 0.0, res,
+                     {k: getattr(settings, k) for k in SCRIPT_SETTINGS}, source, optimize=optimize,
+                     best_params=best_params, stages=stages)
     if not res.ok:
         out.error_kind, out.error = res.error.kind.value, _error_text(res, code)
+    out.seconds = time.perf_counter() - started
     return out
+
+
+def _spread_optimize(code: str, call: dict, pool: SandboxPool, data: DataRef, settings: BacktestSettings,
+                     timeout: float) -> tuple[BacktestResult, str, dict | None]:
+    """The script's own ``Backtest.optimize`` call, as the sandbox described it, run over the whole pool.
+
+    Every combination is settled on the trusted side (:meth:`SandboxPool.optimize`); the result is
+    the best combination's run, as ``Backtest.optimize`` returns it. ``timeout`` is per combination.
+    """
+    from .sandbox._script_optimize import BadReport, parse
+    from .sandbox.errors import ErrorKind
+
+    try:
+        grid, admissible, maximize, sampled = parse(call)
+    except BadReport as exc:
+        return BacktestResult._failure(ErrorKind.RESULT_INVALID, "BadReport",
+                                       f"the script's optimize call, as its sandbox reported it: {exc}"), "", None
+    opt = pool.optimize(code, grid, data, maximize=maximize, constraint=admissible, timeout=timeout,
+                        settings=settings, fast=False)
+    what = f"{len(admissible)} {'sampled ' if sampled else ''}combinations over the pool"
+    if not opt.result.ok:
+        return opt.result, what, None
+    best = ", ".join(f"{k}={v}" for k, v in opt.best_params.items())
+    return opt.result, f"{what}, max {maximize} at {best}", opt.best_params
 
 
 def _compiled(text: str) -> tuple[str, BaseException | None]:
@@ -262,7 +310,7 @@ class BacktestFilesReport:
     def text(self) -> str:
         """The table for a terminal: errors cut to their start."""
         rows = [{**row, "error": _short(row["error"])} for row in self.rows()]
-        cols = [c for c in COLUMNS if c != "settings" or any(r["settings"] for r in rows)]
+        cols = [c for c in COLUMNS if c not in ("settings", "optimize") or any(r[c] for r in rows)]
         widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in cols} if rows else {}
         lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
         lines += ["  ".join(_cell(r[c]).ljust(widths[c]) for c in cols) for r in rows]
@@ -320,7 +368,7 @@ def backtest_files(paths: Iterable[str | Path], data: DataRef | None = None, *,
     data = data or DataRef()
     started = time.perf_counter()
     own_pool = pool is None
-    pool = pool or SandboxPool()
+    pool = SandboxPool() if pool is None else pool  # not `pool or`: a pool with no workers yet is falsy (len 0)
     results: dict[int, FileResult] = {}
     interrupted = False
     executor = ThreadPoolExecutor(pool.size, thread_name_prefix="backtest-files")

@@ -256,6 +256,44 @@ def settle(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None 
     >>> s = settle(bt.order_log, df, BacktestSettings(cash=1e6))   # doctest: +SKIP
     >>> s.trades[["EntryBar", "ExitBar", "PnL"]].head(2)          # doctest: +SKIP
     """
+    state, curve, trades, start, status = _replay(log, data, settings)
+    stats = _bt_compat.compute_stats(trades, curve, data, max(start - 1, 0), indicators)
+    stats["_strategy"] = _StrategyRef(log.strategy, log.params)
+    cnt = state["cnt"]
+    from . import _broker_kernel as K
+
+    return Settlement(stats, margin_cancels=int(cnt[K.C_MARGIN_CANCELS]), deferred_contingent=int(cnt[K.C_DEFERRED]),
+                      out_of_money=status == K.OUT_OF_MONEY)
+
+
+#: Stats a grid may be ranked by that :func:`settled_score` takes from the settled equity and trades with
+#: ``compute_stats``' own expressions, skipping the rest of it (most of a settlement's time).
+_SCORES = {
+    "Return [%]": lambda curve, pl: (curve[-1] - curve[0]) / curve[0] * 100,
+    "Equity Final [$]": lambda curve, pl: curve[-1],
+    "# Trades": lambda curve, pl: len(pl),
+    "SQN": lambda curve, pl: np.sqrt(len(pl)) * pl.mean() / (pl.std() or np.nan),
+}
+
+
+def settled_score(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None, key: str) -> float | None:
+    """``float(settle(...).stats[key])``, or None for a run without trades (a grid's score, as ranked).
+
+    For the keys in ``_SCORES`` only that stat is computed, exactly as ``compute_stats`` computes it.
+
+    >>> settled_score(bt.order_log, df, BacktestSettings(), "Return [%]")   # doctest: +SKIP
+    """
+    if key not in _SCORES:
+        stats = settle(log, data, settings).stats
+        return float(stats[key]) if stats["# Trades"] else None
+    _, curve, trades, _, _ = _replay(log, data, settings)
+    if not trades:
+        return None
+    return float(_SCORES[key](curve, pd.Series([t.pl for t in trades])))
+
+
+def _replay(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None):
+    """The order log run through the fill rules: ``(state, equity curve, closed trades, start bar, status)``."""
     from . import _broker_kernel as K  # numba: only where settling happens, never in the sandbox
 
     settings = settings or BacktestSettings()
@@ -283,12 +321,7 @@ def settle(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None 
         raise SettlementError(f"order log cannot be settled at bar {bar}, {where}: {K.STATUS_TEXT[status]}")
     cash = float(state["acc"][K.A_CASH])
     curve = pd.Series(equity).bfill().fillna(cash).values  # exactly Backtest.run's
-    trades = _closed_trades(state, data.index, C, log.tags)
-    stats = _bt_compat.compute_stats(trades, curve, data, max(start - 1, 0), indicators)
-    stats["_strategy"] = _StrategyRef(log.strategy, log.params)
-    cnt = state["cnt"]
-    return Settlement(stats, margin_cancels=int(cnt[K.C_MARGIN_CANCELS]), deferred_contingent=int(cnt[K.C_DEFERRED]),
-                      out_of_money=status == K.OUT_OF_MONEY)
+    return state, curve, _closed_trades(state, data.index, C, log.tags), start, status
 
 
 def _check_data(log: OrderLog, data: pd.DataFrame) -> None:

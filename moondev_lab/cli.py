@@ -163,20 +163,19 @@ def cmd_rbi(a: argparse.Namespace) -> int:
     from .ledger import Ledger
     from .rbi import run_rbi
 
-    from .sources import EmptyIdea, extract_idea
+    from .sources import EmptyIdea
 
     if a.idea is not None and not a.idea.strip():
         raise EmptyIdea("the idea is empty: give an idea in words, --ideas FILE or --from SOURCE")
     ideas = ([a.idea] if a.idea else []) + (read_ideas(a.ideas) if a.ideas else [])
-    ideas += [extract_idea(s, model=a.model).rules for s in a.sources or []]
-    if not ideas:
+    if not ideas and not a.sources:
         raise ValueError("give an idea in quotes, --ideas FILE, or --from SOURCE")
     if a.walk_forward is not None and a.walk_forward < 1:  # issue 15
         raise ValueError(f"--walk-forward needs a number of folds >= 1, got {a.walk_forward}")
     ledger = Ledger()
     cfg = _rbi_config(a)
     report = run_rbi(ideas, model=a.model, cfg=cfg, ledger=ledger, parallel=a.parallel,
-                     progress=not a.json)
+                     progress=not a.json, sources=a.sources)  # --from: read first, kept in the ledger
     _rbi_report(report, a.json, ledger.leaderboard(limit=10, min_trades=cfg.min_trades))
     return 0 if any(r.status in ("ok", "skipped") for r in report.results) else 1
 
@@ -249,10 +248,10 @@ def _backtest_overrides(a: argparse.Namespace) -> dict:
 def _backtest_one(a: argparse.Namespace, path: str) -> int:
     from pathlib import Path
 
-    from .backtest_files import resolve_settings
+    from .backtest_files import resolve_settings, run_one
     from .codeextract import extract_code
     from .results import BacktestRun, explain_error, format_value, stats_table
-    from .sandbox import DataRef, run_file
+    from .sandbox import DataRef, default_pool
 
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
@@ -261,7 +260,9 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
         code = ""
     settings, source = resolve_settings(code or text, _backtest_overrides(a))
     ref = DataRef(a.symbol, a.timeframe, source=a.source, start=a.start, end=a.end)
-    res = run_file(path, ref, timeout=a.timeout, settings=settings, indicators=True)  # it is always plotted
+    row = run_one(Path(path), default_pool(), ref, _backtest_overrides(a), timeout=a.timeout,
+                  indicators=True)  # as in bulk:
+    res = row.result  # the script's own bt.optimize(...) is spread over the pool
     plot_path = None
     if res.ok:
         title = f"{res.strategy} - {Path(path).name} ({a.symbol} {a.timeframe})"
@@ -271,7 +272,8 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
         run.plot().save(plot_path)
     if a.json:
         _print_json({**res.to_dict(), "settings": settings.kwargs(), "settings_source": source, "plot_html": None,
-                     "plot_path": str(plot_path) if plot_path else None})
+                     "plot_path": str(plot_path) if plot_path else None, "optimize": row.optimize,
+                     "best_params": row.best_params})
         return 0 if res.ok else 1
     if not res.ok:
         print(f"backtest failed: {explain_error(res.error, code)}")
@@ -282,6 +284,8 @@ def _backtest_one(a: argparse.Namespace, path: str) -> int:
     print(f"cash {settings.cash:,.0f}, commission {settings.commission:.2%} of each trade's value, per side"
           + (f", margin {settings.margin:g}" if settings.margin != 1 else "")
           + (f" ({', '.join(own)} from the script's own Backtest(...))" if own else ""))
+    if row.optimize:
+        print(f"optimize: {row.optimize}")
     print(stats_table(res.stats))
     print(f"plot: {plot_path}")
     if res.indicators_error:

@@ -102,8 +102,27 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+#: Version 3: where an idea came from (issue 12: ``rbi --from``, ``run_rbi(sources=...)``): the URL or
+#: path, its kind, the whole extracted text and the sentences the rules were taken from. One idea may
+#: have several sources (the same rules found twice are one idea); the same text from the same source
+#: is kept once. Older rows have no source: ideas typed in.
+_SCHEMA_V3 = """
+CREATE TABLE idea_sources (
+    id INTEGER PRIMARY KEY, idea_id INTEGER NOT NULL REFERENCES ideas(id),
+    source TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL, text_sha256 TEXT NOT NULL,
+    reduced_by TEXT, sentences_used TEXT, notes TEXT, created TEXT NOT NULL DEFAULT (datetime('now')),
+    UNIQUE (idea_id, source, text_sha256));
+CREATE INDEX idea_sources_idea ON idea_sources(idea_id);
+"""
+
+
+def _migrate_v3(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V3):
+        db.execute(statement)
+
+
 #: ``MIGRATIONS[k]`` upgrades a ledger from version ``k`` to ``k + 1``; append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Statuses after which an experiment is not run again unless forced.
@@ -256,6 +275,34 @@ class Ledger:
             db.execute("INSERT OR IGNORE INTO ideas(text, norm_hash) VALUES (?, ?)", (text.strip(), h))
             row = db.execute("SELECT id, text FROM ideas WHERE norm_hash=?", (h,)).fetchone()
         return Idea(row["id"], row["text"])
+
+    def add_idea_source(self, found) -> Idea:
+        """The idea of ``found`` (a :class:`~moondev_lab.sources.IdeaSource`: its rules, deduplicated as any
+        idea), with where it came from kept beside it: source, kind, the extracted text, the sentences used.
+
+        >>> led = Ledger(":memory:")
+        >>> from moondev_lab.sources import extract_idea
+        >>> idea = led.add_idea_source(extract_idea("Buy when RSI(14) < 30, sell when RSI > 70"))
+        >>> idea.id == led.add_idea("buy when rsi(14) < 30, sell when rsi > 70").id
+        True
+        >>> [(s["kind"], s["source"][:15]) for s in led.idea_sources(idea.id)]
+        [('text', 'Buy when RSI(14')]
+        """
+        used = [{"index": s.index, "roles": list(s.roles), "text": s.text} for s in found.sentences_used]
+        with self._tx():  # the idea and its source together, or neither
+            idea = self.add_idea(found.rules)
+            self._exec("INSERT OR IGNORE INTO idea_sources(idea_id, source, kind, text, text_sha256, reduced_by, "
+                       "sentences_used, notes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (idea.id, found.source, found.kind, found.text, hashlib.sha256(found.text.encode()).hexdigest(),
+                        found.reduced_by, _dumps(used), _dumps(list(found.notes))))
+        return idea
+
+    def idea_sources(self, idea_id: int) -> list[dict]:
+        """Where an idea came from, oldest first: ``source``, ``kind``, ``text``, ``sentences_used``, ...; [] if typed."""
+        rows = self._all("SELECT source, kind, text, reduced_by, sentences_used, notes, created FROM idea_sources "
+                         "WHERE idea_id=? ORDER BY id", (idea_id,))
+        return [{**dict(r), "sentences_used": _loads(r["sentences_used"]) or [], "notes": _loads(r["notes"]) or []}
+                for r in rows]
 
     def idea(self, idea_id: int) -> Idea:
         row = self._one("SELECT id, text FROM ideas WHERE id=?", (idea_id,))

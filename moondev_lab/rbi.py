@@ -469,20 +469,42 @@ class GridOutcome(NamedTuple):
 _GRID_ENGINES = {"auto": RBI._grid_auto, "pool": RBI._grid_pool, "backtesting": RBI._grid_backtesting}
 
 
-def run_rbi(ideas: str | Iterable[str], model: Any = "auto", cfg: RBIConfig | None = None,
+def run_rbi(ideas: str | Iterable[str] | None = None, model: Any = "auto", cfg: RBIConfig | None = None,
             ledger: Ledger | None = None, sandbox: Any = None, parallel: int | None = None,
-            progress: bool = True, force: bool = False, executor: Any = None) -> RBIReport:
+            progress: bool = True, force: bool = False, executor: Any = None,
+            sources: Iterable[str] | None = None) -> RBIReport:
     """Run the whole RBI loop for one idea or many; see :class:`RBIConfig` for the knobs.
 
     ``force=True`` runs ideas again that are done (or were given up) on this symbol, timeframe and model.
     ``executor``: any ``concurrent.futures.Executor`` (e.g. a Dask ``client.get_executor()``)
     runs each idea as one task there; this process still writes the ledger.
+    ``sources``: article URLs, PDF files or URLs, YouTube URLs, ``.txt``/``.md`` files, as ``rbi --from``
+    (:func:`moondev_lab.sources.extract_idea`, with ``model``). Every source is read before anything
+    runs (a bad one raises its :class:`~moondev_lab.sources.SourceError`); its rules are the idea, and
+    the ledger keeps the extracted text with its source (``Ledger.idea_sources``, ``IdeaResult.sources``).
+
+    >>> report = run_rbi(sources=["https://example.com/rsi-article"])        # doctest: +SKIP
+    >>> report.results[0].sources[0]["kind"], report.results[0].sources[0]["sentences_used"][0]  # doctest: +SKIP
     """
-    if isinstance(ideas, str):
-        ideas = [ideas]
+    ideas = [ideas] if isinstance(ideas, str) else list(ideas or [])
+    sources = [sources] if isinstance(sources, str) else list(sources or [])
+    if sources:
+        from .sources import ideas_from_sources
+
+        ledger = ledger if ledger is not None else Ledger()
+        ideas += [found.rules for found in ideas_from_sources(sources, ledger, model=model)]
+    if not ideas:
+        raise ValueError("give run_rbi an idea, or sources=[URL or file, ...]")
     if executor is not None:
         from .batch import run_on_executor
 
-        return run_on_executor(ideas, executor, model=model, cfg=cfg, ledger=ledger, progress=progress)
-    with RBI(model, cfg, ledger, sandbox) as engine:
-        return engine.run_many(ideas, parallel=parallel, progress=progress, force=force or None)
+        report = run_on_executor(ideas, executor, model=model, cfg=cfg, ledger=ledger, progress=progress)
+    else:
+        with RBI(model, cfg, ledger, sandbox) as engine:
+            report = engine.run_many(ideas, parallel=parallel, progress=progress, force=force or None)
+            ledger = engine.ledger
+    if sources and ledger is not None:
+        for result in report.results:
+            if result.idea_id is not None:
+                result.sources = ledger.idea_sources(result.idea_id)
+    return report

@@ -404,6 +404,7 @@ class IdeaResult:
     overfitting: dict | None = None  # issue 15: trials, dsr, psr, pbo, min_track_record[, walk_forward]
     grid_engine: str | None = None  # the engine that ran the grid: "fast", "pool" or "backtesting"
     backtests: dict = field(default_factory=dict, repr=False)  # "in_sample"/"out_of_sample" -> BacktestRun
+    sources: list = field(default_factory=list, repr=False)  # issue 12: where the idea came from (Ledger.idea_sources)
 
     def __post_init__(self) -> None:
         if self.code is not None and not isinstance(self.code, StrategyCode):
@@ -623,6 +624,7 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
                      symbol=row["symbol"], timeframe=row["timeframe"], model=row["model"],
                      experiment_id=row["experiment_id"])
     res.overfitting = led.overfitting(res.run_id)  # issue 15
+    res.sources = led.idea_sources(res.idea_id)  # issue 12: the URL or file the idea was read from, if any
     folder = Path(row["run_dir"]) if row["run_dir"] else None
     if folder is not None and (folder / "strategy.py").exists():
         res.code = StrategyCode((folder / "strategy.py").read_text())

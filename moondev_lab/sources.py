@@ -508,6 +508,24 @@ def extract_idea(source: str, *, model="auto", fetcher: Fetcher | None = None) -
         return IdeaSource(text, rules, source, kind_name, used, notes, reduced_by=chosen.name)
 
 
+def ideas_from_sources(sources, ledger, *, model="auto", fetcher: Fetcher | None = None) -> list[IdeaSource]:
+    """Every source read and reduced (all of them before anything is kept), then kept in ``ledger``.
+
+    A source that cannot be read raises its :class:`SourceError`, and nothing is recorded.
+
+    >>> from moondev_lab.ledger import Ledger
+    >>> [found.kind for found in ideas_from_sources(["Buy when RSI < 30, sell above 70"], Ledger(":memory:"))]
+    ['text']
+    """
+    if isinstance(sources, (str, bytes)):
+        raise TypeError("sources is a list of URLs or paths, e.g. sources=['https://...']")
+    found = [extract_idea(s, model=model, fetcher=fetcher) for s in sources]
+    with ledger.transaction():
+        for f in found:
+            ledger.add_idea_source(f)
+    return found
+
+
 @contextlib.contextmanager
 def _model(model):
     """The model to reduce with, or None for the offline reduction."""

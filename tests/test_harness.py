@@ -127,6 +127,38 @@ def test_equity_downsampled_to_cap():
     assert pts[-1]["time"] == idx[-1].isoformat()
 
 
+def test_fast_converters_give_exactly_what_the_generic_ones_gave(frame):
+    """trades_to_records / equity_points / the sample CSV are vectorised; their output is unchanged."""
+    from moondev_lab.sandbox.harness import _as_sample_csv, iso_times, to_jsonable, trades_to_records
+
+    ns: dict = {}
+    exec(sma_cross("self.buy(size=0.5, sl=self.data.Close[-1] * 0.97, tag='long')"), ns)
+    stats = Backtest(frame, ns["SmaCross"], cash=1_000_000, finalize_trades=True).run()
+    trades, curve = stats["_trades"], stats["_equity_curve"]
+    assert len(trades) > 5 and trades["Tag"].iloc[0] == "long"
+    assert trades_to_records(trades) == [{str(k): to_jsonable(v) for k, v in row.items()}
+                                         for row in trades.to_dict("records")]
+    assert trades_to_records(trades.iloc[:0]) == []
+    n = len(curve)
+    assert equity_points(curve, 50) == [
+        {"time": to_jsonable(curve.index[i]), "equity": float(curve["Equity"].iloc[i]),
+         "drawdown_pct": float(curve["DrawdownPct"].iloc[i])}
+        for i in np.unique(np.linspace(0, n - 1, 50).round().astype(int))]
+    for index in (frame.index, frame.index.tz_localize(None), frame.index.tz_convert("America/New_York"),
+                  frame.index + pd.Timedelta("1.5s"), pd.DatetimeIndex([frame.index[0], pd.NaT])):
+        assert iso_times(index) == [to_jsonable(t) for t in index]
+    # the CSV a wild script's read_csv gets: DataFrame.to_csv's text, NaN and odd floats included
+    odd = frame.iloc[:6].copy()
+    odd["Open"] = [1e16, 1e-5, 0.1, 123456789.123, 5.0, float(2**60)]
+    for sample in (frame, odd, odd.assign(Volume=[1.0, np.nan, 2, 3, 4, 5])):
+        legacy = pd.DataFrame({"datetime": sample.index.tz_convert("UTC").tz_localize(None)
+                               .strftime("%Y-%m-%d %H:%M:%S")})
+        for col in ("Open", "High", "Low", "Close", "Volume"):
+            legacy[" " + col.lower()] = sample[col].to_numpy()
+        legacy[""] = ""
+        assert _as_sample_csv(sample) == legacy.to_csv(index=False)
+
+
 def test_errors_are_classified(frame):
     assert execute({"op": "run", "code": "def f(:"}, frame)["error"]["kind"] == "syntax_error"
     assert execute({"op": "run", "code": "x = 1"}, frame)["error"]["kind"] == "no_strategy"

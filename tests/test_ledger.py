@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import threading
 
-from moondev_lab.ledger import Ledger, normalise_idea
+from moondev_lab.ledger import SCHEMA_VERSION, Ledger, normalise_idea
 
 
 def test_dedup_and_failure_budget(tmp_path):
@@ -28,7 +28,7 @@ def test_dedup_and_failure_budget(tmp_path):
     # Reopening the file keeps everything.
     again = Ledger(tmp_path / "l.sqlite")
     assert again.experiment_by_id(exp.id).failures == 2 and "1 ideas" in repr(again)
-    assert again.ledger_id == led.ledger_id and again.schema_version == 2
+    assert again.ledger_id == led.ledger_id and again.schema_version == SCHEMA_VERSION
 
 
 def test_runs_code_stats_nan_and_usage(tmp_path):
@@ -111,7 +111,7 @@ def test_upgrade_from_the_first_schema_keeps_everything(tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == 0
     db.close()
     led = Ledger(path)
-    assert led.schema_version == 2
+    assert led.schema_version == SCHEMA_VERSION
     old = led.run(1)
     assert old["out_of_sample"]["Return [%]"] == 4.5 and old["params"] == {"n": 14} and old["symbol"] is None
     assert led.code_versions(1)[0]["code"] == "code" and led.usage_summary()["input_tokens"] == 7
@@ -163,3 +163,30 @@ def test_several_writer_processes(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     led = Ledger(path)
     assert len(led.runs()) == 100 and len(led.leaderboard(limit=1000)) == 100
+
+
+def test_upgrade_from_version_2_adds_idea_sources_and_keeps_every_row(tmp_path):
+    """A version-2 ledger (before idea sources) is upgraded in place; its ideas have no source, new ones do."""
+    import sqlite3
+
+    from moondev_lab.ledger import _SCHEMA_V1, MIGRATIONS
+    from moondev_lab.sources import extract_idea
+
+    path = tmp_path / "v2.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_V1 + V1_ROWS)
+    MIGRATIONS[1](db)  # exactly the version-2 schema
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    assert "idea_sources" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    led = Ledger(path)
+    assert led.schema_version == SCHEMA_VERSION == 3
+    assert list(led.ideas()["text"]) == ["RSI dip", "order book", "never run"] and led.run(1)["params"] == {"n": 14}
+    assert led.idea_sources(1) == []  # typed in before sources were kept
+    idea = led.add_idea_source(extract_idea("Buy when RSI(14) < 30, sell above 70", model="offline"))
+    assert idea.id == 4 and led.add_idea("buy when rsi(14) < 30, sell above 70.").id == idea.id  # deduplicated
+    (kept,) = led.idea_sources(idea.id)
+    assert kept["kind"] == "text" and kept["text"] == idea.text and kept["sentences_used"][0]["text"] == idea.text
+    led.close()
+    assert Ledger(path).idea_sources(idea.id)[0]["source"] == idea.text

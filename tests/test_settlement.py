@@ -243,3 +243,30 @@ def test_random_decisions(block):
             warnings.simplefilter("ignore")
             assert_settles_exactly(data, RandomTrader, random_settings(rng), plain_check=seed % 10 == 0,
                                    seed=seed, activity=float(rng.choice([0.3, 0.6, 0.85])))
+
+
+# ---------------------------------------------------------------- a grid's score alone
+def test_a_grids_score_alone_is_the_full_settlements_to_the_bit():
+    """settled_score computes only the ranked stat for some keys: it must equal settle(...).stats[key] exactly."""
+    import json
+
+    from moondev_lab._bt_compat import RecordingBacktest
+    from moondev_lab.broker import _SCORES, OrderLog, settle, settled_score
+
+    seen_without_trades = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        data = synthetic_ohlc(int(rng.integers(30, 300)), seed)
+        settings = random_settings(rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bt = RecordingBacktest(data, RandomTrader, **settings.kwargs())
+            bt.run(seed=seed, activity=float(rng.choice([0.0, 0.3, 0.85])))
+        log = OrderLog.from_dict(json.loads(json.dumps(bt.order_log.to_dict())))
+        stats = settle(log, data, settings).stats
+        seen_without_trades += not stats["# Trades"]
+        for key in [*_SCORES, "Sharpe Ratio"]:  # the last one through the full settlement
+            expected = float(stats[key]) if stats["# Trades"] else None
+            got = settled_score(log, data, settings, key)
+            assert got == expected or (got is not None and np.isnan(got) and np.isnan(expected)), (seed, key)
+    assert seen_without_trades  # the None case is among them

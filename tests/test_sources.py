@@ -300,8 +300,71 @@ def test_rbi_cli_bad_ideas_are_one_line_errors(argv, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and ("empty" in err[0] or "no such file" in err[0])
 
 
-def test_rbi_from_an_article_url_end_to_end(site):
+def test_rbi_from_an_article_url_end_to_end(site, lab_home):
+    from moondev_lab.ledger import Ledger
+
     out = _cli("rbi", "--from", site.url + "/article", "--model", "offline", "--max-optimize", "0", "--json")
     assert out.returncode == 0, out.stderr
     (result,) = json.loads(out.stdout)["results"]
     assert result["status"] == "ok" and "RSI" in result["idea"] and "Ignore all previous" not in result["idea"]
+    assert [s["source"] for s in result["sources"]] == [site.url + "/article"]  # and in the ledger:
+    (kept,) = Ledger(lab_home / "ledger.sqlite").idea_sources(result["idea_id"])
+    assert kept["kind"] == "article" and ENTRY in kept["text"] and kept["sentences_used"]
+
+
+# ----- run_rbi(sources=[...]): the idea's source is kept in the ledger -------------------------------
+def test_run_rbi_from_sources_keeps_each_source_in_the_ledger(site, tmp_path):
+    from moondev_lab.ledger import Ledger
+    from moondev_lab.rbi import RBIConfig, run_rbi
+    from moondev_lab.results import load_run
+
+    notes = tmp_path / "notes.md"
+    notes.write_text(f"# My RSI idea\n\n{ENTRY} {EXIT} {RISK}\n")
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    article = site.url + "/article"
+    report = run_rbi(sources=[article, site.url + "/paper", str(notes), article], model="offline",
+                     cfg=RBIConfig(max_optimize=0, max_debug=0), ledger=ledger, progress=False)
+    by_source = {r.sources[0]["source"]: r for r in report.results}
+    assert len(report.results) == 4 and set(by_source) == {article, site.url + "/paper", str(notes)}
+    art = by_source[article]
+    (kept,) = art.sources  # the article twice: one idea, its source kept once
+    assert kept["kind"] == "article" and ENTRY in kept["text"] and "Home | About" not in kept["text"]
+    assert {r for s in kept["sentences_used"] for r in s["roles"]} == {"entry", "exit", "risk"}
+    assert any("addressing an AI" in n for n in kept["notes"]) and kept["reduced_by"] == "offline"
+    assert "Ignore all previous" not in art.idea  # the rules are the idea, the text stays data
+    assert by_source[site.url + "/paper"].sources[0]["kind"] == "pdf"
+    assert by_source[str(notes)].sources[0]["kind"] == "file"
+    # deduplicated as any other idea: the typed rules are the same idea, and a loaded run shows its source
+    assert ledger.add_idea(art.idea).id == art.idea_id
+    run_id = next(r.run_id for r in report.results if r.idea_id == art.idea_id and r.run_id is not None)
+    loaded = load_run(run_id, ledger)
+    assert [s["source"] for s in loaded.sources] == [article]
+    assert loaded.sources[0]["sentences_used"] == kept["sentences_used"]
+
+
+def test_sources_are_all_read_before_anything_is_kept(site, tmp_path):
+    from moondev_lab.ledger import Ledger
+    from moondev_lab.rbi import run_rbi
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    with pytest.raises(SourceNotFound, match="404"):
+        run_rbi(sources=[site.url + "/article", site.url + "/missing"], model="offline", ledger=ledger,
+                progress=False)
+    assert ledger.ideas().empty  # the good source was not kept either: nothing half-done
+    with pytest.raises(ValueError, match="sources="):
+        run_rbi([], ledger=ledger)
+
+
+def test_a_youtube_source_is_kept_with_its_transcript(site):
+    from moondev_lab.ledger import Ledger
+    from moondev_lab.sources import ideas_from_sources
+
+    session = requests.Session()
+    session.mount("https://www.youtube.com", ToSite(site.url))
+    ledger = Ledger(":memory:")
+    (found,) = ideas_from_sources(["https://www.youtube.com/watch?v=cap123"], ledger, model="offline",
+                                  fetcher=Fetcher(session=session, timeout=5))
+    (kept,) = ledger.idea_sources(ledger.add_idea(found.rules).id)
+    assert kept["kind"] == "youtube" and "9 EMA crosses above the 21 EMA" in kept["text"]
+    assert "smash that like button" in kept["text"] and "smash" not in found.rules
+    assert [s["text"] for s in kept["sentences_used"]] == [s.text for s in found.sentences_used]

@@ -43,6 +43,9 @@ def settled_result(task: dict, reply: dict):
     if not result.ok:
         return result  # a failed run claims nothing to rank
     payload = reply.get("payload") or {}
+    if task.get("optimize") == "report" and payload.get("optimize_call") is not None:
+        result.optimize_call, result.stats = payload["optimize_call"], {}  # nothing ran: nothing to settle
+        return result
     claimed = result.stats
     result.stats, result.trades, result.equity = {}, [], []
     if payload.get("order_log") is None:
@@ -193,7 +196,7 @@ def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int
     ``returns`` (bars x grid combinations, optional): column ``first + i`` receives combination
     ``i``'s per-bar returns from its *settled* equity (an unsettleable one's column is left as it is).
     """
-    from moondev_lab.broker import OrderLog, settle
+    from moondev_lab.broker import OrderLog, settle, settled_score
 
     frame, settings = data_frame(task["data"]), BacktestSettings(**task["settings"])
     scores: list = []
@@ -202,10 +205,12 @@ def settle_grid(task: dict, logs: list, claimed: list, maximize: str, first: int
         try:
             if log is None:
                 raise ValueError("no order log")
-            stats = settle(OrderLog.from_dict(log), frame, settings).stats
-            score = float(stats[maximize]) if stats["# Trades"] else None
-            if returns is not None:
+            if returns is not None:  # the whole settlement: its equity gives the column
+                stats = settle(OrderLog.from_dict(log), frame, settings).stats
+                score = float(stats[maximize]) if stats["# Trades"] else None
                 returns[:, first + i] = per_bar_returns(stats["_equity_curve"]["Equity"].to_numpy())
+            else:
+                score = settled_score(OrderLog.from_dict(log), frame, settings, maximize)
         except Exception as exc:  # noqa: BLE001 - whatever the task child sent must not crash the pool
             scores.append(None)
             problems.append(f"combination {first + i} cannot be settled: {type(exc).__name__}: {str(exc)[:200]}")

@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 from ..codeextract import NoCodeFound, StrategyNotFound
+from ._script_optimize import OptimizeReached
+from ._script_optimize import describe as describe_optimize
 from .errors import ErrorKind, SandboxViolation
 from .settings import BacktestSettings
 
@@ -277,7 +279,35 @@ def strategy_params(strategy) -> dict:
 
 
 def trades_to_records(trades: pd.DataFrame) -> list[dict]:
-    return [{str(k): to_jsonable(v) for k, v in row.items()} for row in trades.to_dict("records")]
+    """Each trade as a JSON-able dict; column by column (a settled run's trades are converted on every run)."""
+    columns = {str(k): _jsonable_column(trades[k]) for k in trades.columns}
+    return [dict(zip(columns, row)) for row in zip(*columns.values())] if len(trades) else []
+
+
+def _jsonable_column(column: pd.Series) -> list:
+    """``[to_jsonable(v) for v in column]``, vectorised for number, bool and datetime columns."""
+    if column.dtype.kind in "fiub" and isinstance(column.dtype, np.dtype):
+        return column.to_numpy().tolist()  # Python floats (NaN kept), ints and bools, as to_jsonable gives
+    if column.dtype.kind == "M":
+        return iso_times(pd.DatetimeIndex(column))
+    return [to_jsonable(v) for v in column]
+
+
+def iso_times(index: pd.Index) -> list:
+    """``Timestamp.isoformat()`` of each time (None for NaT), as :func:`to_jsonable` gives it.
+
+    Vectorised for whole-second times, naive or in UTC (candles): ``Timestamp`` objects cost ~5 us each.
+
+    >>> iso_times(pd.DatetimeIndex(["2023-01-01 00:15"], tz="UTC"))
+    ['2023-01-01T00:15:00+00:00']
+    """
+    if isinstance(index, pd.DatetimeIndex) and str(index.tz) in ("UTC", "None") and not index.hasnans:
+        values = (index.tz_localize(None) if index.tz is not None else index).to_numpy()
+        seconds = values.astype("datetime64[s]")
+        if (seconds == values).all():
+            text = np.datetime_as_string(seconds, unit="s").tolist()
+            return [t + "+00:00" for t in text] if index.tz is not None else text
+    return [to_jsonable(t) for t in index]
 
 
 def equity_points(curve: pd.DataFrame, max_points: int = EQUITY_POINTS) -> list[dict]:
@@ -286,11 +316,9 @@ def equity_points(curve: pd.DataFrame, max_points: int = EQUITY_POINTS) -> list[
     if n == 0:
         return []
     idx = np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int))
-    eq = curve["Equity"].to_numpy()[idx]
-    dd = curve["DrawdownPct"].to_numpy()[idx] if "DrawdownPct" in curve else np.full(len(idx), np.nan)
-    times = curve.index[idx]
-    return [{"time": to_jsonable(t), "equity": float(e), "drawdown_pct": float(d)}
-            for t, e, d in zip(times, eq, dd)]
+    eq = curve["Equity"].to_numpy(dtype=float)[idx].tolist()
+    dd = curve["DrawdownPct"].to_numpy(dtype=float)[idx].tolist() if "DrawdownPct" in curve else [math.nan] * len(idx)
+    return [{"time": t, "equity": e, "drawdown_pct": d} for t, e, d in zip(iso_times(curve.index[idx]), eq, dd)]
 
 
 # -------------------------------------------------------------------- position sizing
@@ -329,6 +357,12 @@ class _Capture:
         self.heatmap_key: str | None = None
         self.optimizing = None  # the Backtest whose optimize() is running (its combinations run on copies)
         self.grid_runs: list[dict] = []
+        # A script's own Backtest.optimize: "report" describes it and stops the script (a pool spreads
+        # it), "stop" stops there and keeps its Backtest (a grid chunk of that spread), None runs it here.
+        self.optimize_mode: str | None = None
+        self.optimize_call: dict | None = None
+        self.optimize_note = ""
+        self.optimize_backtest = None
 
 
 @contextlib.contextmanager
@@ -395,6 +429,13 @@ def _patched(capture: _Capture):
             return stats
 
         def optimize(self, **kwargs):
+            if capture.optimize_mode == "stop":
+                capture.optimize_backtest = self
+                raise OptimizeReached
+            if capture.optimize_mode == "report":
+                capture.optimize_call, capture.optimize_note = describe_optimize(kwargs, _stats_keys(capture.frame))
+                if capture.optimize_call is not None:
+                    raise OptimizeReached
             # No processes in the sandbox: run the grid on threads in this process.
             reporting = capture.heatmap_key is not None and capture.optimizing is None
             if reporting:  # a script calling optimize() more than once: its last grid is the one reported
@@ -469,14 +510,30 @@ def _in_process_optimize():
         backtesting.Pool, btmod.SharedMemoryManager = orig_pool, orig_smm
 
 
+def _stats_keys(frame: pd.DataFrame) -> set:
+    """The stats fields ``Backtest.optimize`` may maximize (those of a two-bar run)."""
+    from moondev_lab._bt_compat import compute_stats
+
+    return {k for k in compute_stats([], np.ones(2), frame.iloc[:2], 0).index if not k.startswith("_")}
+
+
 def _as_sample_csv(frame: pd.DataFrame) -> str:
-    """The pooled frame in the layout of the bundled BTC-USD-15m.csv, which wild code expects."""
+    """The pooled frame in the layout of the bundled BTC-USD-15m.csv, which wild code expects.
+
+    The text is ``DataFrame.to_csv``'s (floats as their shortest repr), written by joining strings:
+    ``to_csv`` took ~7 us a row, most of a wild script's overhead on a month of 15m bars.
+    """
     idx = frame.index.tz_convert("UTC").tz_localize(None) if frame.index.tz is not None else frame.index
-    out = pd.DataFrame({"datetime": idx.strftime("%Y-%m-%d %H:%M:%S")})
-    for col in _OHLCV:
-        out[" " + col.lower()] = frame[col].to_numpy()
-    out[""] = ""
-    return out.to_csv(index=False)
+    values = [frame[col].to_numpy(dtype=float) for col in _OHLCV]
+    if any(np.isnan(v).any() for v in values):  # to_csv writes NaN as an empty field; repr would not
+        out = pd.DataFrame({"datetime": idx.strftime("%Y-%m-%d %H:%M:%S")})
+        for col, v in zip(_OHLCV, values):
+            out[" " + col.lower()] = v
+        out[""] = ""
+        return out.to_csv(index=False)
+    columns = [idx.strftime("%Y-%m-%d %H:%M:%S").tolist()] + [list(map(repr, v.tolist())) for v in values]
+    header = ",".join(["datetime", *(" " + c.lower() for c in _OHLCV), ""])
+    return "\n".join([header, *(",".join(row) + "," for row in zip(*columns))]) + "\n"
 
 
 def _pooled_with_extras(pooled: pd.DataFrame, data) -> pd.DataFrame:
@@ -511,16 +568,22 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
         module.__dict__["__builtins__"] = builtins
         # as `python strategy.py` would: scripts find their data next to themselves via __file__
         module.__dict__["__file__"] = str(Path.cwd() / "strategy.py")
+        capture.optimize_mode = "stop" if task.get("op") == "grid" else task.get("optimize")
         with _patched(capture) as harness_backtest:
-            exec(compiled, module.__dict__)
-            if task.get("op") == "grid":
+            try:
+                exec(compiled, module.__dict__)
+            except OptimizeReached:
+                pass
+            if capture.optimize_call is not None:  # even if the script caught OptimizeReached
+                payload = {"optimize_call": capture.optimize_call, "strategy": None}
+            elif task.get("op") == "grid":
                 payload = _run_grid(task, module, frame, harness_backtest, capture)
             else:
                 if capture.last_run is None or task.get("params"):
                     strategy = find_strategy(module.__dict__, module.__name__)
                     harness_backtest(frame, strategy).run(**(task.get("params") or {}))
                 payload = _run_payload(capture.last_run, capture.last_log, task)
-            if task.get("plot") and task.get("op") != "grid":
+            if task.get("plot") and task.get("op") != "grid" and capture.optimize_call is None:
                 payload.update(_plot_html(capture))
             if task.get("indicators") and task.get("op") != "grid":
                 payload["indicators"] = indicator_payload(capture.last_run)
@@ -534,6 +597,8 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
     payload["size_adjustments"] = capture.size_adjustments
     payload["skipped_orders"] = capture.skipped_orders
     payload["csv_redirects"] = capture.csv_redirects[:5]
+    if capture.optimize_note:
+        payload["optimize_note"] = capture.optimize_note
     return payload
 
 
@@ -614,9 +679,13 @@ def _run_grid(task: dict, module, frame, harness_backtest, capture: _Capture) ->
     comes back, so the pool needs no extra run at the overall best parameters:
     the first maximum of the whole grid is also the first maximum of its chunk.
     """
-    strategy = find_strategy(module.__dict__, module.__name__)
     _pin_mmap_threshold()
-    bt = harness_backtest(frame, strategy)
+    bt = capture.optimize_backtest  # a script's own optimize call: its grid runs on its own Backtest
+    if bt is None:
+        bt = harness_backtest(frame, find_strategy(module.__dict__, module.__name__))
+    from moondev_lab._bt_compat import strategy_class
+
+    strategy = strategy_class(bt)
     key = task.get("maximize", "SQN")
     values: list[float | None] = []
     logs: list[dict | None] = []  # every combination's decisions: the parent settles each one's score

@@ -84,6 +84,7 @@ class BacktestResult:
     #: Not a field: ``run(..., heatmap=key)``: ``[(params, settled score or None), ...]`` of every combination
     #: the code's own ``Backtest.optimize`` ran, in its order, as its ``return_heatmap=True`` Series lists them.
     heatmap = None
+    timings = None  # not a field: run()'s {"round_trip_s", "settle_s"} in the parent, for benches
 
     ok: bool
     stats: dict = field(default_factory=dict)
@@ -104,6 +105,10 @@ class BacktestResult:
     layers: dict = field(default_factory=dict)      # sandbox layer -> "on ..." / "off: why"
     violations: list = field(default_factory=list)  # refused attempts, even those the strategy caught
     indicators_error: SandboxError | None = None  # a refused indicator payload (result_invalid); the run stands
+    # run(..., report_optimize=True): a script's own Backtest.optimize call, described instead of run
+    # (untrusted: see sandbox/_script_optimize.parse), or why it ran inside the task after all
+    optimize_call: dict | None = None
+    optimize_note: str = ""
 
     @classmethod
     def _from_reply(cls, reply: dict) -> "BacktestResult":
@@ -120,7 +125,8 @@ class BacktestResult:
                    strategy=payload.get("strategy"), size_adjustments=int(payload.get("size_adjustments", 0)),
                    skipped_orders=int(payload.get("skipped_orders", 0)),
                    plot_html=payload.get("plot_html"), plot_error=payload.get("plot_error"),
-                   layers=dict(reply.get("layers") or {}), violations=list(reply.get("violations") or []))
+                   layers=dict(reply.get("layers") or {}), violations=list(reply.get("violations") or []),
+                   optimize_note=str(payload.get("optimize_note") or "")[:300])
 
     @classmethod
     def _failure(cls, kind: ErrorKind, type_: str, message: str, **kw) -> "BacktestResult":
@@ -454,7 +460,7 @@ class SandboxPool:
     def run(self, code: str, data: DataRef | None = None, params: dict | None = None, *,
             timeout: float = 60, limits: Limits | None = None,
             settings: BacktestSettings | None = None, plot: bool = False,
-            indicators: bool = False, heatmap: str | None = None) -> BacktestResult:
+            indicators: bool = False, heatmap: str | None = None, report_optimize: bool = False) -> BacktestResult:
         """Run ``code`` (a Strategy, an LLM reply, or a whole script) on ``data`` in a sandbox.
 
         ``plot=True`` also returns backtesting.py's HTML plot in ``.plot_html``.
@@ -464,14 +470,23 @@ class SandboxPool:
         ``heatmap`` (a stats key, for code that calls ``Backtest.optimize`` itself): every
         combination it runs comes back with its order log, settled here and scored by that key
         into ``.heatmap``; a claimed score that differs flags the result ``result_mismatch``.
+        ``report_optimize=True``: a script that calls ``Backtest.optimize`` itself stops there, and
+        ``.optimize_call`` describes the call, for :meth:`optimize` to spread over the pool.
         """
-        extra = {"indicators": True} if indicators else {}  # other runs' tasks stay as small as before
+        extra: dict = {"indicators": True} if indicators else {}  # other runs' tasks stay as small as before
         if heatmap is not None:
             if not isinstance(heatmap, str):
                 raise TypeError("heatmap must be the name of a stats field, e.g. 'Return [%]'")
             extra["heatmap"] = heatmap
+        if report_optimize:
+            extra["optimize"] = "report"
         task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot, **extra)
-        return settled_result(task, self._request(task))
+        started = time.perf_counter()
+        reply = self._request(task)
+        replied = time.perf_counter()
+        result = settled_result(task, reply)
+        result.timings = {"round_trip_s": replied - started, "settle_s": time.perf_counter() - replied}
+        return result
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
                **kwargs) -> "Future[BacktestResult]":
