@@ -463,13 +463,17 @@ def _pooled_with_extras(pooled: pd.DataFrame, data) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------- execution
-def execute(task: dict, frame: pd.DataFrame) -> dict:
+def execute(task: dict, frame) -> dict:
     """Run one task on ``frame``; always returns a JSON-able payload, never raises.
 
-    ``task``: ``op`` ("run" or "grid"), ``code``, optional ``params``,
+    ``task``: ``op`` ("run", "grid" or "runs"), ``code``, optional ``params``,
     ``settings`` (dict of :class:`BacktestSettings`), and for grids
     ``combos`` (list of param dicts) and ``maximize`` (a stats key).
+    ``"runs"`` is a batch: ``runs`` lists ``{"code", "params"}``, ``frame`` is then one
+    frame per run, and the payload's ``runs`` holds one "run" payload each.
     """
+    if task.get("op") == "runs":
+        return execute_batch(task, frame)
     from . import _limits
 
     settings = BacktestSettings(**(task.get("settings") or {}))
@@ -501,6 +505,26 @@ def execute(task: dict, frame: pd.DataFrame) -> dict:
     payload["skipped_orders"] = capture.skipped_orders
     payload["csv_redirects"] = capture.csv_redirects[:5]
     return payload
+
+
+def execute_batch(task: dict, frames: list) -> dict:
+    """Several runs in this one process (one dispatch, the data mapped once): each as its own "run" task.
+
+    Each run has its own module and patches, so one run's failure or globals never reach the
+    next; the runs' results are independent of their order, exactly as separate tasks.
+
+    >>> execute_batch({"runs": [{"code": CODE, "params": {"n": 5}}]}, [frame])["runs"][0]["ok"]  # doctest: +SKIP
+    True
+    """
+    runs = task.get("runs") or []
+    if not isinstance(frames, list) or len(frames) != len(runs):
+        return {"ok": False, "error": classify(ValueError(f"{len(runs)} runs need as many frames"))}
+    out = []
+    for run, frame in zip(runs, frames):
+        out.append(execute({**task, "op": "run", "code": run["code"], "params": dict(run.get("params") or {}),
+                            "runs": None, "plot": False}, frame))
+        _release_run_memory()  # the last run's strategy, indicators and broker, before the next one's
+    return {"ok": True, "runs": out}
 
 
 def _run_payload(stats: pd.Series, log, task: dict) -> dict:
