@@ -1,0 +1,211 @@
+"""One RBI idea's runs through the compiled fast path, confirmed by backtesting.py in ONE sandbox task.
+
+For the offline model's spec strategies (:func:`moondev_lab.fast.plan_of`), every run the RBI
+loop makes (the first run, the optimize loop's candidates, the grid's best combination, the
+out-of-sample run, each quarter) is computed in this process by the trusted fast kernel and
+settled once. :meth:`FastSession.confirm` then runs all of them with backtesting.py in one
+sandbox task (one dispatch, the series mapped once, several runs) and compares each, decision
+for decision (:func:`~moondev_lab.sandbox._settle.same_decisions`; equal decisions settle to
+the same trades, equity and stats) and claimed stat for stat; a run whose decisions differ is
+settled from the sandbox's own log and compared trade for trade (:func:`moondev_lab.fast.compare`).
+A mismatch is logged with both trade lists and raised as :class:`FastMismatch`; the RBI loop
+then runs the idea again in the sandbox, so the backtesting.py results are the ones kept.
+
+Ledger writes wait for the confirmation (:meth:`FastSession.add_code`, :meth:`FastSession.flush`),
+so nothing unconfirmed is ever stored. A run repeated with the same strategy, parameters and data
+is made (and confirmed) once. Any other code runs in the sandbox at once, as without a session.
+
+>>> s = FastSession(pool, ledger, timeout=60)                  # doctest: +SKIP
+>>> r = s.run(code, train_ref)                 # fast, settled, pending  # doctest: +SKIP
+>>> s.confirm(); s.flush()                                     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from . import config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FastSession", "FastMismatch"]
+
+
+class FastMismatch(Exception):
+    """A confirmation run disagreed with the fast path (a bug): what differed, for each such run."""
+
+
+@dataclass
+class _Pending:
+    code: str
+    ref: Any
+    params: dict
+    order_log: Any
+    result: Any  # the BacktestResult handed to the loop (updated in place on confirmation)
+
+
+class FastSession:
+    """The fast runs of one idea, waiting for their one batched confirmation (not thread-safe: one idea)."""
+
+    def __init__(self, sandbox: Any, ledger: Any, *, timeout: float, settings: Any = None):
+        self.sandbox, self.ledger, self.timeout = sandbox, ledger, timeout
+        self.settings = settings or sandbox.settings
+        self.pending: list[_Pending] = []
+        self.fast_runs = 0  # runs made here (repeats not counted)
+        self.repeats = 0  # runs answered from an identical earlier one
+        self.unconfirmed = 0  # runs searched over and not kept (confirm(kept=...))
+        self._plans: dict[str, Any] = {}
+        self._grids: dict[tuple, Any] = {}
+        self._done: dict[tuple, Any] = {}
+        self._writes: list[tuple] = []
+
+    # ------------------------------------------------------------------ runs
+    def plan(self, code: str):
+        if code not in self._plans:
+            from .fast import plan_of
+
+            self._plans[code] = plan_of(code)
+        return self._plans[code]
+
+    def _fast_grid(self, plan, ref):
+        """One :class:`~moondev_lab.fast.FastGrid` per strategy and data range (indicators shared)."""
+        key = (plan.spec.idea, plan.name, ref)
+        fg = self._grids.get(key)
+        if fg is None:
+            from .data import default_pool
+            from .fast import FastGrid
+
+            data = default_pool().get(ref.symbol, ref.timeframe, source=ref.source, start=ref.start, end=ref.end)
+            fg = self._grids[key] = FastGrid(plan, data, self.settings)
+        return fg
+
+    def _local(self, ref) -> bool:
+        from pathlib import Path
+
+        return ref.root is None or Path(ref.root) == config.store_dir()
+
+    def run(self, code: str, ref: Any, params: Mapping | None = None, *, timeout: float | None = None):
+        """The run's :class:`~moondev_lab.sandbox.pool.BacktestResult`: fast and pending, or from the sandbox."""
+        plan = self.plan(code) if self._local(ref) else None
+        if plan is None:
+            return self.sandbox.run(code, ref, params=dict(params) if params else None,
+                                    timeout=timeout or self.timeout)
+        full = {**plan.defaults, **dict(params or {})}
+        key = (plan.spec.idea, plan.name, ref, tuple(sorted(full.items())))
+        if key in self._done:
+            self.repeats += 1
+            return self._done[key]
+        from .broker import SettlementError
+        from .fast import _NotExact
+
+        try:
+            fg = self._fast_grid(plan, ref)
+            order_log = fg.order_log(full)
+            result = _fast_result(order_log, fg, self.settings, code, full, plan.name)
+        except (_NotExact, SettlementError) as e:  # backtesting.py would fail here, or the kernel cannot say
+            (log.error if isinstance(e, SettlementError) else log.info)(
+                "fast path not exact for %s (%s); sandbox run", plan.name, e)
+            return self.sandbox.run(code, ref, params=dict(params) if params else None,
+                                    timeout=timeout or self.timeout)
+        self.pending.append(_Pending(code, ref, dict(params or {}), order_log, result))
+        self._done[key] = result
+        self.fast_runs += 1
+        return result
+
+    def grid(self, code: str, grid: Mapping[str, Sequence], ref: Any, maximize: str):
+        """``(best run, best params, [(params, score or None)])`` of ``grid`` on ``ref``, or None (not a spec)."""
+        import math
+
+        from .fast import _NotExact, _combos, _first_best, iter_scores
+
+        plan = self.plan(code) if self._local(ref) else None
+        if plan is None:
+            return None
+        combos = _combos(grid)
+        try:
+            fg = self._fast_grid(plan, ref)
+            # full parameters: the FastGrid may have been built for a sibling code with other class defaults
+            scores = list(iter_scores(fg, [{**plan.defaults, **c} for c in combos], maximize))
+        except _NotExact as e:
+            log.info("fast grid not exact for %s (%s)", plan.name, e)
+            return None
+        best = _first_best(scores)
+        best_params = dict(combos[0 if best is None else best])
+        run = self.run(code, ref, best_params)
+        return run, best_params, [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, scores)]
+
+    # ------------------------------------------------------------------ confirmation
+    def confirm(self, kept: Sequence | None = None) -> None:
+        """Run the pending runs with backtesting.py in ONE sandbox task; raise :class:`FastMismatch` on any difference.
+
+        ``kept``: only the pending runs whose results are among these (by identity) are confirmed,
+        the rest (searched over and not kept, like a grid's other cells) are dropped; None: all.
+        """
+        pending, self.pending = self.pending, []
+        if kept is not None:
+            self.unconfirmed += sum(not any(p.result is k for k in kept) for p in pending)
+            pending = [p for p in pending if any(p.result is k for k in kept)]
+        if not pending:
+            return
+        from .fast import compare
+
+        by_series: dict[tuple, list[_Pending]] = {}
+        for p in pending:  # one series per task (RBI's runs all share one)
+            by_series.setdefault((p.ref.symbol, p.ref.timeframe, p.ref.source, p.ref.root), []).append(p)
+        problems = []
+        for group in by_series.values():
+            confirmed = self.sandbox.run_batch([(p.code, p.ref, p.params or None) for p in group],
+                                               timeout=self.timeout, settings=self.settings,
+                                               known=[(p.order_log, p.result.settled) for p in group])
+            for p, c in zip(group, confirmed):
+                if c.ok and c.settled is p.result.settled:  # the same decisions: the same settlement
+                    _take_labels(p.result, c)
+                    continue
+                diff = (f"the confirmation run failed: {c.error}" if not c.ok
+                        else compare(p.result.settled.stats, c.stats, c.trades))
+                if diff is None:  # other decisions, same trades and stats
+                    _take_labels(p.result, c)
+                    continue
+                what = f"{p.order_log.strategy} {p.params or 'defaults'} on {p.ref.start}..{p.ref.end}"
+                log.error("fast path MISMATCH for %s: %s\nfast trades:\n%s\nbacktesting.py trades:\n%s", what, diff,
+                          p.result.settled.trades.to_string(), pd.DataFrame(c.trades).to_string())
+                problems.append(f"{what}: {diff}")
+        if problems:
+            raise FastMismatch("; ".join(problems))
+
+    # ------------------------------------------------------------------ the ledger, after confirmation
+    def add_code(self, *args, **kwargs) -> None:
+        """``Ledger.add_code``, held until :meth:`flush` (after :meth:`confirm`)."""
+        self._writes.append((args, kwargs))
+
+    def flush(self) -> None:
+        writes, self._writes = self._writes, []
+        for args, kwargs in writes:
+            self.ledger.add_code(*args, **kwargs)
+
+
+def _fast_result(order_log, fg, settings, code: str, params: dict, name: str):
+    """A :class:`~moondev_lab.sandbox.pool.BacktestResult` shaped exactly as the sandbox's settled one."""
+    from .broker import settle
+    from .models.offline import class_params
+    from .sandbox.harness import EQUITY_POINTS, equity_points, stats_to_dict, to_jsonable, trades_to_records
+    from .sandbox.pool import BacktestResult
+
+    settlement = settle(order_log, fg.data, settings)
+    stats = stats_to_dict(settlement.stats)
+    # what the harness reports: the class's parameters overridden by the run's (strategy_params)
+    stats["_strategy"] = to_jsonable({**class_params(code), **params})
+    result = BacktestResult(ok=True, stats=stats, trades=trades_to_records(settlement.trades),
+                            equity=equity_points(settlement.equity, EQUITY_POINTS), strategy=name)
+    result.settled = settlement
+    return result
+
+
+def _take_labels(result, confirmed) -> None:
+    """What only the sandbox run knows (its strategy's own parameter report, where and how long it ran)."""
+    result.stats["_strategy"] = confirmed.stats.get("_strategy")
+    result.worker_pid, result.duration_s, result.layers = confirmed.worker_pid, confirmed.duration_s, confirmed.layers
+    result.stdout, result.stderr = confirmed.stdout, confirmed.stderr
