@@ -9,8 +9,10 @@
 2. A large grid (default 10,000 combinations): time and peak RSS (one equity buffer).
 3. The physical limit: bars x combinations / s of the compiled loop alone.
 4. ``--ideas N``: ideas/minute through the whole RBI loop (offline model), N ideas sampled with a
-   fixed seed from strategy_ideas.csv, RBIConfig(grid_engine="auto") against grid_engine="pool",
-   same process, same sandbox pool, same ideas, one run each (only this part runs then).
+   fixed seed from strategy_ideas.csv: RBIConfig(grid_engine="auto") with confirm="kept" and
+   confirm="all" (the fast runs confirmed in one batched sandbox task per idea) against today's
+   loop, grid_engine="pool"; same process, same sandbox pool, same ideas, one run each (only this
+   part runs then).
 5. vectorbt (bench-only extra: ``pip install -e '.[bench]'``), when it imports: the same 100-combination
    SMA grid with its ``Portfolio.from_signals`` in a fresh process with an empty numba cache (first
    compile) and again warm; skipped with a message when it is absent. Its fills follow its own
@@ -154,9 +156,12 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
     print(f"compile (fresh home, once per install): {time.perf_counter() - t:.1f} s; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     rates = {}
+    runs = [("auto", "kept"), ("auto", "all"), ("pool", "kept")]  # today's loop: the pool grid, every run sandboxed
     with SandboxPool() as pool:
-        for engine in ("auto", "pool"):
-            cfg = RBIConfig(start=start, end=end, grid_engine=engine, force=True)
+        for engine, confirm in runs:
+            label = f"grid_engine={engine!r}" + (f", confirm={confirm!r}" if engine == "auto" else " (today's loop)")
+            cfg = RBIConfig(start=start, end=end, grid_engine=engine, confirm=confirm, force=True)
+            tasks = pool.stats().tasks
             with RBI("offline", cfg, sandbox=pool) as rbi:
                 t = time.perf_counter()
                 report = rbi.run_many(ideas, progress=False, force=True)
@@ -164,10 +169,15 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
             results = list(report.results) if hasattr(report, "results") else list(report)
             engines = pd.Series([getattr(r, "grid_engine", None) for r in results]).value_counts(dropna=False)
             ok = sum(getattr(r, "status", None) == "ok" for r in results)
-            rates[engine] = n / dt * 60
-            print(f"grid_engine={engine!r}: {n} ideas in {dt:.1f} s -> {rates[engine]:.2f} ideas/min; "
-                  f"{ok} ok; grids by engine {engines.to_dict()}; load {os.getloadavg()[0]:.1f}")
-    print(f"auto is {rates['auto'] / rates['pool']:.2f}x the ideas/minute of pool")
+            mismatches = sum(any("fast path mismatch" in f for f in (r.findings or [])) for r in results)
+            rates[label] = n / dt * 60
+            print(f"{label}: {n} ideas in {dt:.1f} s -> {rates[label]:.2f} ideas/min; {ok} ok; grids by engine "
+                  f"{engines.to_dict()}; {pool.stats().tasks - tasks} sandbox tasks; {mismatches} mismatches; "
+                  f"load {os.getloadavg()[0]:.1f}")
+    base = rates[next(k for k in rates if "today" in k)]
+    for label, rate in rates.items():
+        if "today" not in label:
+            print(f"{label} is {rate / base:.2f}x the ideas/minute of today's loop")
 
 
 def main() -> None:

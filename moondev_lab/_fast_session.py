@@ -3,7 +3,8 @@
 For the offline model's spec strategies (:func:`moondev_lab.fast.plan_of`), every run the RBI
 loop makes (the first run, the optimize loop's candidates, the grid's best combination, the
 out-of-sample run, each quarter) is computed in this process by the trusted fast kernel and
-settled once. :meth:`FastSession.confirm` then runs all of them with backtesting.py in one
+settled once (stats only: the trade records and equity points come with the confirmation, which builds
+them from that settlement). :meth:`FastSession.confirm` then runs the kept ones (or all) with backtesting.py in one
 sandbox task (one dispatch, the series mapped once, several runs) and compares each, decision
 for decision (:func:`~moondev_lab.sandbox._settle.same_decisions`; equal decisions settle to
 the same trades, equity and stats) and claimed stat for stat; a run whose decisions differ is
@@ -58,6 +59,7 @@ class FastSession:
         self.repeats = 0  # runs answered from an identical earlier one
         self.unconfirmed = 0  # runs searched over and not kept (confirm(kept=...))
         self._plans: dict[str, Any] = {}
+        self._params: dict[str, dict] = {}
         self._grids: dict[tuple, Any] = {}
         self._done: dict[tuple, Any] = {}
         self._writes: list[tuple] = []
@@ -69,6 +71,13 @@ class FastSession:
 
             self._plans[code] = plan_of(code)
         return self._plans[code]
+
+    def _class_params(self, code: str) -> dict:
+        if code not in self._params:
+            from .models.offline import class_params
+
+            self._params[code] = class_params(code)
+        return self._params[code]
 
     def _fast_grid(self, plan, ref):
         """One :class:`~moondev_lab.fast.FastGrid` per strategy and data range (indicators shared)."""
@@ -104,7 +113,7 @@ class FastSession:
         try:
             fg = self._fast_grid(plan, ref)
             order_log = fg.order_log(full)
-            result = _fast_result(order_log, fg, self.settings, code, full, plan.name)
+            result = _fast_result(order_log, fg, self.settings, self._class_params(code), full, plan.name)
         except (_NotExact, SettlementError) as e:  # backtesting.py would fail here, or the kernel cannot say
             (log.error if isinstance(e, SettlementError) else log.info)(
                 "fast path not exact for %s (%s); sandbox run", plan.name, e)
@@ -187,25 +196,27 @@ class FastSession:
             self.ledger.add_code(*args, **kwargs)
 
 
-def _fast_result(order_log, fg, settings, code: str, params: dict, name: str):
-    """A :class:`~moondev_lab.sandbox.pool.BacktestResult` shaped exactly as the sandbox's settled one."""
+def _fast_result(order_log, fg, settings, class_params: dict, params: dict, name: str):
+    """A :class:`~moondev_lab.sandbox.pool.BacktestResult` with the stats of the sandbox's settled one."""
     from .broker import settle
-    from .models.offline import class_params
-    from .sandbox.harness import EQUITY_POINTS, equity_points, stats_to_dict, to_jsonable, trades_to_records
+    from .sandbox.harness import stats_to_dict, to_jsonable
     from .sandbox.pool import BacktestResult
 
     settlement = settle(order_log, fg.data, settings)
     stats = stats_to_dict(settlement.stats)
     # what the harness reports: the class's parameters overridden by the run's (strategy_params)
-    stats["_strategy"] = to_jsonable({**class_params(code), **params})
-    result = BacktestResult(ok=True, stats=stats, trades=trades_to_records(settlement.trades),
-                            equity=equity_points(settlement.equity, EQUITY_POINTS), strategy=name)
+    stats["_strategy"] = to_jsonable({**class_params, **params})
+    # trades and equity points come with the confirmation (its settled result builds them from this
+    # settlement): the loop reads only stats, and the runs searched over and not kept never need them
+    result = BacktestResult(ok=True, stats=stats, strategy=name)
     result.settled = settlement
     return result
 
 
 def _take_labels(result, confirmed) -> None:
-    """What only the sandbox run knows (its strategy's own parameter report, where and how long it ran)."""
+    """The confirmed run's trade records and equity points (equal to the fast run's), and what only the
+    sandbox run knows (its strategy's own parameter report, where and how long it ran)."""
+    result.trades, result.equity = confirmed.trades, confirmed.equity
     result.stats["_strategy"] = confirmed.stats.get("_strategy")
     result.worker_pid, result.duration_s, result.layers = confirmed.worker_pid, confirmed.duration_s, confirmed.layers
     result.stdout, result.stderr = confirmed.stdout, confirmed.stderr
