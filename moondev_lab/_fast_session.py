@@ -13,7 +13,8 @@ A mismatch is logged with both trade lists and raised as :class:`FastMismatch`; 
 then runs the idea again in the sandbox, so the backtesting.py results are the ones kept.
 
 Ledger writes wait for the confirmation (:meth:`FastSession.add_code`, :meth:`FastSession.flush`),
-so nothing unconfirmed is ever stored. A run repeated with the same strategy, parameters and data
+so nothing is stored before the confirmation, nor at all after a mismatch (with ``kept``, the rows
+of the runs searched over and not kept are stored unconfirmed, as a grid's other cells are). A run repeated with the same strategy, parameters and data
 is made (and confirmed) once. Any other code runs in the sandbox at once, as without a session.
 
 >>> s = FastSession(pool, ledger, timeout=60)                  # doctest: +SKIP
