@@ -186,6 +186,20 @@ class FastSession:
         if problems:
             raise FastMismatch("; ".join(problems))
 
+    def confirm_async(self, kept: Sequence | None = None):
+        """:meth:`confirm` on a thread: a Future (its ``result()`` raises :class:`FastMismatch`).
+
+        The sandbox runs backtesting.py in another process meanwhile, so this one can do
+        other work (the chart of the run) instead of waiting.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = ThreadPoolExecutor(1, thread_name_prefix="fast-confirm")
+        try:
+            return ex.submit(self.confirm, kept)
+        finally:
+            ex.shutdown(wait=False)
+
     # ------------------------------------------------------------------ the ledger, after confirmation
     def add_code(self, *args, **kwargs) -> None:
         """``Ledger.add_code``, held until :meth:`flush` (after :meth:`confirm`)."""

@@ -20,6 +20,7 @@ Design points, each answering a known failure of ad-hoc scripts:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -336,8 +337,18 @@ class RBI:
         oos = sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout)
         quarters = [(name, sandbox.run(best_code, ref, params=best_params or None, timeout=cfg.timeout))
                     for name, ref in self.quarters] if oos.ok else []
+        plot_html = None
         if fast is not None:  # this idea's fast runs, confirmed by backtesting.py in one sandbox task
-            fast.confirm(None if cfg.confirm == "all" else [best_run, oos, *(q for _, q in quarters)])
+            # a copy of the out-of-sample run (the confirmation updates the run itself) to draw its chart from
+            early = self._backtest_run("out_of_sample", dataclasses.replace(oos, stats=dict(oos.stats)), text,
+                                       run_id, settled=oos.settled) if oos.ok and oos.settled is not None else None
+            confirming = fast.confirm_async(None if cfg.confirm == "all" else [best_run, oos, *(q for _, q in quarters)])
+            try:  # while the sandbox runs backtesting.py: the chart, kept only if the run is confirmed
+                plot_html = _plot_html(early) if early is not None else None
+            finally:
+                confirming.result()  # FastMismatch: the idea runs again in the sandbox
+            if plot_html is not None and early.stats_dict.get("_strategy") != oos.stats.get("_strategy"):
+                plot_html = None  # the strategy reported its parameters otherwise: draw the chart again
             fast.flush()
         if not oos.ok:
             return self._fail(res, oos.error.kind, f"out-of-sample run failed: {oos.error.type}: {oos.error.message}")
@@ -346,17 +357,22 @@ class RBI:
             res.datasets.append({"dataset": name, **({k: _slim(q.stats).get(k) for k in
                                  (cfg.metric, "Sharpe Ratio", "# Trades", "Max. Drawdown [%]")} if q.ok
                                  else {"error": q.error.message})})
-        settings = asdict(self.sandbox.settings)
-        for segment, ref, result in (("in_sample", self.train, best_run), ("out_of_sample", self.test, oos)):
-            label = segment.replace("_", "-")
-            title = f"{result.strategy} - run {run_id} ({label}, {self.cfg.symbol} {self.cfg.timeframe}): {text[:60]}"
-            res.backtests[segment] = BacktestRun.from_result(result, _ref_fields(ref), settings, title)
+        for segment, result in (("in_sample", best_run), ("out_of_sample", oos)):
+            res.backtests[segment] = self._backtest_run(segment, result, text, run_id)
         from ._overfit import assess_idea  # issue 15: trials, DSR/PSR, PBO, walk-forward; never fails the idea
 
         assess_idea(self, res, best_code, grid)
         res.status = "ok"
         res.saved = _metric(res.out_of_sample, cfg.metric) > cfg.save_threshold
-        res.run_dir = str(self._write_run_dir(res))
+        res.run_dir = str(self._write_run_dir(res, plot_html))
+
+    def _backtest_run(self, segment: str, result: Any, text: str, run_id: int, settled: Any = None) -> BacktestRun:
+        """The :class:`BacktestRun` of the in-sample or out-of-sample result, titled for the run."""
+        label, ref = segment.replace("_", "-"), self.train if segment == "in_sample" else self.test
+        title = f"{result.strategy} - run {run_id} ({label}, {self.cfg.symbol} {self.cfg.timeframe}): {text[:60]}"
+        if settled is not None:
+            result.settled = settled
+        return BacktestRun.from_result(result, _ref_fields(ref), asdict(self.sandbox.settings), title)
 
     def _grid(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """The best in-sample run, its parameters and every combination's score over ``grid`` (training data)."""
@@ -411,7 +427,7 @@ class RBI:
         chosen = r.stats.get("_strategy") or {}
         return GridOutcome(r, {k: chosen[k] for k in grid if k in chosen}, [], "backtesting")
 
-    def _write_run_dir(self, res: IdeaResult) -> Path:
+    def _write_run_dir(self, res: IdeaResult, plot_html: str | None = None) -> Path:
         """The run's folder, written in a temp folder and renamed into place: complete or absent, never reused.
 
         Named by run id *and* ledger id, so two ledgers (the demo's, a test's, yours)
@@ -434,7 +450,10 @@ class RBI:
                     "backtests": {k: v.to_json() for k, v in res.backtests.items()}}
             (tmp / RESULT_FILE).write_text(json.dumps(full, default=str, allow_nan=True))
             try:
-                res.plot().save(tmp / "plot.html")
+                if plot_html is not None:  # drawn while the sandbox confirmed the run (the same chart)
+                    (tmp / "plot.html").write_text(plot_html, encoding="utf-8")
+                else:
+                    res.plot().save(tmp / "plot.html")
             except Exception as e:  # a plot must never lose a run: say why it is missing
                 log.warning("run %s: no plot.html (%s: %s)", res.run_id, type(e).__name__, e)
                 (tmp / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
@@ -500,6 +519,14 @@ def _is_model_unavailable(exc: BaseException) -> bool:
 
 def _ref_fields(ref: Any) -> dict:
     return ref.resolved()  # with the store's root: a run loads its bars from the store it ran on
+
+
+def _plot_html(run: BacktestRun) -> str | None:
+    """The page ``res.plot().save()`` writes for ``run``, or None (then the run folder draws it, or says why not)."""
+    try:
+        return run.plot().to_html()
+    except Exception:  # noqa: BLE001 - drawn again when the folder is written, where a failure is reported
+        return None
 
 
 def _slim(stats: dict | None) -> dict:

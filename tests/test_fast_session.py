@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,9 @@ def test_rbi_fast_runs_equal_todays_loop_in_one_sandbox_task(sandbox, tmp_path, 
                              for c in led.code_versions(r.run_id) if c["stage"] != "overfitting"]
     assert stages(fast_led, fast) == stages(slow_led, slow)  # the same ledger rows, written after the confirmation
     assert not any("mismatch" in f for f in fast.findings)
+    # the chart drawn while the sandbox confirmed is the out-of-sample run's
+    page = (Path(fast.run_dir) / "plot.html").read_text()
+    assert "Bokeh" in page and f"run {fast.run_id} (out-of-sample" in page
 
 
 def _diverging_log(real):
