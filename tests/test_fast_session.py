@@ -138,10 +138,13 @@ def _diverging_log(real):
 
 
 def test_a_mismatch_is_reported_and_the_backtesting_results_are_kept(sandbox, tmp_path, monkeypatch, caplog):
-    slow, _, _ = _loop(sandbox, tmp_path, "pool", "pool", max_optimize=0)
+    slow, slow_led, _ = _loop(sandbox, tmp_path, "pool", "pool", max_optimize=0)
     monkeypatch.setattr(FastGrid, "order_log", _diverging_log(FastGrid.order_log))
     with caplog.at_level(logging.ERROR):
         fast, led, _ = _loop(sandbox, tmp_path, "auto", "auto", max_optimize=0)
+    rows = lambda led, r: [(c["stage"], (c["stats"] or {}).get("Return [%]"))  # noqa: E731
+                           for c in led.code_versions(r.run_id) if c["stage"] != "overfitting"]
+    assert rows(led, fast) == rows(slow_led, slow)  # the discarded fast attempt wrote nothing
     assert "fast path MISMATCH" in caplog.text and "backtesting.py trades" in caplog.text
     assert any(f.startswith("fast path mismatch, backtesting.py results kept") for f in fast.findings)
     _same_results(fast, slow)  # what is kept is the sandbox's (backtesting.py's)

@@ -456,6 +456,9 @@ class SandboxPool:
         claims checked); ``timeout`` is per run. All runs must be on one series (symbol,
         timeframe, source and store; any start/end). ``known[i]``: ``(order_log, settlement)``
         already made for run ``i`` (see :func:`~moondev_lab.sandbox._settle.settled_result`).
+        The runs share one task process, one after the other: batch only code of one origin (one
+        idea's variants), since a run can change what the later ones decide. Their results stay
+        honest either way (each is settled from its own decisions), not independent.
 
         >>> a, b = pool.run_batch([(code, DataRef(end="2023-03-01"), None),
         ...                        (code, DataRef(start="2023-03-01"), {"n": 20})])   # doctest: +SKIP
