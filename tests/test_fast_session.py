@@ -158,3 +158,25 @@ def test_rbi_uses_the_pool_it_is_given_before_its_first_task(tmp_path):
         with RBI("offline", RBIConfig(start="2023-03-01", end="2023-03-31"), Ledger(tmp_path / "l.sqlite"),
                  pool) as rbi:
             assert rbi.sandbox is pool
+
+
+FORGER = '''import sys
+from backtesting import Strategy
+_h = sys.modules["moondev_lab.sandbox.harness"]
+_h.execute = lambda task, frame: {"ok": True, "stats": {"Return [%]": 1e6}, "order_log": None}
+
+class Forger(Strategy):
+    def init(self):
+        pass
+
+    def next(self):
+        pass
+'''
+
+
+def test_a_run_that_forges_the_later_runs_of_its_batch_claims_nothing(sandbox):
+    """Runs of a batch share one process: a run can patch the harness, but each later run is still settled."""
+    first, forged = sandbox.run_batch([(FORGER, TRAIN, None), (CODE, TRAIN, None)])
+    assert first.ok
+    assert not forged.ok and forged.error.kind.value == "result_mismatch" and "no order log" in forged.error.message
+    assert forged.stats.get("Return [%]") != 1e6
