@@ -156,7 +156,7 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
     print(f"compile (fresh home, once per install): {time.perf_counter() - t:.1f} s; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     rates = {}
-    runs = [("auto", "kept"), ("auto", "all"), ("pool", "kept")]  # today's loop: the pool grid, every run sandboxed
+    runs = [("auto", "kept"), ("auto", "all"), ("pool", "all")]  # today's loop: the pool grid, every run sandboxed
     with SandboxPool() as pool:
         for engine, confirm in runs:
             label = f"grid_engine={engine!r}" + (f", confirm={confirm!r}" if engine == "auto" else " (today's loop)")
