@@ -9,9 +9,14 @@
 2. A large grid (default 10,000 combinations): time and peak RSS (one equity buffer).
 3. The physical limit: bars x combinations / s of the compiled loop alone.
 4. ``--ideas N``: ideas/minute through the whole RBI loop (offline model), N ideas sampled with a
-   fixed seed from strategy_ideas.csv, RBIConfig(grid_engine="auto") against grid_engine="pool",
-   same process, same sandbox pool, same ideas, one run each (only this part runs then).
-vectorbt is not installed here (not a runtime dependency), so it is not measured.
+   fixed seed from strategy_ideas.csv: RBIConfig(grid_engine="auto") with confirm="kept" and
+   confirm="all" (the fast runs confirmed in one batched sandbox task per idea) against today's
+   loop, grid_engine="pool"; same process, same sandbox pool, same ideas, one run each (only this
+   part runs then).
+5. vectorbt (bench-only extra: ``pip install -e '.[bench]'``), when it imports: the same 100-combination
+   SMA grid with its ``Portfolio.from_signals`` in a fresh process with an empty numba cache (first
+   compile) and again warm; skipped with a message when it is absent. Its fills follow its own
+   rules (fractional size, no whole units), so only its best parameters and return are shown.
 """
 from __future__ import annotations
 
@@ -56,6 +61,65 @@ def _child(mode: str) -> None:
                       "same": g2.best_params == g.best_params}))
 
 
+def _vectorbt_child() -> None:
+    """A fresh process: import vectorbt, the 100-combination grid once (compiles), then warm."""
+    t0 = time.perf_counter()
+    import numpy as np
+    import pandas as pd
+    import vectorbt as vbt
+
+    from moondev_lab.sandbox.settings import BacktestSettings
+
+    df = load_btc()
+    t1 = time.perf_counter()
+    settings = BacktestSettings()
+
+    def run():
+        # the offline model's SMA cross, long only: signal on a bar's close, market order at the next open
+        fast_w = [f for f in GRID["fast_n"] for _ in GRID["slow_n"]]
+        slow_w = [s for _ in GRID["fast_n"] for s in GRID["slow_n"]]
+        fast = vbt.MA.run(df["Close"], GRID["fast_n"]).ma.to_numpy()  # each window once
+        slow = vbt.MA.run(df["Close"], GRID["slow_n"]).ma.to_numpy()
+        nf, ns = len(GRID["fast_n"]), len(GRID["slow_n"])
+        f = np.repeat(fast, ns, axis=1)
+        s_ = np.tile(slow, (1, nf))
+        above = f > s_
+        cross_up = np.zeros_like(above)
+        cross_dn = np.zeros_like(above)
+        cross_up[2:] = above[1:-1] & ~above[:-2]  # crossed on bar i-1's close, filled at bar i's open
+        cross_dn[2:] = ~above[1:-1] & above[:-2] & ~np.isnan(s_[:-2])
+        pf = vbt.Portfolio.from_signals(df["Close"], cross_up, cross_dn, price=df["Open"],
+                                        size=0.95, size_type="percent", fees=settings.commission,
+                                        init_cash=settings.cash, freq="15min")
+        ret = np.asarray(pf.total_return()) * 100
+        return ret, fast_w, slow_w
+
+    ret, fast_w, slow_w = run()
+    t2 = time.perf_counter()
+    ret2, _, _ = run()
+    t3 = time.perf_counter()
+    best = int(np.nanargmax(ret))
+    print(json.dumps({"import_s": t1 - t0, "first_s": t2 - t1, "warm_s": t3 - t2, "version": vbt.__version__,
+                      "best": {"fast_n": fast_w[best], "slow_n": slow_w[best]}, "ret": float(ret[best]),
+                      "same": bool(np.array_equal(ret, ret2, equal_nan=True)), "combos": len(ret),
+                      "pandas": pd.__version__}))
+
+
+def vectorbt_numbers() -> dict | None:
+    """vectorbt's cold (empty numba cache) and warm grid times, or None (with a message) when it is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("vectorbt") is None:
+        print("vectorbt: not installed, skipped (bench-only extra: pip install -e '.[bench]')")
+        return None
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            return fresh("vectorbt", cache)
+        except subprocess.CalledProcessError as e:
+            print(f"vectorbt: failed, skipped: {e.stderr.strip().splitlines()[-1] if e.stderr else e}")
+            return None
+
+
 def fresh(mode: str, cache: str) -> dict:
     env = {**os.environ, "NUMBA_CACHE_DIR": cache}
     out = subprocess.run([sys.executable, __file__, "--child", mode], env=env, capture_output=True, text=True,
@@ -92,9 +156,12 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
     print(f"compile (fresh home, once per install): {time.perf_counter() - t:.1f} s; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     rates = {}
+    runs = [("auto", "kept"), ("auto", "all"), ("pool", "all")]  # today's loop: the pool grid, every run sandboxed
     with SandboxPool() as pool:
-        for engine in ("auto", "pool"):
-            cfg = RBIConfig(start=start, end=end, grid_engine=engine, force=True)
+        for engine, confirm in runs:
+            label = f"grid_engine={engine!r}" + (f", confirm={confirm!r}" if engine == "auto" else " (today's loop)")
+            cfg = RBIConfig(start=start, end=end, grid_engine=engine, confirm=confirm, force=True)
+            tasks = pool.stats().tasks
             with RBI("offline", cfg, sandbox=pool) as rbi:
                 t = time.perf_counter()
                 report = rbi.run_many(ideas, progress=False, force=True)
@@ -102,10 +169,15 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
             results = list(report.results) if hasattr(report, "results") else list(report)
             engines = pd.Series([getattr(r, "grid_engine", None) for r in results]).value_counts(dropna=False)
             ok = sum(getattr(r, "status", None) == "ok" for r in results)
-            rates[engine] = n / dt * 60
-            print(f"grid_engine={engine!r}: {n} ideas in {dt:.1f} s -> {rates[engine]:.2f} ideas/min; "
-                  f"{ok} ok; grids by engine {engines.to_dict()}; load {os.getloadavg()[0]:.1f}")
-    print(f"auto is {rates['auto'] / rates['pool']:.2f}x the ideas/minute of pool")
+            mismatches = sum(any("fast path mismatch" in f for f in (r.findings or [])) for r in results)
+            rates[label] = n / dt * 60
+            print(f"{label}: {n} ideas in {dt:.1f} s -> {rates[label]:.2f} ideas/min; {ok} ok; grids by engine "
+                  f"{engines.to_dict()}; {pool.stats().tasks - tasks} sandbox tasks; {mismatches} mismatches; "
+                  f"load {os.getloadavg()[0]:.1f}")
+    base = rates[next(k for k in rates if "today" in k)]
+    for label, rate in rates.items():
+        if "today" not in label:
+            print(f"{label} is {rate / base:.2f}x the ideas/minute of today's loop")
 
 
 def main() -> None:
@@ -113,11 +185,15 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--big", type=int, default=10_000)
+    ap.add_argument("--vectorbt-only", action="store_true", help="only the fast path's fresh-process numbers and "
+                    "vectorbt's, then stop")
     ap.add_argument("--ideas", type=int, default=0, help="only measure ideas/minute through RBI on N sampled ideas")
     ap.add_argument("--start", default="2023-01-01", help="the RBI part's data range")
     ap.add_argument("--end", default="2023-04-30")
     ap.add_argument("--seed", type=int, default=13)
     a = ap.parse_args()
+    if a.child == "vectorbt":
+        return _vectorbt_child()
     if a.child:
         return _child(a.child)
     if a.ideas:
@@ -132,6 +208,15 @@ def main() -> None:
     print(f"fast, warm:                             {cached['warm_s']:.3f} s  best {cached['best']} "
           f"return {cached['ret']:.4f}%")
     warm = cached["warm_s"]
+    vbt = vectorbt_numbers()
+    if vbt is not None:
+        print(f"vectorbt {vbt['version']}, fresh process, empty numba cache: first grid {vbt['first_s']:.2f} s "
+              f"(import {vbt['import_s']:.2f} s); warm {vbt['warm_s']:.3f} s; best {vbt['best']} "
+              f"return {vbt['ret']:.4f}% (its own fill rules)")
+        print(f"  fast warm is {vbt['warm_s'] / warm:.1f}x faster than vectorbt warm; fast cold compile "
+              f"{cold['first_s']:.1f} s vs vectorbt's {vbt['first_s']:.1f} s")
+    if a.vectorbt_only:
+        return
 
     from moondev_lab.fast import FastGrid, grid, plan_of
 

@@ -46,6 +46,19 @@ def _log(ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev,
 
 
 @njit(cache=True)
+def _close_position(qf, qi, tf, ti, active, cnt, price, spread, exclusive, bar,
+                    ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev):
+    """``self.position.close()``: one ``Trade.close()`` order per open trade, oldest first, each logged."""
+    nan = np.nan
+    for k in range(cnt[C_NACTIVE]):
+        t = active[k]
+        csize = _close_order_size(tf[t, T_SIZE])
+        apply_event(qf, qi, tf, ti, active, cnt, E_CLOSE, csize, nan, nan, nan, nan, t, -1, price, spread, exclusive)
+        _log(ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev, bar, E_CLOSE, csize,
+             nan, nan, nan, nan, t)
+
+
+@njit(cache=True)
 def _stop_price(kind, value, price, atr_i, side, away):
     """``_codegen._stop_expr``: ``price -/+ value * atr`` or ``price * (1 -/+ value / 100)``.
 
@@ -91,14 +104,9 @@ def run_combo(O, H, L, C, long_setup, short_setup, exit_long, exit_short, atr, s
                 return LOG_FULL
             continue
         price = C[i]
-        if has_max_bars and cnt[C_NACTIVE] > 0 and i - ti[active[0], T_ENTRY_BAR] >= max_bars:
-            for k in range(cnt[C_NACTIVE]):  # self.position.close()
-                t = active[k]
-                csize = _close_order_size(tf[t, T_SIZE])
-                apply_event(qf, qi, tf, ti, active, cnt, E_CLOSE, csize, nan, nan, nan, nan, t, -1, price,
-                            spread, exclusive)
-                _log(ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev, i, E_CLOSE, csize,
-                     nan, nan, nan, nan, t)
+        if has_max_bars and cnt[C_NACTIVE] > 0 and i - ti[active[0], T_ENTRY_BAR] >= max_bars:  # held too long
+            _close_position(qf, qi, tf, ti, active, cnt, price, spread, exclusive, i,
+                            ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev)
             continue
         if sl_trailing:  # for trade in self.trades: trade.sl = max(trade.sl or 0.0, ...) (only ever tightens)
             for k in range(cnt[C_NACTIVE]):
@@ -134,13 +142,8 @@ def run_combo(O, H, L, C, long_setup, short_setup, exit_long, exit_short, atr, s
         for k in range(cnt[C_NACTIVE]):
             position += tf[active[k], T_SIZE]
         if (position > 0 and exit_long[i]) or (position < 0 and exit_short[i]):
-            for k in range(cnt[C_NACTIVE]):
-                t = active[k]
-                csize = _close_order_size(tf[t, T_SIZE])
-                apply_event(qf, qi, tf, ti, active, cnt, E_CLOSE, csize, nan, nan, nan, nan, t, -1, price,
-                            spread, exclusive)
-                _log(ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev, i, E_CLOSE, csize,
-                     nan, nan, nan, nan, t)
+            _close_position(qf, qi, tf, ti, active, cnt, price, spread, exclusive, i,
+                            ev_bar, ev_kind, ev_size, ev_limit, ev_stop, ev_sl, ev_tp, ev_ref, nev)
         if position != 0:
             continue
         if need_atr and (not math.isfinite(atr[i]) or atr[i] <= 0):

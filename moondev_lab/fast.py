@@ -505,7 +505,7 @@ def _label(combo: Mapping) -> str:
 def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, keep_returns=False) -> GridResult:
     from .sandbox import default_pool as default_sandbox
 
-    pool = pool or default_sandbox()
+    pool = default_sandbox() if pool is None else pool  # an unused pool is falsy (len() counts workers)
     out = pool.optimize(code, params, ref, maximize=maximize, timeout=timeout, settings=settings, fast=False,
                         keep_returns=keep_returns)
     if out.result is None or not out.result.ok:
@@ -561,7 +561,7 @@ def _confirm(result: GridResult, ref, pool, timeout: float, *, limits=None, sett
     """
     from .sandbox import default_pool as default_sandbox
 
-    run = (pool or default_sandbox()).run(result.code, ref, params=result.best_params or None, timeout=timeout,
+    run = (default_sandbox() if pool is None else pool).run(result.code, ref, params=result.best_params or None, timeout=timeout,
                                           limits=limits, settings=settings)
     if not run.ok:
         result.confirmed, result.mismatch = False, f"the confirmation run failed: {run.error}"

@@ -19,6 +19,7 @@ Design points, each answering a known failure of ad-hoc scripts:
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -62,6 +63,11 @@ class RBIConfig:
     # "auto": the compiled fast path for the offline model's code (confirmed in the sandbox), else "pool":
     # spread over the sandbox pool; "backtesting": Backtest.optimize itself, in one sandbox task
     grid_engine: str = "auto"
+    # with grid_engine "auto", which fast runs backtesting.py confirms (one sandbox task per idea): "all": every
+    # run the loop made (first run, each candidate, the grid's best, out-of-sample, each quarter); "kept": only
+    # the results kept and shown (the in-sample run kept, out-of-sample, each quarter), the searched-over losers
+    # scored by the kernel like a grid's other cells (measured no faster here: the parent is the bottleneck)
+    confirm: str = "all"
     metric: str = "Return [%]"
     target: float = 20.0  # the optimize loop stops once in-sample reaches this
     save_threshold: float = 0.0  # out-of-sample metric a run must beat to be marked saved
@@ -137,7 +143,8 @@ class RBI:
         self.model = self.factory.get(model) if isinstance(model, str) else model
         self.ledger = ledger or Ledger()
         self._own_sandbox = sandbox is None
-        self.sandbox = sandbox or SandboxPool()
+        # `is None`, not `or`: a SandboxPool is falsy until its first task (len() counts live workers)
+        self.sandbox = SandboxPool() if sandbox is None else sandbox
         self.runs_dir = Path(self.cfg.runs_dir or config.runs_dir())
         frame = default_pool().get(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source,
                                    start=self.cfg.start, end=self.cfg.end)
@@ -187,7 +194,7 @@ class RBI:
                          timeframe=self.cfg.timeframe, model=self.model.name, metric=self.cfg.metric)
         res.run_id = run_id = self.ledger.start_run(exp, settings=asdict(self.sandbox.settings))
         try:
-            self._run(text, res)
+            self._run_confirmed(text, res)
         except ModelOutage as e:  # only model calls raise it (_ask): a failed file write is never an outage
             self._fail(res, MODEL_UNAVAILABLE, str(e))
         except Exception as e:  # one idea's crash must never stop the batch
@@ -237,8 +244,36 @@ class RBI:
             raise ModelOutage(f"{step}: {reason}: {said}")
         return result
 
-    def _run(self, text: str, res: IdeaResult) -> None:
+    def _run_confirmed(self, text: str, res: IdeaResult) -> None:
+        """The loop, its spec-strategy runs on the fast path and confirmed in one sandbox task (engine "auto").
+
+        On a mismatch (logged with both trade lists) the idea runs again without the fast
+        path, so every result kept is backtesting.py's, and the result says so in ``findings``.
+        """
+        from ._fast_session import FastMismatch, FastSession
+
+        if self.cfg.grid_engine != "auto":
+            return self._run(text, res)
+        if self.cfg.confirm not in ("kept", "all"):
+            raise ValueError(f"confirm must be 'kept' or 'all', not {self.cfg.confirm!r}")
+        blank = copy.deepcopy(res)
+        session = FastSession(self.sandbox, self.ledger, timeout=self.cfg.timeout)
+        try:
+            self._run(text, res, session)
+            session.confirm()  # an idea that stopped early (a failed run) may still hold runs and ledger writes
+            return session.flush()
+        except FastMismatch as e:
+            res.__dict__.update(copy.deepcopy(blank).__dict__)
+            note = f"fast path mismatch, backtesting.py results kept (the idea ran again in the sandbox): {e}"
+        self._run(text, res)
+        res.findings.append(note[:2000])
+
+    def _run(self, text: str, res: IdeaResult, fast: Any = None) -> None:
+        """``fast``: a :class:`~moondev_lab._fast_session.FastSession` that makes (and holds the ledger
+        writes of) the spec-strategy runs until its confirmation, or None: every run in the sandbox."""
         cfg, run_id = self.cfg, res.run_id
+        sandbox = fast or self.sandbox
+        add_code = fast.add_code if fast is not None else self.ledger.add_code
         research = self._ask("research", run_id, self.model.research, text)
         if not research.ok:
             missing = ", ".join(getattr(research, "not_understood", []) or []) or research.text
@@ -257,9 +292,9 @@ class RBI:
         # Debug loop: bounded, real exception fed back, repeated errors detected.
         seen: set[tuple] = set()
         for it in range(cfg.max_debug + 1):
-            run = self.sandbox.run(code, self.train, timeout=cfg.timeout)
+            run = sandbox.run(code, self.train, timeout=cfg.timeout)
             err = run.error
-            self.ledger.add_code(run_id, "initial" if it == 0 else "debug", it, code,
+            add_code(run_id, "initial" if it == 0 else "debug", it, code,
                                  error=None if run.ok else str(err),
                                  stats=run.stats if run.ok else None)
             if run.ok:
@@ -287,8 +322,8 @@ class RBI:
             if not cand.ok:
                 break
             res.optimize_iterations += 1
-            r = self.sandbox.run(cand.code, self.train, timeout=cfg.timeout)
-            self.ledger.add_code(run_id, "optimize", it, cand.code, error=None if r.ok else r.error.message,
+            r = sandbox.run(cand.code, self.train, timeout=cfg.timeout)
+            add_code(run_id, "optimize", it, cand.code, error=None if r.ok else r.error.message,
                                  stats=r.stats if r.ok else None)
             if r.ok and _metric(r.stats, cfg.metric) > _metric(best_run.stats, cfg.metric):
                 best_code, best_run = cand.code, r
@@ -296,34 +331,49 @@ class RBI:
             params = class_params(best_code)
             grid = param_grid(params, cfg.max_grid) if params else {}
             if grid and math.prod(len(v) for v in grid.values()) > 1:
-                g_run, g_params, res.grid, res.grid_engine, res._grid_returns = self._grid(best_code, grid)
+                quick = fast.grid(best_code, grid, self.train, cfg.metric) if fast is not None else None
+                if quick is not None:
+                    g_run, g_params, res.grid = quick
+                    res.grid_engine = "fast"
+                else:
+                    g_run, g_params, res.grid, res.grid_engine, res._grid_returns = self._grid(best_code, grid)
                 if g_run is not None and _metric(g_run.stats, cfg.metric) > _metric(best_run.stats, cfg.metric):
                     best_run, best_params = g_run, g_params
-                    self.ledger.add_code(run_id, "grid", 0, best_code, stats={**g_run.stats, "_params": best_params})
+                    add_code(run_id, "grid", 0, best_code, stats={**g_run.stats, "_params": best_params})
 
         # Held-out and multi-dataset tests.
         res.code, res.params, res.in_sample = StrategyCode(best_code), best_params, _slim(best_run.stats)
         # The held-out run is the one plotted (plot.html, IdeaResult.plot()): only it reports its indicators.
-        oos = self.sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout, indicators=True)
+        oos = sandbox.run(best_code, self.test, params=best_params or None, timeout=cfg.timeout, indicators=True)
+        quarters = [(name, sandbox.run(best_code, ref, params=best_params or None, timeout=cfg.timeout))
+                    for name, ref in self.quarters] if oos.ok else []
+        if fast is not None:  # this idea's fast runs, confirmed by backtesting.py in one sandbox task
+            # The chart waits for it: only the sandbox run reports the strategy's indicators for the plot.
+            fast.confirm(None if cfg.confirm == "all" else [best_run, oos, *(q for _, q in quarters)])
+            fast.flush()
         if not oos.ok:
             return self._fail(res, oos.error.kind, f"out-of-sample run failed: {oos.error.type}: {oos.error.message}")
         res.out_of_sample = _slim(oos.stats)
-        for name, ref in self.quarters:
-            q = self.sandbox.run(best_code, ref, params=best_params or None, timeout=cfg.timeout)
+        for name, q in quarters:
             res.datasets.append({"dataset": name, **({k: _slim(q.stats).get(k) for k in
                                  (cfg.metric, "Sharpe Ratio", "# Trades", "Max. Drawdown [%]")} if q.ok
                                  else {"error": q.error.message})})
-        settings = asdict(self.sandbox.settings)
-        for segment, ref, result in (("in_sample", self.train, best_run), ("out_of_sample", self.test, oos)):
-            label = segment.replace("_", "-")
-            title = f"{result.strategy} - run {run_id} ({label}, {self.cfg.symbol} {self.cfg.timeframe}): {text[:60]}"
-            res.backtests[segment] = BacktestRun.from_result(result, _ref_fields(ref), settings, title)
+        for segment, result in (("in_sample", best_run), ("out_of_sample", oos)):
+            res.backtests[segment] = self._backtest_run(segment, result, text, run_id)
         from ._overfit import assess_idea  # issue 15: trials, DSR/PSR, PBO, walk-forward; never fails the idea
 
         assess_idea(self, res, best_code, grid)
         res.status = "ok"
         res.saved = _metric(res.out_of_sample, cfg.metric) > cfg.save_threshold
         res.run_dir = str(self._write_run_dir(res))
+
+    def _backtest_run(self, segment: str, result: Any, text: str, run_id: int, settled: Any = None) -> BacktestRun:
+        """The :class:`BacktestRun` of the in-sample or out-of-sample result, titled for the run."""
+        label, ref = segment.replace("_", "-"), self.train if segment == "in_sample" else self.test
+        title = f"{result.strategy} - run {run_id} ({label}, {self.cfg.symbol} {self.cfg.timeframe}): {text[:60]}"
+        if settled is not None:
+            result.settled = settled
+        return BacktestRun.from_result(result, _ref_fields(ref), asdict(self.sandbox.settings), title)
 
     def _grid(self, code: str, grid: dict[str, list]) -> "GridOutcome":
         """The best in-sample run, its parameters and every combination's score over ``grid`` (training data)."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
+
 from .errors import ErrorKind, SandboxError
 from .settings import BacktestSettings
 
@@ -35,8 +37,14 @@ def data_frame(ref: dict):
                     end=ref.get("end"))
 
 
-def settled_result(task: dict, reply: dict):
-    """The :class:`~moondev_lab.sandbox.pool.BacktestResult` of ``reply``, with settled stats, trades and equity."""
+def settled_result(task: dict, reply: dict, known=None):
+    """The :class:`~moondev_lab.sandbox.pool.BacktestResult` of ``reply``, with settled stats, trades and equity.
+
+    ``known``: ``(order_log, settlement)`` the caller already settled on this task's data and
+    settings (the fast path's, :mod:`moondev_lab._fast_session`). When the reply's decisions are
+    exactly that log's, settling them again would give that settlement, so it is used as is
+    (``result.settled is known[1]``); the claimed stats are checked against it all the same.
+    """
     from .pool import _to_result
 
     result = _to_result(reply)  # a malformed payload is already result_invalid here
@@ -56,7 +64,10 @@ def settled_result(task: dict, reply: dict):
 
     try:
         log = OrderLog.from_dict(payload["order_log"])
-        settlement = settle(log, data_frame(task["data"]), BacktestSettings(**task["settings"]))
+        if known is not None and same_decisions(log, known[0]):
+            settlement = known[1]
+        else:
+            settlement = settle(log, data_frame(task["data"]), BacktestSettings(**task["settings"]))
     except SettlementError as exc:
         return _mismatch(result, f"the order log cannot be settled: {exc}")
     except Exception as exc:  # noqa: BLE001 - whatever the task child put in its log must not crash the pool
@@ -96,6 +107,49 @@ def settled_result(task: dict, reply: dict):
         more = f" (and {len(differences) - _SHOWN_DIFFERENCES} more)" if len(differences) > _SHOWN_DIFFERENCES else ""
         return _mismatch(result, f"the strategy's own stats differ from the settled ones: {shown}{more}")
     return result
+
+
+def same_decisions(a, b) -> bool:
+    """Two order logs with the same decisions, on the same bars (their labels aside: strategy name, params).
+
+    Settlement is a function of these fields, the data and the settings alone.
+    """
+    from moondev_lab.broker import _COLUMNS
+
+    if (a.start, a.n_bars, a.first_time, a.last_time, tuple(a.tags)) != \
+            (b.start, b.n_bars, b.first_time, b.last_time, tuple(b.tags)) or len(a) != len(b):
+        return False
+    for name in _COLUMNS:
+        x, y = getattr(a, name), getattr(b, name)
+        floats = x.dtype.kind == "f" or y.dtype.kind == "f"
+        if not np.array_equal(x, y, equal_nan=floats):
+            return False
+    return True
+
+
+def settled_batch(task: dict, reply: dict, known: list | None = None) -> list:
+    """One settled result per run of a ``"runs"`` task (see :func:`settled_result`; ``known`` per run)."""
+    from .pool import BacktestResult, _to_result
+
+    runs = task["runs"]
+    known = known or [None] * len(runs)
+    payload = reply.get("payload")
+    subs = payload.get("runs") if isinstance(payload, dict) and not reply.get("error") else None
+    if not isinstance(subs, list) or len(subs) != len(runs):
+        failed = _to_result(reply)
+        if failed.ok:  # a payload without one result per run
+            failed = _mismatch(BacktestResult(ok=False), f"the batch sent {type(subs).__name__} results "
+                                                         f"for its {len(runs)} runs")
+        return [failed] * len(runs)
+    from ._wire import check_payload
+
+    out = []
+    for run, sub, k in zip(runs, subs, known):
+        one = {**task, "op": "run", "data": {**task["data"], "start": run.get("start"), "end": run.get("end")},
+               "indicators": bool(run.get("indicators"))}
+        sub, error = check_payload(sub)  # each run's result is checked as a task's is
+        out.append(settled_result(one, {**reply, "payload": sub, "error": error, "duration_s": 0.0}, known=k))
+    return out
 
 
 def confirm_score(result, maximize: str, claimed_score) -> None:

@@ -91,15 +91,27 @@ def parse_result(result: bytes | bytearray) -> tuple[dict | None, dict | None]:
         if len(result) > MAX_RESULT:
             raise ValueError(f"the result is {len(result)} bytes, over the {MAX_RESULT} byte limit")
         payload = json.loads(result)
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        return None, _invalid(exc)
+    return check_payload(payload)
+
+
+def check_payload(payload) -> tuple[dict | None, dict | None]:
+    """``(payload, error)`` of one decoded payload (a task's, or one run's of a batch), as :func:`parse_result`."""
+    try:
         if not isinstance(payload, dict):
             raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
         _check_shape(payload)
         error = None if payload.get("ok") is True else _check_error(payload.get("error"))
     except (ValueError, TypeError, RecursionError, MemoryError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else _short(exc)
-        return None, {"kind": ErrorKind.RESULT_INVALID.value, "type": type(exc).__name__,
-                      "message": f"malformed result from the sandbox: {reason}", "traceback": ""}
+        return None, _invalid(exc)
     return payload, error
+
+
+def _invalid(exc: BaseException) -> dict:
+    reason = "nested too deeply" if isinstance(exc, RecursionError) else _short(exc)
+    return {"kind": ErrorKind.RESULT_INVALID.value, "type": type(exc).__name__,
+            "message": f"malformed result from the sandbox: {reason}", "traceback": ""}
 
 
 #: Largest header line / task result the parent parses, and the deepest nesting it accepts.
@@ -110,7 +122,7 @@ MAX_DEPTH = 32
 _FIELD_TYPES = {"ok": bool, "stats": dict, "trades": list, "equity": list, "strategy": (str, type(None)),
                 "size_adjustments": int, "skipped_orders": int, "plot_html": (str, type(None)),
                 "plot_error": (str, type(None)), "csv_redirects": list, "best_index": int, "values": list,
-                "logs": list,
+                "logs": list, "runs": (list, type(None)),
                 "best": (dict, type(None)), "error": (dict, type(None))}
 _KINDS = frozenset(k.value for k in ErrorKind)
 

@@ -366,7 +366,7 @@ class Worker:
         ref = task["data"]
         try:
             # Through the worker's descriptor: the store is hidden in this mount namespace.
-            frame = self._frame({**ref, "root": f"/proc/self/fd/{fds[0]}"})
+            frame = self._frame({**ref, "root": f"/proc/self/fd/{fds[0]}"}, task.get("runs"))
         except Exception as exc:  # noqa: BLE001 - e.g. the file was damaged since the worker looked
             payload = {"ok": False, "error": _data_error(exc)}
         else:
@@ -382,11 +382,16 @@ class Worker:
         sys.stderr.flush()
         _write_all(res_w, data)
 
-    def _frame(self, ref: dict):
+    def _frame(self, ref: dict, runs: list | None = None):
+        """The task's frame; for a batch (``runs``), one per run: its own start/end, one mapping for all."""
         from moondev_lab.data import DataPool
 
-        return DataPool(ref["root"], import_sample=False).get(
-            ref["symbol"], ref["timeframe"], source=ref.get("source"), start=ref.get("start"), end=ref.get("end"))
+        pool = DataPool(ref["root"], import_sample=False)
+        if runs is None:
+            return pool.get(ref["symbol"], ref["timeframe"], source=ref.get("source"), start=ref.get("start"),
+                            end=ref.get("end"))
+        return [pool.get(ref["symbol"], ref["timeframe"], source=ref.get("source"), start=r.get("start"),
+                         end=r.get("end")) for r in runs]
 
     # ------------------------------------------------------------------ waiting for it
     def _collect(self, chain: _Standby, timeout: float, limits, oom_before: int) -> dict:

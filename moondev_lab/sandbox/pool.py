@@ -33,7 +33,7 @@ import psutil
 from .. import _registry, config
 from . import _isolation, _limits
 from ._limits import Limits
-from ._settle import confirm_score, data_frame, flag_grid, grid_chunk, settle_grid, settled_result
+from ._settle import confirm_score, data_frame, flag_grid, grid_chunk, settle_grid, settled_batch, settled_result
 from ._wire import decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
 from .settings import BacktestSettings
@@ -487,6 +487,40 @@ class SandboxPool:
         result = settled_result(task, reply)
         result.timings = {"round_trip_s": replied - started, "settle_s": time.perf_counter() - replied}
         return result
+
+    def run_batch(self, runs: list[tuple[str, DataRef, dict | None]], *, timeout: float = 60,
+                  limits: Limits | None = None, settings: BacktestSettings | None = None,
+                  known: list | None = None, indicators: list | None = None) -> list[BacktestResult]:
+        """Several ``(code, data, params)`` runs as ONE sandbox task: one dispatch, the series mapped once.
+
+        Every run's result is what :meth:`run` would give (settled by the trusted broker, its
+        claims checked); ``timeout`` is per run. All runs must be on one series (symbol,
+        timeframe, source and store; any start/end). ``known[i]``: ``(order_log, settlement)``
+        already made for run ``i`` (see :func:`~moondev_lab.sandbox._settle.settled_result`).
+        ``indicators[i]``: run ``i`` reports its strategy's indicators, as :meth:`run`'s ``indicators``.
+        The runs share one task process, one after the other: batch only code of one origin (one
+        idea's variants), since a run can change what the later ones decide. Their results stay
+        honest either way (each is settled from its own decisions), not independent.
+
+        >>> a, b = pool.run_batch([(code, DataRef(end="2023-03-01"), None),
+        ...                        (code, DataRef(start="2023-03-01"), {"n": 20})])   # doctest: +SKIP
+        """
+        if not runs:
+            return []
+        refs = [(data or DataRef()).resolved() for _, data, _ in runs]
+        base = {k: v for k, v in refs[0].items() if k not in ("start", "end")}
+        for ref in refs[1:]:
+            if {k: v for k, v in ref.items() if k not in ("start", "end")} != base:
+                raise ValueError(f"a batch runs on one series, not on {base} and {ref}")
+        wants = indicators or [False] * len(runs)
+        batch = [{"code": code, "params": dict(params or {}), "start": ref["start"], "end": ref["end"],
+                  "indicators": bool(ind)} for (code, _, params), ref, ind in zip(runs, refs, wants)]
+        for b in batch:
+            if not isinstance(b["code"], str):
+                raise TypeError("code must be a str of Python source")
+        task = self._task("runs", "", DataRef(**{**base, "start": None, "end": None}), timeout * len(runs), limits,
+                          settings, runs=batch)
+        return settled_batch(task, self._request(task), known)
 
     def submit(self, code: str, data: DataRef | None = None, params: dict | None = None,
                **kwargs) -> "Future[BacktestResult]":
