@@ -16,9 +16,10 @@
 - **Orders.** Each decision becomes an exchange order under a deterministic
   :class:`~moondev_lab.exchange.ClientOrderId` (strategy, bar time, sequence number in
   the bar), through a per-exchange :class:`Route` (a registry). The paper route expresses
-  everything backtesting.py can; the ccxt route expresses market and limit orders and
-  closes, and refuses the rest by name (which stops trading: the account and the
-  strategy would drift apart).
+  everything backtesting.py can; the ccxt route (:mod:`moondev_lab._ccxt_route`, spot) market,
+  limit, stop and stop-limit entries, closes, and sl/tp as exchange orders placed once the
+  entry fills (an OCO for both); it refuses shorts and the rest by name (which stops trading:
+  the account and the strategy would drift apart).
 - **Restart.** Progress is committed per bar. On start the runner reconciles its stored
   open orders with the exchange (adopting or cancelling unknown ones), then rebuilds the
   strategy by replaying its bars (deterministic ids: a decision already sent is found,
@@ -166,6 +167,13 @@ class OrdinalIds:
             self._ids.popitem(last=False)
         return ordinal
 
+    def put(self, ordinal: int, cid: str) -> None:
+        """Remember ``cid`` under the strategy broker's own number for it (live rows carry it)."""
+        self._ids[ordinal] = cid
+        self._next = max(self._next, ordinal + 1)
+        while len(self._ids) > self.cap:
+            self._ids.popitem(last=False)
+
     def get(self, ordinal: int) -> str | None:
         return self._ids.get(ordinal)
 
@@ -224,11 +232,31 @@ class Route:
     def check(self, d: Decision) -> None:
         """Raise :class:`CannotExpress` if this decision has no order type here."""
 
-    def send(self, d: Decision, price: float) -> Order | None:
+    def send(self, d: Decision, price: float) -> Order | list[Order] | None:
         raise NotImplementedError
 
     def cancel_cid(self, ref: int) -> str | None:
         return self.ordinal_cids.get(ref)
+
+    def number(self, d: Decision) -> None:
+        """Remember a decision's client id under the strategy broker's number for its order."""
+        if d.kind in (_NEW, _CLOSE):
+            self.ordinal_cids.add(str(d.cid))
+
+    # Hooks for routes that keep orders of their own on the exchange (sl/tp placed after a fill).
+    def observe(self, d: Decision, order: Order | None = None) -> None:
+        """A decision that is not sent now (replayed after a restart, or found sent already)."""
+
+    def sync(self) -> list[Order]:
+        """Once a bar, before its decisions: the route's own follow-up orders."""
+        return []
+
+    def bar_done(self) -> None:
+        """After a bar's decisions; raise :class:`CannotExpress` for a shape only the whole bar shows."""
+
+    def resume(self, open_orders: list[Order], strategy: str) -> list[Order]:
+        """After a restart's rebuild: settle the route's own orders with what the exchange holds."""
+        return []
 
 
 class PaperRoute(Route):
@@ -259,44 +287,23 @@ class PaperRoute(Route):
         return ex.create_order(self.symbol, type_, d.side, amount, order_price, client_order_id=d.cid, params=params)
 
 
-class CcxtRoute(Route):
-    """A real exchange through :class:`~moondev_lab.exchange.ExchangeManager` (spot): market and limit
-    orders and closes; sizes in whole strategy units times ``unit`` base units."""
-
-    def position(self) -> float:
-        base = self.symbol.partition("/")[0]
-        bal = self.exchange.fetch_balance().get(base)
-        return float(bal.total) / self.unit if bal is not None else 0.0
-
-    def check(self, d: Decision) -> None:
-        name = self.exchange.name
-        if d.kind == _CONTINGENT or not math.isnan(d.sl) or not math.isnan(d.tp):
-            raise CannotExpress(f"{name}: a stop-loss/take-profit attached to a trade (sl/tp) is not supported "
-                                "by the live route")
-        if d.kind == _NEW and not math.isnan(d.stop):
-            raise CannotExpress(f"{name}: stop and stop-limit entries are not supported by the live route")
-        if d.kind == _NEW and abs(d.size) < 1:
-            raise CannotExpress(f"{name}: a fraction-of-equity size must be turned into units when deciding "
-                                "(the runner does that for live runs)")
-
-    def send(self, d: Decision, price: float) -> Order | None:
-        ex = self.exchange
-        if d.kind == _CANCEL:
-            cid = self.ordinal_cids.get(d.ref)
-            return ex.cancel_order(cid, self.symbol) if cid else None
-        type_ = "limit" if d.kind == _NEW and not math.isnan(d.limit) else "market"
-        order_price = d.limit if type_ == "limit" else price
-        return ex.create_order(self.symbol, type_, d.side, abs(d.size) * self.unit, order_price,
-                               client_order_id=d.cid)
+#: Exchange kinds -> their route (extend with :func:`register_route`); "module:Class" is imported on use.
+ROUTES: dict[str, type[Route] | str] = {"paper": PaperRoute, "ccxt": "moondev_lab._ccxt_route:CcxtRoute"}
 
 
-#: Exchange kinds -> their route (extend with :func:`register_route`).
-ROUTES: dict[str, type[Route]] = {"paper": PaperRoute, "ccxt": CcxtRoute}
-
-
-def register_route(name: str, route: type[Route]) -> None:
+def register_route(name: str, route: type[Route] | str) -> None:
     """Make ``route`` the way decisions reach exchanges of kind ``name``."""
     ROUTES[name] = route
+
+
+def route_class(name: str) -> type[Route]:
+    route = ROUTES[name]
+    if isinstance(route, str):
+        import importlib
+
+        module, _, cls = route.partition(":")
+        route = ROUTES[name] = getattr(importlib.import_module(module), cls)
+    return route
 
 
 # ---------------------------------------------------------------- the runner
@@ -320,7 +327,7 @@ class LiveRunner:
         self.state_dir = Path(state_dir)
         self.settings = settings or BacktestSettings()
         self.paper = getattr(exchange, "name", "") == "paper"
-        self.route: Route = ROUTES["paper" if self.paper else "ccxt"](exchange, symbol, unit)
+        self.route: Route = route_class("paper" if self.paper else "ccxt")(exchange, symbol, unit)
         self.kill_switch = KillSwitch(self.state_dir / "KILL")
         self.guard = RiskGuard(limits or RiskLimits(), self.kill_switch)
         self.events = EventLog(self.state_dir / "events.sqlite")
@@ -445,8 +452,27 @@ class LiveRunner:
         self.state = RunnerState.TRADING
         if stored is not None and self._done >= self._n:
             self._rebuild(self._done)
+        if not self.paper and self.state == RunnerState.TRADING:
+            self._route_call(lambda: self.route.resume(self.exchange.fetch_open_orders(self.symbol),
+                                                       self.source.name), "after the restart")
         self._trim()
         return info
+
+    def _route_call(self, fn: Callable[[], Any], when: str) -> None:
+        """The route's own follow-up orders (sl/tp after a fill, ...), logged; a refusal stops trading."""
+        try:
+            orders = fn() or []
+        except CannotExpress as e:
+            self.counts["refused"] += 1
+            self._emit("refused", client_order_id=None, reason=str(e), cause="order type")
+            self._stop(f"cannot express the strategy's order on this exchange: {e}")
+            return
+        except ExchangeError as e:
+            self.counts["refused"] += 1
+            self._emit("refused", client_order_id=None, reason=str(e), cause=type(e).__name__)
+            self._stop(f"the route's own orders {when}: {e}")
+            return
+        self._emit_orders(orders)
 
     def _trim(self) -> None:
         """Forget candles the strategy has seen, but for the last ``history_bars`` (amortised: in batches)."""
@@ -517,8 +543,8 @@ class LiveRunner:
             seq = seq + 1 if row[0] == last else 0
             last = row[0]
             d = self._decision(row, seq)
-            if d.kind in (_NEW, _CLOSE):
-                self.route.ordinal_cids.add(str(d.cid))
+            self.route.number(d)
+            self.route.observe(d)
         self.position, self.equity = result.position, result.equity
         if not self.paper or self.exchange.bar <= done:  # a paper clock ahead of us is checked at the next chunk
             self._check_position(result.position, "after the restart")
@@ -598,6 +624,8 @@ class LiveRunner:
             self.guard.update_equity(self.exchange.equity, t)
         self.last_bar = t
         self.counts["bars"] += 1
+        if not self.paper and i > self._done:
+            self._route_call(self.route.sync, f"at bar {i}")
         seq = 0
         for row in rows:
             d = self._decision(row, seq)
@@ -606,6 +634,10 @@ class LiveRunner:
             if i <= self._done:  # decided before a restart: sent already, or found missing by reconciliation
                 continue
             self._handle(d, c)
+            if self.state != RunnerState.TRADING:
+                return
+        if rows and i > self._done:
+            self._route_call(self.route.bar_done, f"at bar {i}")
             if self.state != RunnerState.TRADING:
                 return
         if i > self._done:
@@ -617,6 +649,8 @@ class LiveRunner:
         self._emit("decision", **d.to_event())
         existing = self.exchange.fetch_order(d.cid, self.symbol) if d.kind != _CANCEL else None
         if existing is not None:  # sent before a crash: never again
+            self.route.number(d)
+            self.route.observe(d, existing)
             self._emit("order", order=existing.to_dict(), resent=False)
             return
         try:
@@ -626,6 +660,7 @@ class LiveRunner:
                 equity = self.settings.cash if not equity == equity else equity  # NaN before the first bar
                 amount = abs(d.size) if abs(d.size) >= 1 else abs(d.size) * max(equity, 0.0) / price
                 self.guard.check(d.side, amount * self.route.unit, price, position=self.route.position() * self.route.unit)
+                self.route.equity = equity
             order = self.route.send(d, price)
         except CannotExpress as e:
             self.counts["refused"] += 1
@@ -646,9 +681,11 @@ class LiveRunner:
             if type(e).__name__ in ("OrderInFlight", "ReconciliationError"):
                 self._stop(f"order {d.cid}: {e}")
             return
-        if order is not None:
-            if d.kind in (_NEW, _CLOSE):
-                self.route.ordinal_cids.add(str(d.cid))
+        self.route.number(d)
+        self._emit_orders(order if isinstance(order, list) else [order] if order is not None else [])
+
+    def _emit_orders(self, orders: list[Order]) -> None:
+        for order in orders:
             self.counts["orders"] += 1
             self.last_order = f"{order.side} {order.amount:g} {order.type} ({order.status.value})"
             self._emit("order", order=order.to_dict())

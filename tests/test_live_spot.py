@@ -1,0 +1,226 @@
+"""The live route on spot: sl/tp, stop and limit entries as real orders, through the real ``ccxt.binance``.
+
+The fake exchange (tests/fake_exchange.py) serves the candles and matches resting orders on
+each candle it starts serving; the test moves it one candle at a time and polls the runner,
+so the account and the strategy's own broker see the same bars in the same order.
+"""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from fake_exchange import API_KEY, API_SECRET, HOUR_MS, FakeBinance
+from moondev_lab._ccxt_route import leg_id
+from moondev_lab.exchange import ExchangeManager
+from moondev_lab.exchange.credentials import Credentials
+from moondev_lab.live import LiveRunner, RunnerState, StrategySource
+from moondev_lab.sandbox.settings import BacktestSettings
+
+pytestmark = pytest.mark.timeout(240)
+CREDS = Credentials("binance", api_key=API_KEY, secret=API_SECRET, source="test")
+SETTINGS = BacktestSettings(cash=1_000_000, commission=0.0)  # strategy units are whole BTC
+
+BRACKET = textwrap.dedent('''
+    from backtesting import Strategy
+
+    class Bracket(Strategy):
+        """Every 9 bars when flat: a market buy with a stop-loss and a take-profit; trailing stop on odd entries."""
+        trail = 0
+
+        def init(self):
+            pass
+
+        def next(self):
+            c = self.data.Close[-1]
+            if not self.position and not self.orders and len(self.data) % 9 == 0:
+                self.buy(size=3, sl=c * 0.992, tp=c * 1.008)
+            elif self.trail and self.trades and self.trades[-1].sl and c * 0.992 > self.trades[-1].sl:
+                self.trades[-1].sl = c * 0.992
+            elif self.position and len(self.data) % 23 == 0:
+                self.position.close()
+''')
+
+STOP_ENTRY = textwrap.dedent('''
+    from backtesting import Strategy
+
+    class StopEntry(Strategy):
+        """Stop entries above the price with a stop-loss only; limit entries below with a take-profit only."""
+        def init(self):
+            pass
+
+        def next(self):
+            c = self.data.Close[-1]
+            n = len(self.data)
+            if not self.position and not self.orders:
+                if n % 2:
+                    self.buy(stop=c * 1.002, sl=c * 0.99, size=2)
+                else:
+                    self.buy(limit=c * 0.998, tp=c * 1.006, size=2)
+            elif self.orders and not self.position and n % 5 == 0:
+                for o in self.orders:
+                    o.cancel()
+''')
+
+SHORT = textwrap.dedent('''
+    from backtesting import Strategy
+
+    class Shorty(Strategy):
+        def init(self):
+            pass
+
+        def next(self):
+            if not self.position and len(self.data) % 4 == 0:
+                self.sell(size=2)
+''')
+
+
+def manager(fake) -> ExchangeManager:
+    return ExchangeManager("binance", credentials=CREDS, api_url=fake.url, lookup_delay=0,
+                           config={"enableRateLimit": False, "timeout": 2000})
+
+
+def runner(code: str, name: str, fake, state_dir, **kw) -> LiveRunner:
+    return LiveRunner(StrategySource(code, kw.pop("params", {}), name), manager(fake), symbol="BTC/USDT",
+                      timeframe="1h", state_dir=state_dir, settings=SETTINGS, warmup_bars=60, unit=0.001,
+                      timeout=60, **kw)
+
+
+def drive(r: LiveRunner, fake, bars: int) -> None:
+    for _ in range(bars):
+        fake.advance()
+        r.poll()
+        if r.state != RunnerState.TRADING:
+            break
+
+
+def orders_of(r: LiveRunner):
+    frame = r.events.frame("order")
+    return frame.drop_duplicates("order.client_order_id", keep="last") if not frame.empty else frame
+
+
+def assert_once_each(fake) -> None:
+    cids = [o["clientOrderId"] for o in fake.orders.values()]
+    assert len(cids) == len(set(cids)), "an order was placed twice"
+
+
+@pytest.fixture
+def fake():
+    with FakeBinance(balances={"BTC": "0", "USDT": "100000"}, fee_rate="0") as f:
+        f.last_open_ms -= 200 * HOUR_MS  # history to start from; the test serves the rest bar by bar
+        yield f
+
+
+def test_sl_tp_become_an_oco_after_the_entry_and_the_account_follows_the_strategy(fake, tmp_path):
+    with runner(BRACKET, "Bracket", fake, tmp_path / "s") as r:
+        r.start()
+        drive(r, fake, 150)
+        assert r.state == RunnerState.TRADING, r.stop_reason
+        legs = [o for o in fake.orders.values() if o["orderListId"] != -1]
+        kinds = {(o["type"], o["status"]) for o in legs}
+        # Both legs of OCO lists, and both ways out: the stop-loss leg and the take-profit leg filled.
+        assert {"LIMIT_MAKER", "STOP_LOSS_LIMIT"} <= {k for k, _ in kinds}
+        assert ("STOP_LOSS_LIMIT", "FILLED") in kinds and ("LIMIT_MAKER", "FILLED") in kinds
+        assert ("LIMIT_MAKER", "EXPIRED") in kinds or ("STOP_LOSS_LIMIT", "EXPIRED") in kinds
+        # Every leg carries our deterministic id, derived from the entry decision's.
+        entries = [o for o in fake.orders.values() if o["type"] == "MARKET" and o["side"] == "BUY"]
+        for e in entries:
+            mine = [o for o in legs if o["clientOrderId"] in (leg_id(e["clientOrderId"], 2),
+                                                              leg_id(e["clientOrderId"], 3))]
+            assert len(mine) in (0, 2)
+        assert_once_each(fake)
+        # The account holds what the strategy's broker holds after every bar (checked each poll), and now:
+        assert r.route.position() == pytest.approx(r.position)
+        assert float(fake.locked["BTC"]) == pytest.approx(sum(float(o["origQty"]) for o in legs if o["status"] == "NEW") / 2)
+
+
+def test_a_trailing_stop_replaces_the_oco_and_a_close_cancels_it_first(fake, tmp_path):
+    with runner(BRACKET, "Bracket", fake, tmp_path / "s", params={"trail": 1}) as r:
+        r.start()
+        drive(r, fake, 150)
+        assert r.state == RunnerState.TRADING, r.stop_reason
+        lists = {}
+        for o in fake.orders.values():
+            if o["orderListId"] != -1:
+                lists.setdefault(o["orderListId"], []).append(o["status"])
+        canceled = [k for k, v in lists.items() if v == ["CANCELED", "CANCELED"]]
+        assert len(canceled) >= 3  # replaced by a higher stop, or taken down before a close
+        assert_once_each(fake)
+        assert r.route.position() == pytest.approx(r.position)
+
+
+def test_stop_and_limit_entries_with_one_contingent_order_each(fake, tmp_path):
+    with runner(STOP_ENTRY, "StopEntry", fake, tmp_path / "s") as r:
+        r.start()
+        drive(r, fake, 150)
+        assert r.state == RunnerState.TRADING, r.stop_reason
+        by_type: dict[tuple, int] = {}
+        for o in fake.orders.values():
+            key = (o["type"], o["side"], o["status"])
+            by_type[key] = by_type.get(key, 0) + 1
+        assert by_type.get(("STOP_LOSS_LIMIT", "BUY", "FILLED"), 0) >= 1      # stop entries that triggered
+        assert by_type.get(("STOP_LOSS_LIMIT", "SELL", "FILLED"), 0) >= 1     # their stop-losses
+        assert by_type.get(("LIMIT", "BUY", "FILLED"), 0) >= 1                # limit entries
+        assert by_type.get(("LIMIT", "SELL", "FILLED"), 0) >= 1               # their take-profits
+        assert sum(v for (t, s, st), v in by_type.items() if s == "BUY" and st == "CANCELED") >= 1  # cancels
+        assert_once_each(fake)
+        assert r.route.position() == pytest.approx(r.position)
+
+
+def test_spot_refuses_a_short_with_one_clear_error(fake, tmp_path):
+    with runner(SHORT, "Shorty", fake, tmp_path / "s") as r:
+        r.start()
+        drive(r, fake, 10)
+        assert r.state == RunnerState.STOPPED
+        assert "spot cannot short" in r.stop_reason and "margin" in r.stop_reason
+        refused = r.events.frame("refused")
+        assert list(refused["cause"]) == ["order type"]
+        assert fake.create_attempts == 0
+
+
+def test_restart_adopts_working_legs_cancels_stale_ones_and_places_missing_ones(fake, tmp_path):
+    state = tmp_path / "s"
+    with runner(BRACKET, "Bracket", fake, state) as r:
+        r.start()
+        for _ in range(120):
+            drive(r, fake, 1)
+            if r.route.bracket is not None and r.route.bracket.legs:
+                break
+        working = list(r.route.bracket.legs)
+        assert all(fake.order_by_cid(c)["status"] == "NEW" for c in working)
+    # While it is down: a stale leg of this strategy (an OCO replaced before a crash) rests on the book.
+    stale = str(leg_id(working[0][:-4] + "7", 3))
+    fake.place_foreign(side="SELL", qty="0.00100", price="1000.00", cid=stale)
+    creates = fake.creates
+    with runner(BRACKET, "Bracket", fake, state) as r2:
+        r2.start()
+        assert r2.route.bracket is not None and r2.route.bracket.legs == working  # adopted, not re-placed
+        assert fake.creates == creates
+        assert fake.order_by_cid(stale)["status"] == "CANCELED"
+        drive(r2, fake, 60)
+        assert r2.state == RunnerState.TRADING, r2.stop_reason
+        assert_once_each(fake)
+
+
+def test_restart_places_the_sl_tp_of_an_entry_that_filled_while_down(fake, tmp_path):
+    state = tmp_path / "s"
+    with runner(BRACKET, "Bracket", fake, state) as r:
+        r.start()
+        for _ in range(120):
+            drive(r, fake, 1)
+            if r.route.bracket is not None and r.route.bracket.legs:
+                break
+        working = list(r.route.bracket.legs)
+    # As if the runner had died between the entry's fill and its sl/tp: the legs never reached the book.
+    for cid in working:
+        o = fake.order_by_cid(cid)
+        fake.orders.pop(o["orderId"])
+    fake.order_lists.clear()
+    fake.locked["BTC"], fake.free["BTC"] = 0, fake.free["BTC"] + fake.locked["BTC"]
+    with runner(BRACKET, "Bracket", fake, state) as r2:
+        r2.start()
+        assert r2.route.bracket is not None and r2.route.bracket.legs == working
+        assert all(fake.order_by_cid(c)["status"] == "NEW" for c in working)  # placed again, under the same ids
+        drive(r2, fake, 40)
+        assert r2.state == RunnerState.TRADING, r2.stop_reason
+        assert_once_each(fake)
