@@ -348,6 +348,7 @@ class LiveRunner:
         self.history_bars = self.window + max(self.warmup_bars, 0)
         self._n = 0                       # bars the strategy has seen
         self._done = -1                   # last bar whose decisions were all handled (committed)
+        self._unsure_until = -1           # after a restart: bars whose orders may be partly sent already
         self._tags: list = []
         self.last_bar: pd.Timestamp | None = None
         self.last_order: str | None = None
@@ -546,8 +547,12 @@ class LiveRunner:
             self.route.number(d)
             self.route.observe(d)
         self.position, self.equity = result.position, result.equity
-        if not self.paper or self.exchange.bar <= done:  # a paper clock ahead of us is checked at the next chunk
+        # A paper clock ahead of us is checked at the next chunk. A live account may already hold what the
+        # orders of bar done (or of done + 1, when the crash came in its middle) bought: they fill when sent,
+        # the strategy's broker at the next open. So live, the first exact check is after bar done + 2.
+        if self.paper and self.exchange.bar <= done:
             self._check_position(result.position, "after the restart")
+        self._unsure_until = done + 1
         self._emit("rebuilt", bars=self._n, position=result.position)
 
     def _decision(self, row, seq: int) -> Decision:
@@ -597,7 +602,7 @@ class LiveRunner:
         by_bar: dict[int, list] = {}
         for row in result.decisions:
             by_bar.setdefault(int(row[0]), []).append(row)
-        if not self.paper:
+        if not self.paper and hi - 1 > self._unsure_until:
             # A live market order fills when sent, the strategy's broker fills it at the next bar's open:
             # so the account now (before this bar's orders) must hold what the broker holds after this bar.
             self._check_position(result.position, f"at bar {hi - 1}")

@@ -45,7 +45,7 @@ STOP_ENTRY = textwrap.dedent('''
     from backtesting import Strategy
 
     class StopEntry(Strategy):
-        """Stop entries above the price with a stop-loss only; limit entries below with a take-profit only."""
+        """Stop entries above the price with a stop-loss only, limit entries below with a take-profit only; closes."""
         def init(self):
             pass
 
@@ -56,10 +56,12 @@ STOP_ENTRY = textwrap.dedent('''
                 if n % 2:
                     self.buy(stop=c * 1.002, sl=c * 0.99, size=2)
                 else:
-                    self.buy(limit=c * 0.998, tp=c * 1.006, size=2)
+                    self.buy(limit=c * 0.9995, tp=c * 1.003, size=2)
             elif self.orders and not self.position and n % 5 == 0:
                 for o in self.orders:
                     o.cancel()
+            elif self.position and n % 12 == 0:
+                self.position.close()
 ''')
 
 SHORT = textwrap.dedent('''
@@ -159,7 +161,8 @@ def test_stop_and_limit_entries_with_one_contingent_order_each(fake, tmp_path):
             key = (o["type"], o["side"], o["status"])
             by_type[key] = by_type.get(key, 0) + 1
         assert by_type.get(("STOP_LOSS_LIMIT", "BUY", "FILLED"), 0) >= 1      # stop entries that triggered
-        assert by_type.get(("STOP_LOSS_LIMIT", "SELL", "FILLED"), 0) >= 1     # their stop-losses
+        assert by_type.get(("STOP_LOSS_LIMIT", "SELL", "CANCELED"), 0) >= 1   # their stop-losses, cancelled ...
+        assert by_type.get(("MARKET", "SELL", "FILLED"), 0) >= 1              # ... before the closes
         assert by_type.get(("LIMIT", "BUY", "FILLED"), 0) >= 1                # limit entries
         assert by_type.get(("LIMIT", "SELL", "FILLED"), 0) >= 1               # their take-profits
         assert sum(v for (t, s, st), v in by_type.items() if s == "BUY" and st == "CANCELED") >= 1  # cancels
@@ -178,19 +181,28 @@ def test_spot_refuses_a_short_with_one_clear_error(fake, tmp_path):
         assert fake.create_attempts == 0
 
 
+def run_until_a_bracket(r: LiveRunner, fake) -> None:
+    r.start()
+    for _ in range(120):
+        drive(r, fake, 1)
+        if r.route.bracket is not None:
+            return
+    raise AssertionError("no entry with sl/tp filled")
+
+
+class Crash(BaseException):
+    """The process dies here (nothing after it runs)."""
+
+
 def test_restart_adopts_working_legs_cancels_stale_ones_and_places_missing_ones(fake, tmp_path):
     state = tmp_path / "s"
     with runner(BRACKET, "Bracket", fake, state) as r:
-        r.start()
-        for _ in range(120):
-            drive(r, fake, 1)
-            if r.route.bracket is not None and r.route.bracket.legs:
-                break
+        run_until_a_bracket(r, fake)
         working = list(r.route.bracket.legs)
-        assert all(fake.order_by_cid(c)["status"] == "NEW" for c in working)
+        assert len(working) == 2 and all(fake.order_by_cid(c)["status"] == "NEW" for c in working)
     # While it is down: a stale leg of this strategy (an OCO replaced before a crash) rests on the book.
     stale = str(leg_id(working[0][:-4] + "7", 3))
-    fake.place_foreign(side="SELL", qty="0.00100", price="1000.00", cid=stale)
+    fake.place_foreign(side="BUY", qty="0.01000", price="1000.00", cid=stale)
     creates = fake.creates
     with runner(BRACKET, "Bracket", fake, state) as r2:
         r2.start()
@@ -202,25 +214,25 @@ def test_restart_adopts_working_legs_cancels_stale_ones_and_places_missing_ones(
         assert_once_each(fake)
 
 
-def test_restart_places_the_sl_tp_of_an_entry_that_filled_while_down(fake, tmp_path):
+def test_restart_places_the_sl_tp_of_an_entry_that_filled_before_a_crash(fake, tmp_path, monkeypatch):
+    from moondev_lab._ccxt_route import CcxtRoute
+
+    def die(self, bracket):
+        raise Crash()
+
     state = tmp_path / "s"
-    with runner(BRACKET, "Bracket", fake, state) as r:
-        r.start()
-        for _ in range(120):
-            drive(r, fake, 1)
-            if r.route.bracket is not None and r.route.bracket.legs:
-                break
-        working = list(r.route.bracket.legs)
-    # As if the runner had died between the entry's fill and its sl/tp: the legs never reached the book.
-    for cid in working:
-        o = fake.order_by_cid(cid)
-        fake.orders.pop(o["orderId"])
-    fake.order_lists.clear()
-    fake.locked["BTC"], fake.free["BTC"] = 0, fake.free["BTC"] + fake.locked["BTC"]
+    with monkeypatch.context() as m:
+        m.setattr(CcxtRoute, "_place", die)  # dies between the entry's fill and its sl/tp
+        with runner(BRACKET, "Bracket", fake, state) as r:
+            with pytest.raises(Crash):
+                run_until_a_bracket(r, fake)
+    assert not any(o["orderListId"] != -1 for o in fake.orders.values())
     with runner(BRACKET, "Bracket", fake, state) as r2:
-        r2.start()
-        assert r2.route.bracket is not None and r2.route.bracket.legs == working
-        assert all(fake.order_by_cid(c)["status"] == "NEW" for c in working)  # placed again, under the same ids
+        r2.start()  # the crashed bar is decided again: its entry is found filled (not re-sent) ...
+        drive(r2, fake, 1)  # ... and the next bar places its sl/tp
+        assert sum(o["type"] == "MARKET" for o in fake.orders.values()) == 1
+        legs = r2.route.bracket.legs
+        assert len(legs) == 2 and all(fake.order_by_cid(c)["status"] == "NEW" for c in legs)
         drive(r2, fake, 40)
         assert r2.state == RunnerState.TRADING, r2.stop_reason
         assert_once_each(fake)
