@@ -314,19 +314,24 @@ class LiveRunner:
     :class:`~moondev_lab.exchange.ExchangeManager`. ``state_dir`` holds the event log,
     the runner's progress and the ``KILL`` file. ``warmup_bars``: history fetched before
     the first decision when trading live. ``on_event`` gets every event (CLI ``--json``).
+    ``size_at_send``: turn fraction-of-equity sizes into units at the decision bar's close
+    (default: live yes, paper no).
     """
 
     def __init__(self, source: StrategySource, exchange, *, symbol: str, timeframe: str = "15m",
                  state_dir: Path | str, settings: BacktestSettings | None = None,
                  limits: RiskLimits | None = None, window: int = 1000, warmup_bars: int = 1000,
                  unit: float = 1.0, on_event: Callable[[str, dict], None] | None = None,
-                 clock: Callable[[], float] = time.time, timeout: float = 60.0):
+                 clock: Callable[[], float] = time.time, timeout: float = 60.0, size_at_send: bool | None = None):
         self.source = source
         self.exchange = exchange
         self.symbol, self.timeframe = symbol, timeframe
         self.state_dir = Path(state_dir)
         self.settings = settings or BacktestSettings()
         self.paper = getattr(exchange, "name", "") == "paper"
+        # Fraction-of-equity sizes become units when deciding (at the bar's close), as a live order needs;
+        # the paper exchange can wait for the fill, as backtesting.py does (parity may ask for the live rule).
+        self.size_at_send = not self.paper if size_at_send is None else bool(size_at_send)
         self.route: Route = route_class("paper" if self.paper else "ccxt")(exchange, symbol, unit)
         self.kill_switch = KillSwitch(self.state_dir / "KILL")
         self.guard = RiskGuard(limits or RiskLimits(), self.kill_switch)
@@ -436,7 +441,7 @@ class LiveRunner:
         else:
             n_history = self._history_length(len(times))
         self.session = StrategySession(self.source.code, params=self.source.params, settings=self.settings,
-                                       window=self.window, timeout=self.timeout, size_at_send=not self.paper)
+                                       window=self.window, timeout=self.timeout, size_at_send=self.size_at_send)
         try:
             self.session.open()
             info = self.session.start(times[:n_history], ohlcv[:n_history], capacity=capacity)
