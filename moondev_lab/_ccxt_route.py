@@ -238,6 +238,7 @@ class CcxtRoute(Route):
             states = [ex.fetch_order(c, self.symbol) for c in b.legs]
             if any(s is not None and s.filled > 0 for s in states):
                 self.bracket = None  # the exchange took the position out (the other leg expired)
+                out += [s for s in states if s is not None]  # logged as they ended
         elif b is not None:
             out += self._place(b)
         return out

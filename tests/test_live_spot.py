@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from fake_exchange import API_KEY, API_SECRET, HOUR_MS, FakeBinance
-from moondev_lab._ccxt_route import leg_id
+from moondev_lab._ccxt_route import is_leg, leg_id
 from moondev_lab.exchange import ExchangeManager
 from moondev_lab.exchange.credentials import Credentials
 from moondev_lab.live import LiveRunner, RunnerState, StrategySource
@@ -131,6 +131,9 @@ def test_sl_tp_become_an_oco_after_the_entry_and_the_account_follows_the_strateg
                                                               leg_id(e["clientOrderId"], 3))]
             assert len(mine) in (0, 2)
         assert_once_each(fake)
+        logged = orders_of(r)  # the legs' ends are in the event log too
+        legs_logged = logged[logged["order.client_order_id"].map(is_leg)]
+        assert {"filled", "canceled", "accepted"} <= set(legs_logged["order.status"])
         # The account holds what the strategy's broker holds after every bar (checked each poll), and now:
         assert r.route.position() == pytest.approx(r.position)
         assert float(fake.locked["BTC"]) == pytest.approx(sum(float(o["origQty"]) for o in legs if o["status"] == "NEW") / 2)
@@ -236,3 +239,49 @@ def test_restart_places_the_sl_tp_of_an_entry_that_filled_before_a_crash(fake, t
         drive(r2, fake, 40)
         assert r2.state == RunnerState.TRADING, r2.stop_reason
         assert_once_each(fake)
+
+
+def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "strategy.py").write_text(BRACKET)
+    bars, stop = 60, threading.Event()
+
+    def serve_bar_by_bar():  # one new candle each time the runner has finished the last one and polled again
+        seen = 0
+        while not stop.is_set() and seen < bars:
+            calls = len(fake.klines_calls())
+            if calls >= 2:
+                after = calls
+                while len(fake.klines_calls()) < after + 2 and not stop.is_set():
+                    stop.wait(0.01)
+                fake.advance()
+                seen += 1
+            else:
+                stop.wait(0.01)
+
+    t = threading.Thread(target=serve_bar_by_bar, daemon=True)
+    t.start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "moondev_lab.cli", "trade", str(run), "--live", "--yes",
+                            "--symbol", "BTC/USDT", "--timeframe", "1h", "--api-url", fake.url, "--warmup", "60",
+                            "--unit", "0.001", "--interval", "0.02", "--max-bars", str(bars - 5),
+                            "--state", str(tmp_path / "state"), "--json"], capture_output=True, text=True,
+                           timeout=180, env={**os.environ, "BINANCE_API_KEY": API_KEY,
+                                             "BINANCE_API_SECRET": API_SECRET})
+    finally:
+        stop.set()
+        t.join()
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[-1]["state"] == "trading", events[-1]
+    types = {e["order"]["type"] for e in events if e["event"] == "order"}
+    assert {"market", "limit_maker", "stop_loss_limit"} <= types
+    assert_once_each(fake)
+    assert API_KEY not in r.stdout + r.stderr and API_SECRET not in r.stdout + r.stderr

@@ -396,7 +396,8 @@ class ExchangeManager:
             cid = ClientOrderId(client_order_id)
             found = self._lookup_by_id(cid, symbol)
             if found is not None and cid in self._orders:
-                self._orders[cid].update_from(found)
+                # Ours: keep the type we placed it as (ccxt reads a STOP_LOSS_LIMIT back as "limit").
+                return self._orders[cid].update_from(found).copy()
             return found
 
     def fetch_open_orders(self, symbol: str) -> list[Order]:
