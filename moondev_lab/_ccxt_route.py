@@ -84,6 +84,7 @@ class CcxtRoute(Route):
         self.bracket: Bracket | None = None
         self.stale: list[str] = []                           # legs to cancel before anything else
         self._cancel_pending_leg = False                     # a contingent order's cancel, awaiting its new one
+        self.recent: list[Order] = []                        # resting orders the exchange filled, not yet seen
         self.equity = math.nan
 
     # ------------------------------------------------------------------ account
@@ -232,6 +233,7 @@ class CcxtRoute(Route):
                 self.pending.pop(cid)
             elif o.status == OrderState.FILLED:
                 self.pending.pop(cid)
+                self.recent.append(o)
                 self.bracket = Bracket(sl, tp, o.filled, cid)
         b = self.bracket
         if b is not None and b.legs:
@@ -239,6 +241,7 @@ class CcxtRoute(Route):
             if any(s is not None and s.filled > 0 for s in states):
                 self.bracket = None  # the exchange took the position out (the other leg expired)
                 out += [s for s in states if s is not None]  # logged as they ended
+                self.recent += [s for s in states if s is not None and s.filled > 0]
         elif b is not None:
             out += self._place(b)
         return out
@@ -275,6 +278,22 @@ class CcxtRoute(Route):
         if any(o.status == OrderState.FILLED for o in legs):  # a take-profit limit below the price fills at once
             self.bracket = None
         return legs
+
+    def unseen_fills(self, after_ms: int) -> float:
+        """Units bought (+) or sold (-) by our resting orders in the exchange since ``after_ms``.
+
+        A stop-loss can fill in the bar after the one the runner is checking, before the runner
+        got to it (it polls once a bar); those fills are not drift.
+        """
+        cids = list(self.pending) + [str(leg_id(c, _NOW)) for c in self.pending]
+        cids += self.bracket.legs if self.bracket is not None else []
+        # Fills found by an earlier bar's sync count until a check reaches the bar they were in.
+        self.recent = [o for o in self.recent if o.updated is not None and o.updated >= after_ms]
+        total = 0.0
+        for o in self.recent + [self.exchange.fetch_order(c, self.symbol) for c in cids]:
+            if o is not None and o.filled > 0 and o.updated is not None and o.updated >= after_ms:
+                total += (o.filled if o.side == "buy" else -o.filled) / self.unit
+        return total
 
     # ------------------------------------------------------------------ restart
     def resume(self, open_orders: list[Order], strategy: str) -> list[Order]:

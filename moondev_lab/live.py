@@ -258,6 +258,10 @@ class Route:
         """After a restart's rebuild: settle the route's own orders with what the exchange holds."""
         return []
 
+    def unseen_fills(self, after_ms: int) -> float:
+        """Units the exchange filled on the route's resting orders at or after ``after_ms`` (signed)."""
+        return 0.0
+
 
 class PaperRoute(Route):
     """Everything backtesting.py can do: the paper exchange runs the same broker."""
@@ -567,8 +571,12 @@ class LiveRunner:
         return Decision(bar, t, seq, kind, size, limit, stop, sl, tp, ref,
                         self._tags[tag] if 0 <= tag < len(self._tags) else None, cid)
 
-    def _check_position(self, shadow: float, when: str) -> None:
+    def _check_position(self, shadow: float, when: str, as_of_ms: int | None = None) -> None:
         account = self.route.position()
+        if as_of_ms is not None and abs(account - shadow) > 1e-6 * max(1.0, abs(shadow)):
+            # The exchange may have filled a resting order (an sl/tp, a stop entry) in the bar after this
+            # one, before we got to this one: the account as of this bar's close is without those fills.
+            account -= self.route.unseen_fills(as_of_ms)
         if abs(account - shadow) > 1e-6 * max(1.0, abs(shadow)):
             self._stop(f"position drift {when}: the account holds {account:.8g}, the strategy believes {shadow:.8g}")
 
@@ -610,7 +618,9 @@ class LiveRunner:
         if not self.paper and hi - 1 > self._unsure_until:
             # A live market order fills when sent, the strategy's broker fills it at the next bar's open:
             # so the account now (before this bar's orders) must hold what the broker holds after this bar.
-            self._check_position(result.position, f"at bar {hi - 1}")
+            closed = int(self._times[hi - 1 - self._base].astype("M8[ms]").astype(np.int64)) + \
+                _timeframe_ms(self.timeframe)
+            self._check_position(result.position, f"at bar {hi - 1}", as_of_ms=closed)
         for i in range(lo, hi):
             if self.state != RunnerState.TRADING:
                 break

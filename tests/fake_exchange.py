@@ -30,8 +30,8 @@ below leg sharing one balance lock; one leg filling expires the other, cancellin
 cancels the list). Resting orders are matched on each candle the fake starts serving
 (``advance()``, or setting ``last_open_ms`` forward): limits at their price or the gapped
 open, stops triggered at the stop or the gapped open and then working as limits; in one
-candle a list's stop-loss leg is matched before its take-profit leg. Fills made by a
-candle are stamped with a time inside that candle.
+candle a list's stop-loss leg is matched before its take-profit leg. Fills are stamped with
+a time inside the candle they happened in (an order that fills when placed: the one forming).
 
 ``creates`` counts the orders the fake accepted; ``create_attempts`` every POST;
 ``max_concurrent`` the most requests it ever served at once; ``times`` when each arrived.
@@ -346,12 +346,13 @@ class FakeBinance:
         crosses = otype == "MARKET" or (otype == "LIMIT" and (price >= self.price if side == "BUY"
                                                               else price <= self.price))
         step = Decimal(MARKET["filters"][1]["stepSize"])
+        now_ms = self._last_open_ms + self.step_ms + 1  # the market's clock: inside the candle now forming
         if crosses:
             fill_qty = (qty / 2 // step) * step if fault == "partial" else qty
             self._execute(o, fill_qty, self.price if otype == "MARKET" else min(price, self.price) if side == "BUY"
-                          else max(price, self.price))
+                          else max(price, self.price), now_ms)
         elif fault == "partial" and stop is None:
-            self._execute(o, (qty / 2 // step) * step, price)
+            self._execute(o, (qty / 2 // step) * step, price, now_ms)
         return o
 
     def _create_oco(self, q: dict, fault: str | None) -> dict:

@@ -27,6 +27,7 @@ BRACKET = textwrap.dedent('''
     class Bracket(Strategy):
         """Every 9 bars when flat: a market buy with a stop-loss and a take-profit; trailing stop on odd entries."""
         trail = 0
+        close_every = 23
 
         def init(self):
             pass
@@ -37,7 +38,7 @@ BRACKET = textwrap.dedent('''
                 self.buy(size=3, sl=c * 0.992, tp=c * 1.008)
             elif self.trail and self.trades and self.trades[-1].sl and c * 0.992 > self.trades[-1].sl:
                 self.trades[-1].sl = c * 0.992
-            elif self.position and len(self.data) % 23 == 0:
+            elif self.position and len(self.data) % self.close_every == 0:
                 self.position.close()
 ''')
 
@@ -171,6 +172,27 @@ def test_stop_and_limit_entries_with_one_contingent_order_each(fake, tmp_path):
         assert sum(v for (t, s, st), v in by_type.items() if s == "BUY" and st == "CANCELED") >= 1  # cancels
         assert_once_each(fake)
         assert r.route.position() == pytest.approx(r.position)
+
+
+def test_an_sl_filled_before_the_runner_saw_the_bar_before_it_is_not_drift(fake, tmp_path):
+    with runner(BRACKET, "Bracket", fake, tmp_path / "s", params={"close_every": 10 ** 6}) as r:
+        for _ in range(3):  # three times: the exchange runs ahead of the runner until a leg fills
+            if r.state == RunnerState.NEW:
+                r.start()
+            for _ in range(60):
+                drive(r, fake, 1)
+                if r.route.bracket is not None and r.route.bracket.legs:
+                    break
+            legs = [fake.order_by_cid(c) for c in r.route.bracket.legs]
+            behind = 0
+            while all(o["status"] == "NEW" for o in legs):
+                fake.advance()  # the runner is slow: it has not polled since
+                behind += 1
+            fake.advance()  # and the next bar is forming too when it finally polls
+            r.poll()
+            assert r.state == RunnerState.TRADING, r.stop_reason
+            assert r.route.bracket is None and r.route.position() == pytest.approx(r.position) == 0
+        assert behind >= 1
 
 
 def test_spot_refuses_a_short_with_one_clear_error(fake, tmp_path):

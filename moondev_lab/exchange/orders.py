@@ -178,6 +178,8 @@ class Order:
     fee_currency: str | None = None
     #: The price a stop-loss / take-profit order is triggered at (None for plain orders).
     trigger_price: float | None = None
+    #: When the exchange last changed it (a fill, a cancel), ms since the epoch.
+    updated: int | None = None
     #: Why it is REJECTED or IN_FLIGHT, in words (never exchange text with keys in it).
     reason: str | None = None
     history: list[OrderState] = field(default_factory=list, repr=False, compare=False)
@@ -213,7 +215,7 @@ class Order:
         if self.status == OrderState.NEW and other.status != OrderState.NEW:
             self.advance(OrderState.SUBMITTED)  # we learn of it only once it was sent
         self.advance(other.status, other.reason)
-        for name in ("exchange_id", "price", "average", "timestamp", "fee_currency", "trigger_price"):
+        for name in ("exchange_id", "price", "average", "timestamp", "fee_currency", "trigger_price", "updated"):
             if getattr(other, name) is not None:
                 setattr(self, name, getattr(other, name))
         self.filled, self.fee = other.filled, other.fee
@@ -235,7 +237,8 @@ class Order:
                    price=_num(d.get("price")), filled=filled, average=_num(d.get("average")), status=status,
                    fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
                    timestamp=d.get("timestamp"),
-                   trigger_price=_num(d.get("triggerPrice") or None))
+                   trigger_price=_num(d.get("triggerPrice") or None),
+                   updated=d.get("lastUpdateTimestamp") or d.get("lastTradeTimestamp"))
 
     def copy(self) -> "Order":
         return replace(self, history=list(self.history))
@@ -246,7 +249,8 @@ class Order:
                 "symbol": self.symbol, "side": self.side, "type": self.type, "amount": self.amount,
                 "price": self.price, "filled": self.filled, "average": self.average,
                 "status": self.status.value, "fee": self.fee, "timestamp": self.timestamp,
-                "fee_currency": self.fee_currency, "trigger_price": self.trigger_price, "reason": self.reason}
+                "fee_currency": self.fee_currency, "trigger_price": self.trigger_price, "updated": self.updated,
+                "reason": self.reason}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Order":
