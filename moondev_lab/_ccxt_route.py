@@ -19,7 +19,13 @@
   :meth:`resume` cancels this strategy's contingent orders that state does not want, and
   :meth:`sync` places what is missing (an entry that filled while the runner was down).
 - **Spot.** No shorts: a sell for more than the account holds is refused with one clear
-  error; so are shapes spot cannot hold (a second entry next to a working sl/tp).
+  error; so are shapes spot cannot hold (a second entry next to a working sl/tp, removing an
+  sl/tp without a new one). The runner refuses ``exclusive_orders`` and ``hedging`` live.
+- **Checks.** The runner compares the account with the strategy's broker after each bar; fills
+  the exchange made on these resting orders after that bar closed (it runs ahead of a runner
+  that polls once a bar) are left out (:meth:`unseen_fills`). A stop-loss limit that a gap
+  jumps past rests unfilled while the backtest would have exited at the open: that shows as
+  drift, and stops trading.
 """
 from __future__ import annotations
 

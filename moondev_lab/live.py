@@ -422,6 +422,11 @@ class LiveRunner:
         ``capacity``: bars the session will see in all, when known (a replay): its buffers are
         then allocated once instead of growing.
         """
+        unsupported = [k for k in ("exclusive_orders", "hedging") if getattr(self.settings, k, False)]
+        if unsupported and not self.paper:
+            # Both make the strategy's broker close trades on its own (not decisions the route could send).
+            raise LiveError(f"{', '.join(unsupported)}=True is not supported by the live route: its broker's "
+                            "own closes are not orders the exchange would see; trade it on paper")
         self.state = RunnerState.STARTING
         self.kill_switch.install() if _main_thread() else None
         if getattr(self.exchange, "state", None) is not None and self.exchange.state.value == "new":

@@ -219,6 +219,19 @@ class Crash(BaseException):
     """The process dies here (nothing after it runs)."""
 
 
+def test_exclusive_orders_and_hedging_are_refused_live_before_anything_is_sent(fake, tmp_path):
+    from dataclasses import replace
+
+    from moondev_lab.live import LiveError
+
+    for key in ("exclusive_orders", "hedging"):
+        r = LiveRunner(StrategySource(BRACKET, {}, "Bracket"), manager(fake), symbol="BTC/USDT", timeframe="1h",
+                       state_dir=tmp_path / key, settings=replace(SETTINGS, **{key: True}), unit=0.001)
+        with r, pytest.raises(LiveError, match=f"{key}=True is not supported by the live route"):
+            r.start()
+    assert fake.requests == []
+
+
 def test_restart_adopts_working_legs_cancels_stale_ones_and_places_missing_ones(fake, tmp_path):
     state = tmp_path / "s"
     with runner(BRACKET, "Bracket", fake, state) as r:
