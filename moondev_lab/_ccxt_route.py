@@ -230,18 +230,9 @@ class CcxtRoute(Route):
 
     def sync(self) -> list[Order]:
         """Each bar: entries that filled get their sl/tp, a filled sl/tp ends the bracket; returns new orders."""
-        ex, out = self.exchange, self._cancel_stale()
-        for cid, (sl, tp) in list(self.pending.items()):
-            o = ex.fetch_order(cid, self.symbol)
-            if o is None or o.status == OrderState.REJECTED:
-                o = ex.fetch_order(leg_id(cid, _NOW), self.symbol)  # sent at once, under its "now" id
-            if o is None or o.status in (OrderState.CANCELED, OrderState.REJECTED):
-                self.pending.pop(cid)
-            elif o.status == OrderState.FILLED:
-                self.pending.pop(cid)
-                self.recent.append(o)
-                self.bracket = Bracket(sl, tp, o.filled, cid)
-        b = self.bracket
+        out = self._cancel_stale()
+        self._entry_fills()
+        ex, b = self.exchange, self.bracket
         if b is not None and b.legs:
             states = [ex.fetch_order(c, self.symbol) for c in b.legs]
             if any(s is not None and s.filled > 0 for s in states):
@@ -252,6 +243,20 @@ class CcxtRoute(Route):
             out += self._place(b)
         return out
 
+    def _entry_fills(self) -> None:
+        """Entries with sl/tp that filled: their bracket is wanted now."""
+        ex = self.exchange
+        for cid, (sl, tp) in list(self.pending.items()):
+            o = ex.fetch_order(cid, self.symbol)
+            if o is None or o.status == OrderState.REJECTED:
+                o = ex.fetch_order(leg_id(cid, _NOW), self.symbol)  # sent at once, under its "now" id
+            if o is None or o.status in (OrderState.CANCELED, OrderState.REJECTED):
+                self.pending.pop(cid)
+            elif o.status == OrderState.FILLED:
+                self.pending.pop(cid)
+                self.recent.append(o)
+                self.bracket = Bracket(sl, tp, o.filled, cid)
+
     def _place(self, b: Bracket) -> list[Order]:
         ex = self.exchange
         ids = b.leg_ids()
@@ -260,6 +265,9 @@ class CcxtRoute(Route):
             return []
         found = [ex.fetch_order(c, self.symbol) for c in ids]  # placed before a crash: never again
         if all(f is not None for f in found):
+            if all(f.status == OrderState.CANCELED and not f.filled for f in found):
+                raise CannotExpress(f"{self.exchange.name}: the sl/tp orders {', '.join(map(str, ids))} were "
+                                    "cancelled outside this runner; their ids cannot be used again")
             b.legs = [str(c) for c in ids]
             return found
         sl_limit = b.sl * (1 - self.stop_limit_offset) if not math.isnan(b.sl) else math.nan
@@ -302,13 +310,19 @@ class CcxtRoute(Route):
         return total
 
     # ------------------------------------------------------------------ restart
-    def resume(self, open_orders: list[Order], strategy: str) -> list[Order]:
-        """After a restart's rebuild: cancel this strategy's contingent orders the state does not want."""
+    def resume(self, open_orders: list[Order], strategy: str, through=None) -> list[Order]:
+        """After a restart's rebuild: cancel this strategy's contingent orders the state does not want.
+
+        Only those set by bars up to ``through`` (the last committed bar): a crash in the middle
+        of the next bar may have placed its legs, and deciding that bar again will find them.
+        """
+        self._entry_fills()
         wanted = {str(c) for c in self.bracket.leg_ids()} if self.bracket is not None else set()
         out = []
         for o in open_orders:
             cid = o.client_order_id
-            if cid.ours and cid.belongs_to(strategy) and is_leg(cid) and str(cid) not in wanted:
+            if cid.ours and cid.belongs_to(strategy) and is_leg(cid) and str(cid) not in wanted \
+                    and (through is None or cid.bar_time <= through):
                 out.append(self.exchange.cancel_order(cid, self.symbol))
         return out + self.sync()
 

@@ -254,8 +254,9 @@ class Route:
     def bar_done(self) -> None:
         """After a bar's decisions; raise :class:`CannotExpress` for a shape only the whole bar shows."""
 
-    def resume(self, open_orders: list[Order], strategy: str) -> list[Order]:
-        """After a restart's rebuild: settle the route's own orders with what the exchange holds."""
+    def resume(self, open_orders: list[Order], strategy: str, through: pd.Timestamp | None = None) -> list[Order]:
+        """After a restart's rebuild: settle the route's own orders with what the exchange holds (set by
+        bars up to ``through``, the last committed one)."""
         return []
 
     def unseen_fills(self, after_ms: int) -> float:
@@ -468,8 +469,10 @@ class LiveRunner:
         if stored is not None and self._done >= self._n:
             self._rebuild(self._done)
         if not self.paper and self.state == RunnerState.TRADING:
+            through = pd.Timestamp(self._times[self._done - self._base]).tz_localize("UTC") \
+                if self._base <= self._done < self._base + len(self._times) else None
             self._route_call(lambda: self.route.resume(self.exchange.fetch_open_orders(self.symbol),
-                                                       self.source.name), "after the restart")
+                                                       self.source.name, through), "after the restart")
         self._trim()
         return info
 

@@ -245,7 +245,7 @@ def test_restart_adopts_working_legs_cancels_stale_ones_and_places_missing_ones(
     with runner(BRACKET, "Bracket", fake, state) as r2:
         r2.start()
         assert r2.route.bracket is not None and r2.route.bracket.legs == working  # adopted, not re-placed
-        assert fake.creates == creates
+        assert all(fake.order_by_cid(c)["status"] == "NEW" for c in working) and fake.creates == creates
         assert fake.order_by_cid(stale)["status"] == "CANCELED"
         drive(r2, fake, 60)
         assert r2.state == RunnerState.TRADING, r2.stop_reason
