@@ -38,6 +38,9 @@ from .live import _CANCEL, _CLOSE, _CONTINGENT, _NEW, CannotExpress, Decision, R
 
 #: Leg numbers in derived client ids (sequence number + 1000 x leg; a bar has at most 1000 decisions).
 _LIST, _TP, _SL, _NOW, _EXIT = 1, 2, 3, 4, 5
+#: A bracket whose legs were cancelled before they could work (a crash between replacing an sl/tp and
+#: committing the bar, a hand on the exchange's web page) is placed once more under these leg numbers.
+_ALT = 5
 #: The exchange's answers that mean "this stop/limit would fill right now".
 _IMMEDIATE = ("would trigger immediately", "immediately match", "relationship of the prices")
 
@@ -69,9 +72,9 @@ class Bracket:
     gen: str                                         # the decision (client id) that set it
     legs: list[str] = field(default_factory=list)    # client ids working on the exchange
 
-    def leg_ids(self) -> list[ClientOrderId]:
+    def leg_ids(self, alt: bool = False) -> list[ClientOrderId]:
         has_sl, has_tp = not math.isnan(self.sl), not math.isnan(self.tp)
-        return [leg_id(self.gen, k) for k, on in ((_TP, has_tp), (_SL, has_sl)) if on]
+        return [leg_id(self.gen, k + _ALT * alt) for k, on in ((_TP, has_tp), (_SL, has_sl)) if on]
 
 
 class CcxtRoute(Route):
@@ -259,22 +262,25 @@ class CcxtRoute(Route):
 
     def _place(self, b: Bracket) -> list[Order]:
         ex = self.exchange
-        ids = b.leg_ids()
-        if not ids or b.amount <= 0:
-            self.bracket = None
-            return []
-        found = [ex.fetch_order(c, self.symbol) for c in ids]  # placed before a crash: never again
-        if all(f is not None for f in found):
-            if all(f.status == OrderState.CANCELED and not f.filled for f in found):
-                raise CannotExpress(f"{self.exchange.name}: the sl/tp orders {', '.join(map(str, ids))} were "
-                                    "cancelled outside this runner; their ids cannot be used again")
-            b.legs = [str(c) for c in ids]
-            return found
+        for alt in (False, True):
+            ids = b.leg_ids(alt)
+            if not ids or b.amount <= 0:
+                self.bracket = None
+                return []
+            found = [ex.fetch_order(c, self.symbol) for c in ids]  # placed before a crash: never again
+            if any(f is None for f in found):
+                break
+            if not all(f.status == OrderState.CANCELED and not f.filled for f in found):
+                b.legs = [str(c) for c in ids]
+                return found
+        else:
+            raise CannotExpress(f"{self.exchange.name}: the sl/tp orders {', '.join(map(str, ids))} were "
+                                "cancelled twice outside this runner; their ids cannot be used again")
         sl_limit = b.sl * (1 - self.stop_limit_offset) if not math.isnan(b.sl) else math.nan
         try:
             if len(ids) == 2:
                 legs = ex.create_oco(self.symbol, "sell", b.amount, take_profit=b.tp, stop_loss=b.sl,
-                                     stop_limit=sl_limit, client_order_id=leg_id(b.gen, _LIST),
+                                     stop_limit=sl_limit, client_order_id=leg_id(b.gen, _LIST + _ALT * alt),
                                      leg_ids=(str(ids[0]), str(ids[1])))
             elif not math.isnan(b.sl):
                 legs = [ex.create_order(self.symbol, "limit", "sell", b.amount, sl_limit, client_order_id=ids[0],
@@ -315,16 +321,24 @@ class CcxtRoute(Route):
 
         Only those set by bars up to ``through`` (the last committed bar): a crash in the middle
         of the next bar may have placed its legs, and deciding that bar again will find them.
+        The wanted legs found working are adopted; missing ones are placed by the runner's
+        :meth:`sync` after the next bar's decisions, which may replace them.
         """
         self._entry_fills()
-        wanted = {str(c) for c in self.bracket.leg_ids()} if self.bracket is not None else set()
+        b = self.bracket
+        wanted = {str(c) for alt in (False, True) for c in b.leg_ids(alt)} if b is not None else set()
         out = []
         for o in open_orders:
             cid = o.client_order_id
             if cid.ours and cid.belongs_to(strategy) and is_leg(cid) and str(cid) not in wanted \
                     and (through is None or cid.bar_time <= through):
                 out.append(self.exchange.cancel_order(cid, self.symbol))
-        return out + self.sync()
+        open_ids = {str(o.client_order_id) for o in open_orders}
+        for alt in (False, True):  # adopt the legs working for the bracket; placing waits for the next bar
+            ids = [str(c) for c in b.leg_ids(alt)] if b is not None else []
+            if ids and all(c in open_ids for c in ids):
+                b.legs = ids
+        return out
 
 
 def _immediate(e: ExchangeError) -> bool:

@@ -652,7 +652,8 @@ class LiveRunner:
             self.guard.update_equity(self.exchange.equity, t)
         self.last_bar = t
         self.counts["bars"] += 1
-        if not self.paper and i > self._done:
+        redecided = i <= self._unsure_until  # after a restart: its decisions may replace the route's orders
+        if not self.paper and i > self._done and not redecided:
             self._route_call(self.route.sync, f"at bar {i}")
         seq = 0
         for row in rows:
@@ -666,6 +667,10 @@ class LiveRunner:
                 return
         if rows and i > self._done:
             self._route_call(self.route.bar_done, f"at bar {i}")
+            if self.state != RunnerState.TRADING:
+                return
+        if not self.paper and i > self._done and redecided:
+            self._route_call(self.route.sync, f"at bar {i}")
             if self.state != RunnerState.TRADING:
                 return
         if i > self._done:

@@ -6,6 +6,7 @@ so the account and the strategy's own broker see the same bars in the same order
 """
 from __future__ import annotations
 
+import random
 import textwrap
 
 import pytest
@@ -84,7 +85,8 @@ def manager(fake) -> ExchangeManager:
 
 
 def runner(code: str, name: str, fake, state_dir, **kw) -> LiveRunner:
-    return LiveRunner(StrategySource(code, kw.pop("params", {}), name), manager(fake), symbol="BTC/USDT",
+    exchange = kw.pop("exchange", None) or manager(fake)
+    return LiveRunner(StrategySource(code, kw.pop("params", {}), name), exchange, symbol="BTC/USDT",
                       timeframe="1h", state_dir=state_dir, settings=SETTINGS, warmup_bars=60, unit=0.001,
                       timeout=60, **kw)
 
@@ -320,3 +322,42 @@ def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
     assert {"market", "limit_maker", "stop_loss_limit"} <= types
     assert_once_each(fake)
     assert API_KEY not in r.stdout + r.stderr and API_SECRET not in r.stdout + r.stderr
+
+
+def dying_manager(fake, k: int, after: bool) -> ExchangeManager:
+    """A manager whose process dies at its k-th order call: before the request, or after the exchange took it."""
+    m, calls = manager(fake), [0]
+    for name in ("create_order", "create_oco", "cancel_order"):
+        def call(*args, _real=getattr(m, name), **kw):
+            calls[0] += 1
+            if calls[0] == k and not after:
+                raise Crash()
+            out = _real(*args, **kw)
+            if calls[0] == k:
+                raise Crash()
+            return out
+        setattr(m, name, call)
+    return m
+
+
+def test_crashes_at_random_order_calls_never_double_an_order_nor_leave_a_position_unguarded(fake, tmp_path):
+    rng, state, crashes = random.Random(5), tmp_path / "s", 0
+    for trial in range(20):
+        exchange = dying_manager(fake, rng.randint(1, 8), after=rng.random() < 0.5)
+        try:
+            with runner(BRACKET, "Bracket", fake, state, params={"trail": 1}, exchange=exchange) as r:
+                r.start()
+                drive(r, fake, 12)
+                assert r.state == RunnerState.TRADING, f"trial {trial}: {r.stop_reason}"
+        except Crash:
+            crashes += 1
+    assert crashes >= 12
+    with runner(BRACKET, "Bracket", fake, state, params={"trail": 1}) as r:
+        r.start()
+        drive(r, fake, 30)
+        assert r.state == RunnerState.TRADING, r.stop_reason
+        assert r.route.position() == pytest.approx(r.position)
+        if r.position:  # a position the strategy holds with a stop has its stop on the exchange
+            assert r.route.bracket is not None and r.route.bracket.legs
+            assert all(fake.order_by_cid(c)["status"] == "NEW" for c in r.route.bracket.legs)
+    assert_once_each(fake)
