@@ -23,8 +23,10 @@
 - **Restart.** Progress is committed per bar. On start the runner reconciles its stored
   open orders with the exchange (adopting or cancelling unknown ones), then rebuilds the
   strategy by replaying its bars (deterministic ids: a decision already sent is found,
-  one lost in a crash is sent once). A reconciliation that cannot complete, or a shadow
-  position that differs from the account's, stops trading with a clear message.
+  one lost in a crash is sent once). The live route then adopts the sl/tp orders it still
+  wants, cancels its own that it does not, and places what a filled entry still needs after
+  the first re-decided bar. A reconciliation that cannot complete, or a shadow position that
+  differs from the account's (as of the bar's close), stops trading with a clear message.
 - **Safety.** :class:`~moondev_lab.risk.RiskGuard` checks every order; the kill switch is
   ``KILL`` in the state folder or SIGTERM. Every decision, order, fill and refusal goes to
   the :class:`~moondev_lab.eventlog.EventLog` (``events.sqlite``).
