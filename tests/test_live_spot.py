@@ -278,8 +278,9 @@ def test_restart_places_the_sl_tp_of_an_entry_that_filled_before_a_crash(fake, t
         assert_once_each(fake)
 
 
-def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
-    import json
+def cli_trade_live(fake, tmp_path, code: str, bars: int = 60):
+    """``moondev-lab trade RUN --live --yes`` against the fake, which serves one candle each time the runner
+    has finished the last one and polled again."""
     import os
     import subprocess
     import sys
@@ -287,16 +288,15 @@ def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "strategy.py").write_text(BRACKET)
-    bars, stop = 60, threading.Event()
+    (run / "strategy.py").write_text(code)
+    stop = threading.Event()
 
-    def serve_bar_by_bar():  # one new candle each time the runner has finished the last one and polled again
+    def serve_bar_by_bar():
         seen = 0
         while not stop.is_set() and seen < bars:
             calls = len(fake.klines_calls())
             if calls >= 2:
-                after = calls
-                while len(fake.klines_calls()) < after + 2 and not stop.is_set():
+                while len(fake.klines_calls()) < calls + 2 and not stop.is_set():
                     stop.wait(0.01)
                 fake.advance()
                 seen += 1
@@ -306,15 +306,21 @@ def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
     t = threading.Thread(target=serve_bar_by_bar, daemon=True)
     t.start()
     try:
-        r = subprocess.run([sys.executable, "-m", "moondev_lab.cli", "trade", str(run), "--live", "--yes",
-                            "--symbol", "BTC/USDT", "--timeframe", "1h", "--api-url", fake.url, "--warmup", "60",
-                            "--unit", "0.001", "--interval", "0.02", "--max-bars", str(bars - 5),
-                            "--state", str(tmp_path / "state"), "--json"], capture_output=True, text=True,
-                           timeout=180, env={**os.environ, "BINANCE_API_KEY": API_KEY,
-                                             "BINANCE_API_SECRET": API_SECRET})
+        return subprocess.run([sys.executable, "-m", "moondev_lab.cli", "trade", str(run), "--live", "--yes",
+                               "--symbol", "BTC/USDT", "--timeframe", "1h", "--api-url", fake.url, "--warmup", "60",
+                               "--unit", "0.001", "--interval", "0.02", "--max-bars", str(bars - 5),
+                               "--state", str(tmp_path / "state"), "--json"], capture_output=True, text=True,
+                              timeout=180, env={**os.environ, "BINANCE_API_KEY": API_KEY,
+                                                "BINANCE_API_SECRET": API_SECRET})
     finally:
         stop.set()
         t.join()
+
+
+def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
+    import json
+
+    r = cli_trade_live(fake, tmp_path, BRACKET)
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert events[-1]["state"] == "trading", events[-1]
@@ -322,6 +328,17 @@ def test_cli_trade_live_places_sl_tp_as_exchange_orders(fake, tmp_path):
     assert {"market", "limit_maker", "stop_loss_limit"} <= types
     assert_once_each(fake)
     assert API_KEY not in r.stdout + r.stderr and API_SECRET not in r.stdout + r.stderr
+
+
+def test_cli_trade_live_stops_on_a_short_and_says_spot_cannot_short(fake, tmp_path):
+    import json
+
+    r = cli_trade_live(fake, tmp_path, SHORT, bars=12)
+    assert r.returncode == 1, r.stderr[-2000:]
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("refused", "stopped")] == ["refused", "stopped"]
+    assert events[-1]["state"] == "stopped" and "spot cannot short" in events[-1]["stop_reason"]
+    assert fake.create_attempts == 0 and "Traceback" not in r.stderr
 
 
 def dying_manager(fake, k: int, after: bool) -> ExchangeManager:
