@@ -359,6 +359,25 @@ def test_stop_loss_limit_rests_untriggered_then_fills_on_a_candle_through_its_st
     assert fake.locked["BTC"] == 0
 
 
+def test_take_profit_limit_triggers_and_a_maker_order_that_would_take_is_refused(fake):
+    m = manager(fake)
+    p = float(fake.price)
+    # A take-profit buy (closing a short) triggers when the price falls to it; the fake's candles fall here.
+    o = m.create_order(SYM, "limit", "buy", 0.1, p * 0.996, client_order_id=cid(),
+                       params={"takeProfitPrice": p * 0.996})
+    raw = fake.order_by_cid(o.client_order_id)
+    assert (raw["type"], raw["isWorking"]) == ("TAKE_PROFIT_LIMIT", False)
+    for _ in range(200):
+        fake.advance()
+        if raw["status"] != "NEW":
+            break
+    done = m.fetch_order(o.client_order_id, SYM)
+    assert done.status == OrderState.FILLED and done.average <= o.trigger_price
+    with pytest.raises(OrderRejected, match="Order would immediately match and take"):
+        m.create_order(SYM, "limit", "buy", 0.1, float(fake.price) * 1.01, client_order_id=cid(),
+                       params={"postOnly": True})  # ccxt: LIMIT_MAKER
+
+
 def test_a_stop_that_would_trigger_at_once_is_rejected_with_binances_error(fake):
     m = manager(fake)
     p = float(fake.price)
