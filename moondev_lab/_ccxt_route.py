@@ -151,8 +151,12 @@ class CcxtRoute(Route):
         elif d.kind == _CONTINGENT:
             self._cancel_pending_leg = False
             b = self.bracket
+            if b is None and self.pending:
+                # Replayed after a restart: the strategy's broker holds the trade, so its entry filled.
+                entry, (sl, tp) = self.pending.popitem()
+                self.bracket = b = Bracket(sl, tp, abs(d.size) * self.unit, entry)
             if b is None:
-                b = Bracket(math.nan, math.nan, self.position() * self.unit, str(d.cid))
+                b = Bracket(math.nan, math.nan, abs(d.size) * self.unit, str(d.cid))
             else:
                 self.stale += b.legs
                 b = Bracket(b.sl, b.tp, b.amount, str(d.cid))
@@ -231,8 +235,11 @@ class CcxtRoute(Route):
                 pass  # never placed (or an OCO sibling already gone with its list)
         return out
 
-    def sync(self) -> list[Order]:
-        """Each bar: entries that filled get their sl/tp, a filled sl/tp ends the bracket; returns new orders."""
+    def sync(self, place: bool = True) -> list[Order]:
+        """Each bar: entries that filled get their sl/tp, a filled sl/tp ends the bracket; returns new orders.
+
+        ``place=False``: learn what filled, but place nothing yet (the bar's decisions may replace it).
+        """
         out = self._cancel_stale()
         self._entry_fills()
         ex, b = self.exchange, self.bracket
@@ -242,7 +249,7 @@ class CcxtRoute(Route):
                 self.bracket = None  # the exchange took the position out (the other leg expired)
                 out += [s for s in states if s is not None]  # logged as they ended
                 self.recent += [s for s in states if s is not None and s.filled > 0]
-        elif b is not None:
+        elif b is not None and place:
             out += self._place(b)
         return out
 
@@ -333,11 +340,16 @@ class CcxtRoute(Route):
             if cid.ours and cid.belongs_to(strategy) and is_leg(cid) and str(cid) not in wanted \
                     and (through is None or cid.bar_time <= through):
                 out.append(self.exchange.cancel_order(cid, self.symbol))
-        open_ids = {str(o.client_order_id) for o in open_orders}
         for alt in (False, True):  # adopt the legs working for the bracket; placing waits for the next bar
             ids = [str(c) for c in b.leg_ids(alt)] if b is not None else []
-            if ids and all(c in open_ids for c in ids):
+            found = [self.exchange.fetch_order(c, self.symbol) for c in ids]
+            if any(f is not None and f.filled > 0 for f in found):  # they took the position out meanwhile
+                self.recent += [f for f in found if f is not None and f.filled > 0]
+                self.bracket = None
+                break
+            if ids and all(f is not None and f.status.open for f in found):
                 b.legs = ids
+                break
         return out
 
 

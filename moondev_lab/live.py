@@ -249,8 +249,9 @@ class Route:
     def observe(self, d: Decision, order: Order | None = None) -> None:
         """A decision that is not sent now (replayed after a restart, or found sent already)."""
 
-    def sync(self) -> list[Order]:
-        """Once a bar, before its decisions: the route's own follow-up orders."""
+    def sync(self, place: bool = True) -> list[Order]:
+        """Once a bar, before its decisions: the route's own follow-up orders (``place=False``: only learn
+        what filled; after a restart the re-decided bar places at its end)."""
         return []
 
     def bar_done(self) -> None:
@@ -655,8 +656,8 @@ class LiveRunner:
         self.last_bar = t
         self.counts["bars"] += 1
         redecided = i <= self._unsure_until  # after a restart: its decisions may replace the route's orders
-        if not self.paper and i > self._done and not redecided:
-            self._route_call(self.route.sync, f"at bar {i}")
+        if not self.paper and i > self._done:
+            self._route_call(lambda: self.route.sync(place=not redecided), f"at bar {i}")
         seq = 0
         for row in rows:
             d = self._decision(row, seq)

@@ -364,6 +364,7 @@ def test_crashes_at_random_order_calls_never_double_an_order_nor_leave_a_positio
         try:
             with runner(BRACKET, "Bracket", fake, state, params={"trail": 1}, exchange=exchange) as r:
                 r.start()
+                r.poll()  # as run() does: the bars that closed while it was down, before the market moves on
                 drive(r, fake, 12)
                 assert r.state == RunnerState.TRADING, f"trial {trial}: {r.stop_reason}"
         except Crash:
