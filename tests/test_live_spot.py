@@ -357,8 +357,9 @@ def dying_manager(fake, k: int, after: bool) -> ExchangeManager:
     return m
 
 
-def test_crashes_at_random_order_calls_never_double_an_order_nor_leave_a_position_unguarded(fake, tmp_path):
-    rng, state, crashes = random.Random(5), tmp_path / "s", 0
+@pytest.mark.parametrize("seed", [5, 1])
+def test_crashes_at_random_order_calls_never_double_an_order_nor_leave_a_position_unguarded(fake, tmp_path, seed):
+    rng, state, crashes = random.Random(seed), tmp_path / "s", 0
     for trial in range(20):
         exchange = dying_manager(fake, rng.randint(1, 8), after=rng.random() < 0.5)
         try:
