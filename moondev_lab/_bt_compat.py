@@ -94,6 +94,9 @@ class Recorder:
         self.finalizing = False
         self.orders = 0  # ordinals, in creation order, as the settling broker numbers them
         self.trades = 0
+        #: Live runs: a NEW row's ``ref`` is the order's own ordinal (its later CANCEL rows name it),
+        #: since the broker also numbers the SL/TP orders it makes at fill time, which are not decisions.
+        self.number_new = False
 
     def add(self, kind: int, size: float, limit=None, stop=None, sl=None, tp=None, ref: int = -1,
             tag=None) -> None:
@@ -177,8 +180,10 @@ class RecordingBroker(_Broker):
         finally:
             self._nested = nested
         if deciding:
+            ref = trade._ml_ordinal if trade is not None else \
+                getattr(order, "_ml_ordinal", -1) if self._recorder.number_new else -1
             self._recorder.add(NEW if trade is None else CONTINGENT, order.size, order.limit, order.stop,
-                               order.sl, order.tp, -1 if trade is None else trade._ml_ordinal, order.tag)
+                               order.sl, order.tp, ref, order.tag)
         return order
 
 
@@ -522,6 +527,7 @@ class LiveStrategy:
         self.window, self.max_window, self.rtol = int(window), int(max_window), float(rtol)
         self._capacity_hint = int(capacity)
         self.recorder = Recorder(max_events)
+        self.recorder.number_new = True
         self.n = 0
         self.start_bar: int | None = None
         self.stopped: str | None = None

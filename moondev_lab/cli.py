@@ -585,7 +585,7 @@ def cmd_parity(a: argparse.Namespace) -> int:
     from .data.pool import default_pool
 
     frame = default_pool().get(symbol, timeframe, start=a.start, end=a.end)
-    report = check_parity(source, frame, window=a.window, symbol=symbol)
+    report = check_parity(source, frame, window=a.window, symbol=symbol, live_sizing=a.live_sizing)
     if a.json:
         _print_json(report.to_dict())
     else:
@@ -756,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start")
     sp.add_argument("--end")
     sp.add_argument("--window", type=int, default=1000)
+    sp.add_argument("--live-sizing", action="store_true",
+                    help="size orders as live trading must: fractions of equity as units at the decision's close")
     add(sub, "doctor", cmd_doctor, "health check: memory, CPU, disk, cgroup limit, store")
     loop_args(add(sub, "demo", cmd_demo, "run the RBI loop offline on the bundled data, ending with a leaderboard"))
     return p

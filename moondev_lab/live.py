@@ -16,14 +16,17 @@
 - **Orders.** Each decision becomes an exchange order under a deterministic
   :class:`~moondev_lab.exchange.ClientOrderId` (strategy, bar time, sequence number in
   the bar), through a per-exchange :class:`Route` (a registry). The paper route expresses
-  everything backtesting.py can; the ccxt route expresses market and limit orders and
-  closes, and refuses the rest by name (which stops trading: the account and the
-  strategy would drift apart).
+  everything backtesting.py can; the ccxt route (:mod:`moondev_lab._ccxt_route`, spot) market,
+  limit, stop and stop-limit entries, closes, and sl/tp as exchange orders placed once the
+  entry fills (an OCO for both); it refuses shorts and the rest by name (which stops trading:
+  the account and the strategy would drift apart).
 - **Restart.** Progress is committed per bar. On start the runner reconciles its stored
   open orders with the exchange (adopting or cancelling unknown ones), then rebuilds the
   strategy by replaying its bars (deterministic ids: a decision already sent is found,
-  one lost in a crash is sent once). A reconciliation that cannot complete, or a shadow
-  position that differs from the account's, stops trading with a clear message.
+  one lost in a crash is sent once). The live route then adopts the sl/tp orders it still
+  wants, cancels its own that it does not, and places what a filled entry still needs after
+  the first re-decided bar. A reconciliation that cannot complete, or a shadow position that
+  differs from the account's (as of the bar's close), stops trading with a clear message.
 - **Safety.** :class:`~moondev_lab.risk.RiskGuard` checks every order; the kill switch is
   ``KILL`` in the state folder or SIGTERM. Every decision, order, fill and refusal goes to
   the :class:`~moondev_lab.eventlog.EventLog` (``events.sqlite``).
@@ -166,6 +169,13 @@ class OrdinalIds:
             self._ids.popitem(last=False)
         return ordinal
 
+    def put(self, ordinal: int, cid: str) -> None:
+        """Remember ``cid`` under the strategy broker's own number for it (live rows carry it)."""
+        self._ids[ordinal] = cid
+        self._next = max(self._next, ordinal + 1)
+        while len(self._ids) > self.cap:
+            self._ids.popitem(last=False)
+
     def get(self, ordinal: int) -> str | None:
         return self._ids.get(ordinal)
 
@@ -224,11 +234,37 @@ class Route:
     def check(self, d: Decision) -> None:
         """Raise :class:`CannotExpress` if this decision has no order type here."""
 
-    def send(self, d: Decision, price: float) -> Order | None:
+    def send(self, d: Decision, price: float) -> Order | list[Order] | None:
         raise NotImplementedError
 
     def cancel_cid(self, ref: int) -> str | None:
         return self.ordinal_cids.get(ref)
+
+    def number(self, d: Decision) -> None:
+        """Remember a decision's client id under the strategy broker's number for its order."""
+        if d.kind in (_NEW, _CLOSE):
+            self.ordinal_cids.add(str(d.cid))
+
+    # Hooks for routes that keep orders of their own on the exchange (sl/tp placed after a fill).
+    def observe(self, d: Decision, order: Order | None = None) -> None:
+        """A decision that is not sent now (replayed after a restart, or found sent already)."""
+
+    def sync(self, place: bool = True) -> list[Order]:
+        """Once a bar, before its decisions: the route's own follow-up orders (``place=False``: only learn
+        what filled; after a restart the re-decided bar places at its end)."""
+        return []
+
+    def bar_done(self) -> None:
+        """After a bar's decisions; raise :class:`CannotExpress` for a shape only the whole bar shows."""
+
+    def resume(self, open_orders: list[Order], strategy: str, through: pd.Timestamp | None = None) -> list[Order]:
+        """After a restart's rebuild: settle the route's own orders with what the exchange holds (set by
+        bars up to ``through``, the last committed one)."""
+        return []
+
+    def unseen_fills(self, after_ms: int) -> float:
+        """Units the exchange filled on the route's resting orders at or after ``after_ms`` (signed)."""
+        return 0.0
 
 
 class PaperRoute(Route):
@@ -259,44 +295,23 @@ class PaperRoute(Route):
         return ex.create_order(self.symbol, type_, d.side, amount, order_price, client_order_id=d.cid, params=params)
 
 
-class CcxtRoute(Route):
-    """A real exchange through :class:`~moondev_lab.exchange.ExchangeManager` (spot): market and limit
-    orders and closes; sizes in whole strategy units times ``unit`` base units."""
-
-    def position(self) -> float:
-        base = self.symbol.partition("/")[0]
-        bal = self.exchange.fetch_balance().get(base)
-        return float(bal.total) / self.unit if bal is not None else 0.0
-
-    def check(self, d: Decision) -> None:
-        name = self.exchange.name
-        if d.kind == _CONTINGENT or not math.isnan(d.sl) or not math.isnan(d.tp):
-            raise CannotExpress(f"{name}: a stop-loss/take-profit attached to a trade (sl/tp) is not supported "
-                                "by the live route")
-        if d.kind == _NEW and not math.isnan(d.stop):
-            raise CannotExpress(f"{name}: stop and stop-limit entries are not supported by the live route")
-        if d.kind == _NEW and abs(d.size) < 1:
-            raise CannotExpress(f"{name}: a fraction-of-equity size must be turned into units when deciding "
-                                "(the runner does that for live runs)")
-
-    def send(self, d: Decision, price: float) -> Order | None:
-        ex = self.exchange
-        if d.kind == _CANCEL:
-            cid = self.ordinal_cids.get(d.ref)
-            return ex.cancel_order(cid, self.symbol) if cid else None
-        type_ = "limit" if d.kind == _NEW and not math.isnan(d.limit) else "market"
-        order_price = d.limit if type_ == "limit" else price
-        return ex.create_order(self.symbol, type_, d.side, abs(d.size) * self.unit, order_price,
-                               client_order_id=d.cid)
+#: Exchange kinds -> their route (extend with :func:`register_route`); "module:Class" is imported on use.
+ROUTES: dict[str, type[Route] | str] = {"paper": PaperRoute, "ccxt": "moondev_lab._ccxt_route:CcxtRoute"}
 
 
-#: Exchange kinds -> their route (extend with :func:`register_route`).
-ROUTES: dict[str, type[Route]] = {"paper": PaperRoute, "ccxt": CcxtRoute}
-
-
-def register_route(name: str, route: type[Route]) -> None:
+def register_route(name: str, route: type[Route] | str) -> None:
     """Make ``route`` the way decisions reach exchanges of kind ``name``."""
     ROUTES[name] = route
+
+
+def route_class(name: str) -> type[Route]:
+    route = ROUTES[name]
+    if isinstance(route, str):
+        import importlib
+
+        module, _, cls = route.partition(":")
+        route = ROUTES[name] = getattr(importlib.import_module(module), cls)
+    return route
 
 
 # ---------------------------------------------------------------- the runner
@@ -307,20 +322,25 @@ class LiveRunner:
     :class:`~moondev_lab.exchange.ExchangeManager`. ``state_dir`` holds the event log,
     the runner's progress and the ``KILL`` file. ``warmup_bars``: history fetched before
     the first decision when trading live. ``on_event`` gets every event (CLI ``--json``).
+    ``size_at_send``: turn fraction-of-equity sizes into units at the decision bar's close
+    (default: live yes, paper no).
     """
 
     def __init__(self, source: StrategySource, exchange, *, symbol: str, timeframe: str = "15m",
                  state_dir: Path | str, settings: BacktestSettings | None = None,
                  limits: RiskLimits | None = None, window: int = 1000, warmup_bars: int = 1000,
                  unit: float = 1.0, on_event: Callable[[str, dict], None] | None = None,
-                 clock: Callable[[], float] = time.time, timeout: float = 60.0):
+                 clock: Callable[[], float] = time.time, timeout: float = 60.0, size_at_send: bool | None = None):
         self.source = source
         self.exchange = exchange
         self.symbol, self.timeframe = symbol, timeframe
         self.state_dir = Path(state_dir)
         self.settings = settings or BacktestSettings()
         self.paper = getattr(exchange, "name", "") == "paper"
-        self.route: Route = ROUTES["paper" if self.paper else "ccxt"](exchange, symbol, unit)
+        # Fraction-of-equity sizes become units when deciding (at the bar's close), as a live order needs;
+        # the paper exchange can wait for the fill, as backtesting.py does (parity may ask for the live rule).
+        self.size_at_send = not self.paper if size_at_send is None else bool(size_at_send)
+        self.route: Route = route_class("paper" if self.paper else "ccxt")(exchange, symbol, unit)
         self.kill_switch = KillSwitch(self.state_dir / "KILL")
         self.guard = RiskGuard(limits or RiskLimits(), self.kill_switch)
         self.events = EventLog(self.state_dir / "events.sqlite")
@@ -341,6 +361,7 @@ class LiveRunner:
         self.history_bars = self.window + max(self.warmup_bars, 0)
         self._n = 0                       # bars the strategy has seen
         self._done = -1                   # last bar whose decisions were all handled (committed)
+        self._unsure_until = -1           # after a restart: bars whose orders may be partly sent already
         self._tags: list = []
         self.last_bar: pd.Timestamp | None = None
         self.last_order: str | None = None
@@ -405,6 +426,11 @@ class LiveRunner:
         ``capacity``: bars the session will see in all, when known (a replay): its buffers are
         then allocated once instead of growing.
         """
+        unsupported = [k for k in ("exclusive_orders", "hedging") if getattr(self.settings, k, False)]
+        if unsupported and not self.paper:
+            # Both make the strategy's broker close trades on its own (not decisions the route could send).
+            raise LiveError(f"{', '.join(unsupported)}=True is not supported by the live route: its broker's "
+                            "own closes are not orders the exchange would see; trade it on paper")
         self.state = RunnerState.STARTING
         self.kill_switch.install() if _main_thread() else None
         if getattr(self.exchange, "state", None) is not None and self.exchange.state.value == "new":
@@ -428,7 +454,7 @@ class LiveRunner:
         else:
             n_history = self._history_length(len(times))
         self.session = StrategySession(self.source.code, params=self.source.params, settings=self.settings,
-                                       window=self.window, timeout=self.timeout, size_at_send=not self.paper)
+                                       window=self.window, timeout=self.timeout, size_at_send=self.size_at_send)
         try:
             self.session.open()
             info = self.session.start(times[:n_history], ohlcv[:n_history], capacity=capacity)
@@ -445,8 +471,29 @@ class LiveRunner:
         self.state = RunnerState.TRADING
         if stored is not None and self._done >= self._n:
             self._rebuild(self._done)
+        if not self.paper and self.state == RunnerState.TRADING:
+            through = pd.Timestamp(self._times[self._done - self._base]).tz_localize("UTC") \
+                if self._base <= self._done < self._base + len(self._times) else None
+            self._route_call(lambda: self.route.resume(self.exchange.fetch_open_orders(self.symbol),
+                                                       self.source.name, through), "after the restart")
         self._trim()
         return info
+
+    def _route_call(self, fn: Callable[[], Any], when: str) -> None:
+        """The route's own follow-up orders (sl/tp after a fill, ...), logged; a refusal stops trading."""
+        try:
+            orders = fn() or []
+        except CannotExpress as e:
+            self.counts["refused"] += 1
+            self._emit("refused", client_order_id=None, reason=str(e), cause="order type")
+            self._stop(f"cannot express the strategy's order on this exchange: {e}")
+            return
+        except ExchangeError as e:
+            self.counts["refused"] += 1
+            self._emit("refused", client_order_id=None, reason=str(e), cause=type(e).__name__)
+            self._stop(f"the route's own orders {when}: {e}")
+            return
+        self._emit_orders(orders)
 
     def _trim(self) -> None:
         """Forget candles the strategy has seen, but for the last ``history_bars`` (amortised: in batches)."""
@@ -517,11 +564,15 @@ class LiveRunner:
             seq = seq + 1 if row[0] == last else 0
             last = row[0]
             d = self._decision(row, seq)
-            if d.kind in (_NEW, _CLOSE):
-                self.route.ordinal_cids.add(str(d.cid))
+            self.route.number(d)
+            self.route.observe(d)
         self.position, self.equity = result.position, result.equity
-        if not self.paper or self.exchange.bar <= done:  # a paper clock ahead of us is checked at the next chunk
+        # A paper clock ahead of us is checked at the next chunk. A live account may already hold what the
+        # orders of bar done (or of done + 1, when the crash came in its middle) bought: they fill when sent,
+        # the strategy's broker at the next open. So live, the first exact check is after bar done + 2.
+        if self.paper and self.exchange.bar <= done:
             self._check_position(result.position, "after the restart")
+        self._unsure_until = done + 1
         self._emit("rebuilt", bars=self._n, position=result.position)
 
     def _decision(self, row, seq: int) -> Decision:
@@ -531,8 +582,12 @@ class LiveRunner:
         return Decision(bar, t, seq, kind, size, limit, stop, sl, tp, ref,
                         self._tags[tag] if 0 <= tag < len(self._tags) else None, cid)
 
-    def _check_position(self, shadow: float, when: str) -> None:
+    def _check_position(self, shadow: float, when: str, as_of_ms: int | None = None) -> None:
         account = self.route.position()
+        if as_of_ms is not None and abs(account - shadow) > 1e-6 * max(1.0, abs(shadow)):
+            # The exchange may have filled a resting order (an sl/tp, a stop entry) in the bar after this
+            # one, before we got to this one: the account as of this bar's close is without those fills.
+            account -= self.route.unseen_fills(as_of_ms)
         if abs(account - shadow) > 1e-6 * max(1.0, abs(shadow)):
             self._stop(f"position drift {when}: the account holds {account:.8g}, the strategy believes {shadow:.8g}")
 
@@ -571,10 +626,12 @@ class LiveRunner:
         by_bar: dict[int, list] = {}
         for row in result.decisions:
             by_bar.setdefault(int(row[0]), []).append(row)
-        if not self.paper:
+        if not self.paper and hi - 1 > self._unsure_until:
             # A live market order fills when sent, the strategy's broker fills it at the next bar's open:
             # so the account now (before this bar's orders) must hold what the broker holds after this bar.
-            self._check_position(result.position, f"at bar {hi - 1}")
+            closed = int(self._times[hi - 1 - self._base].astype("M8[ms]").astype(np.int64)) + \
+                _timeframe_ms(self.timeframe)
+            self._check_position(result.position, f"at bar {hi - 1}", as_of_ms=closed)
         for i in range(lo, hi):
             if self.state != RunnerState.TRADING:
                 break
@@ -598,6 +655,9 @@ class LiveRunner:
             self.guard.update_equity(self.exchange.equity, t)
         self.last_bar = t
         self.counts["bars"] += 1
+        redecided = i <= self._unsure_until  # after a restart: its decisions may replace the route's orders
+        if not self.paper and i > self._done:
+            self._route_call(lambda: self.route.sync(place=not redecided), f"at bar {i}")
         seq = 0
         for row in rows:
             d = self._decision(row, seq)
@@ -606,6 +666,14 @@ class LiveRunner:
             if i <= self._done:  # decided before a restart: sent already, or found missing by reconciliation
                 continue
             self._handle(d, c)
+            if self.state != RunnerState.TRADING:
+                return
+        if rows and i > self._done:
+            self._route_call(self.route.bar_done, f"at bar {i}")
+            if self.state != RunnerState.TRADING:
+                return
+        if not self.paper and i > self._done and redecided:
+            self._route_call(self.route.sync, f"at bar {i}")
             if self.state != RunnerState.TRADING:
                 return
         if i > self._done:
@@ -617,6 +685,8 @@ class LiveRunner:
         self._emit("decision", **d.to_event())
         existing = self.exchange.fetch_order(d.cid, self.symbol) if d.kind != _CANCEL else None
         if existing is not None:  # sent before a crash: never again
+            self.route.number(d)
+            self.route.observe(d, existing)
             self._emit("order", order=existing.to_dict(), resent=False)
             return
         try:
@@ -626,6 +696,7 @@ class LiveRunner:
                 equity = self.settings.cash if not equity == equity else equity  # NaN before the first bar
                 amount = abs(d.size) if abs(d.size) >= 1 else abs(d.size) * max(equity, 0.0) / price
                 self.guard.check(d.side, amount * self.route.unit, price, position=self.route.position() * self.route.unit)
+                self.route.equity = equity
             order = self.route.send(d, price)
         except CannotExpress as e:
             self.counts["refused"] += 1
@@ -646,9 +717,11 @@ class LiveRunner:
             if type(e).__name__ in ("OrderInFlight", "ReconciliationError"):
                 self._stop(f"order {d.cid}: {e}")
             return
-        if order is not None:
-            if d.kind in (_NEW, _CLOSE):
-                self.route.ordinal_cids.add(str(d.cid))
+        self.route.number(d)
+        self._emit_orders(order if isinstance(order, list) else [order] if order is not None else [])
+
+    def _emit_orders(self, orders: list[Order]) -> None:
+        for order in orders:
             self.counts["orders"] += 1
             self.last_order = f"{order.side} {order.amount:g} {order.type} ({order.status.value})"
             self._emit("order", order=order.to_dict())

@@ -129,8 +129,12 @@ def compare_trades(bt: pd.DataFrame, live: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 def check_parity(source: StrategySource, data: pd.DataFrame, settings: BacktestSettings | None = None, *,
                  window: int = 1000, symbol: str = "BTC/USD", state_dir: Path | str | None = None,
-                 timeout: float = 600.0) -> ParityReport:
-    """Backtest ``source`` on ``data`` and replay ``data`` through the live runner; compare (see module doc)."""
+                 timeout: float = 600.0, live_sizing: bool = False) -> ParityReport:
+    """Backtest ``source`` on ``data`` and replay ``data`` through the live runner; compare (see module doc).
+
+    ``live_sizing``: size the replay's orders as a live exchange must (fractions of equity
+    become units at the decision bar's close), to see what that costs against the backtest.
+    """
     settings = settings or BacktestSettings()
     times, ohlcv = bars_of(data)
     timings = {}
@@ -144,7 +148,7 @@ def check_parity(source: StrategySource, data: pd.DataFrame, settings: BacktestS
         tmp = tempfile.TemporaryDirectory(prefix="moondev_parity_") if state_dir is None else None
         paper = PaperExchange(None, symbol=symbol, settings=settings).start()
         runner = LiveRunner(source, paper, symbol=symbol, state_dir=state_dir or tmp.name, settings=settings,
-                            window=window, warmup_bars=0, timeout=timeout)
+                            window=window, warmup_bars=0, timeout=timeout, size_at_send=live_sizing)
         try:
             runner.replay(data)
             timings["replay_s"] = time.perf_counter() - t1

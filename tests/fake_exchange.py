@@ -23,6 +23,16 @@ the next order creations only (``inject_order``):
 * ``"partial"`` (orders) -> the order fills half its quantity and stays PARTIALLY_FILLED
 * ``"pass"`` -> no fault (a placeholder to skip a request)
 
+Contingent orders, as Binance spot has them: ``STOP_LOSS_LIMIT`` and ``TAKE_PROFIT_LIMIT``
+(``stopPrice`` + ``price``; refused with -2010 "Stop price would trigger immediately." when
+they would), ``LIMIT_MAKER`` and OCO lists (``POST /api/v3/orderList/oco``: an above and a
+below leg sharing one balance lock; one leg filling expires the other, cancelling a leg
+cancels the list). Resting orders are matched on each candle the fake starts serving
+(``advance()``, or setting ``last_open_ms`` forward): limits at their price or the gapped
+open, stops triggered at the stop or the gapped open and then working as limits; in one
+candle a list's stop-loss leg is matched before its take-profit leg. Fills are stamped with
+a time inside the candle they happened in (an order that fills when placed: the one forming).
+
 ``creates`` counts the orders the fake accepted; ``create_attempts`` every POST;
 ``max_concurrent`` the most requests it ever served at once; ``times`` when each arrived.
 
@@ -55,7 +65,9 @@ API_SECRET = "fake-secret-9fK2mW7tLq"
 MARKET = {
     "symbol": "BTCUSDT", "status": "TRADING", "baseAsset": "BTC", "quoteAsset": "USDT",
     "baseAssetPrecision": 8, "quotePrecision": 8, "permissions": ["SPOT"], "isMarginTradingAllowed": False,
-    "isSpotTradingAllowed": True, "orderTypes": ["LIMIT", "MARKET"],  # what this fake's engine can match
+    "isSpotTradingAllowed": True, "ocoAllowed": True, "otoAllowed": False,
+    # What this fake's engine can match (Binance lists STOP_LOSS and TAKE_PROFIT too).
+    "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET", "STOP_LOSS_LIMIT", "TAKE_PROFIT_LIMIT"],
     "filters": [
         {"filterType": "PRICE_FILTER", "minPrice": "0.01", "maxPrice": "1000000", "tickSize": "0.01"},
         {"filterType": "LOT_SIZE", "minQty": "0.00001", "maxQty": "9000", "stepSize": "0.00001"},
@@ -73,6 +85,10 @@ ERR_API_KEY = (-2015, "Invalid API-key, IP, or permissions for action.")
 ERR_RECV_WINDOW = (-1021, "Timestamp for this request is outside of the recvWindow.")
 ERR_TOO_MANY = (-1003, "Too many requests.")
 ERR_MANDATORY = (-1102, "Mandatory parameter '{}' was not sent, was empty/null, or malformed.")
+ERR_WOULD_TRIGGER = (-2010, "Stop price would trigger immediately.")
+ERR_MAKER_TAKES = (-2010, "Order would immediately match and take.")
+ERR_OCO_PRICES = (-2010, "The relationship of the prices for the orders is not correct.")
+ERR_ORDER_TYPE = (-1116, "Invalid orderType.")
 ERR_CID = (-1100, "Illegal characters found in parameter 'newClientOrderId'; "
                   "legal range is '^[\\.A-Z\\:/a-z0-9_-]{{1,36}}$'.")
 
@@ -111,7 +127,9 @@ class FakeBinance:
                  api_key: str = API_KEY, secret: str = API_SECRET,
                  balances: dict[str, str] | None = None, fee_rate: str = "0.001"):
         # Candles exist from the anchor up to `last_open_ms` (default: 500 hours of history).
-        self.last_open_ms = last_open_ms if last_open_ms is not None else ANCHOR_MS + 499 * HOUR_MS
+        self._last_open_ms = last_open_ms if last_open_ms is not None else ANCHOR_MS + 499 * HOUR_MS
+        #: The candle length the engine matches resting orders on (klines are served at any interval).
+        self.step_ms = HOUR_MS
         self.timeout_delay = timeout_delay
         self.api_key, self.secret = api_key, secret
         self.faults: list[str] = []
@@ -128,9 +146,11 @@ class FakeBinance:
         self.price = Decimal(candle(self.last_open_ms)[4])
         self.orders: dict[int, dict] = {}
         self.trades: list[dict] = []
+        self.order_lists: dict[int, dict] = {}
         self.creates = 0
         self.create_attempts = 0
         self._ids = itertools.count(1001)
+        self._list_ids = itertools.count(1)
         self._trade_ids = itertools.count(5001)
         self._lock = threading.RLock()
         self._server = _Server(("127.0.0.1", 0), self._handler())
@@ -146,6 +166,23 @@ class FakeBinance:
         """Faults for the next order creations (POST /api/v3/order) only."""
         with self._lock:
             self.order_faults.extend(faults)
+
+    @property
+    def last_open_ms(self) -> int:
+        """The newest candle served; moving it forward matches resting orders on each new candle."""
+        return self._last_open_ms
+
+    @last_open_ms.setter
+    def last_open_ms(self, value: int) -> None:
+        with self._lock:
+            while self._last_open_ms + self.step_ms <= value:
+                self._last_open_ms += self.step_ms
+                self._match_candle(self._last_open_ms)
+            self._last_open_ms = value
+
+    def advance(self, bars: int = 1) -> None:
+        """Serve ``bars`` more candles, matching the resting orders on each."""
+        self.last_open_ms += bars * self.step_ms
 
     def klines_calls(self) -> list[dict]:
         return [q for p, q in self.requests if p.endswith("/klines")]
@@ -182,36 +219,108 @@ class FakeBinance:
         self._server.server_close()
 
     # ------------------------------------------------------------------ matching engine
-    def _execute(self, o: dict, qty: Decimal, price: Decimal) -> None:
+    def _execute(self, o: dict, qty: Decimal, price: Decimal, when: int | None = None) -> None:
         base, quote = MARKET["baseAsset"], MARKET["quoteAsset"]
         cost = qty * price
         if o["side"] == "BUY":
             # A resting buy locked quote at its limit price; release what this fill used.
-            self._release(o, quote, qty * Decimal(o["price"]) if o["type"] == "LIMIT" else Decimal(0))
+            self._release(o, qty * Decimal(o["price"]))
             self.free[quote] -= cost
             fee, fee_asset = qty * self.fee_rate, base
             self.free[base] += qty - fee
         else:
-            self._release(o, base, qty if o["type"] == "LIMIT" else Decimal(0))
+            self._release(o, qty)
             self.free[base] -= qty
             fee, fee_asset = cost * self.fee_rate, quote
             self.free[quote] += cost - fee
         o["executedQty"] = _fmt(Decimal(o["executedQty"]) + qty)
         o["cummulativeQuoteQty"] = _fmt(Decimal(o["cummulativeQuoteQty"]) + cost)
         o["status"] = "FILLED" if Decimal(o["executedQty"]) >= Decimal(o["origQty"]) else "PARTIALLY_FILLED"
-        o["updateTime"] = int(time.time() * 1000)
-        trade = {"symbol": o["symbol"], "id": next(self._trade_ids), "orderId": o["orderId"], "orderListId": -1,
-                 "price": _fmt(price), "qty": _fmt(qty), "quoteQty": _fmt(cost), "commission": _fmt(fee),
-                 "commissionAsset": fee_asset, "time": o["updateTime"], "isBuyer": o["side"] == "BUY",
-                 "isMaker": False, "isBestMatch": True}
+        o["updateTime"] = when or int(time.time() * 1000)
+        trade = {"symbol": o["symbol"], "id": next(self._trade_ids), "orderId": o["orderId"],
+                 "orderListId": o["orderListId"], "price": _fmt(price), "qty": _fmt(qty), "quoteQty": _fmt(cost),
+                 "commission": _fmt(fee), "commissionAsset": fee_asset, "time": o["updateTime"],
+                 "isBuyer": o["side"] == "BUY", "isMaker": False, "isBestMatch": True}
         self.trades.append(trade)
         o.setdefault("fills", []).append({"price": trade["price"], "qty": trade["qty"],
                                           "commission": trade["commission"],
                                           "commissionAsset": fee_asset, "tradeId": trade["id"]})
+        if o["status"] == "FILLED" and o["orderListId"] != -1:
+            self._end_list(o["orderListId"], "EXPIRED", o["updateTime"])  # one leg done: the other expires
 
-    def _release(self, o: dict, asset: str, amount: Decimal) -> None:
-        self.locked[asset] -= amount
-        self.free[asset] += amount
+    def _release(self, o: dict, amount: Decimal | None = None) -> None:
+        """Unlock ``amount`` (all that is left when None) of the balance the order (or its list) locked."""
+        lock = o.get("_lock")
+        if not lock:
+            return
+        amount = lock["amount"] if amount is None else min(amount, lock["amount"])
+        lock["amount"] -= amount
+        self.locked[lock["asset"]] -= amount
+        self.free[lock["asset"]] += amount
+
+    def _end_list(self, list_id: int, status: str, when: int) -> None:
+        for leg in self.order_lists[list_id]["legs"]:
+            if leg["status"] in ("NEW", "PARTIALLY_FILLED"):
+                leg["status"], leg["updateTime"] = status, when
+        self._release(self.order_lists[list_id]["legs"][0])
+        self.order_lists[list_id].update(listStatusType="ALL_DONE", listOrderStatus="ALL_DONE",
+                                         transactionTime=when)
+
+    def _validate(self, q: dict, otype: str) -> tuple[Decimal, Decimal, Decimal | None]:
+        """Quantity, price and stop price of one order (or list leg), through Binance's filters."""
+        def need(name: str) -> str:
+            if not q.get(name):
+                raise BinanceError((ERR_MANDATORY[0], ERR_MANDATORY[1].format(name)))
+            return q[name]
+
+        if otype not in MARKET["orderTypes"]:
+            raise BinanceError(ERR_ORDER_TYPE)
+        qty = Decimal(need("quantity"))
+        limit_priced = otype in ("LIMIT", "LIMIT_MAKER", "STOP_LOSS_LIMIT", "TAKE_PROFIT_LIMIT")
+        price = Decimal(need("price")) if limit_priced else self.price
+        stop = Decimal(need("stopPrice")) if otype in ("STOP_LOSS_LIMIT", "TAKE_PROFIT_LIMIT") else None
+        filters = {f["filterType"]: f for f in MARKET["filters"]}
+        lot, pf, notional = filters["LOT_SIZE"], filters["PRICE_FILTER"], filters["NOTIONAL"]
+        if qty < Decimal(lot["minQty"]) or qty > Decimal(lot["maxQty"]) or qty % Decimal(lot["stepSize"]):
+            raise BinanceError((-1013, "Filter failure: LOT_SIZE"))
+        for px in ([price] if limit_priced else []) + ([stop] if stop is not None else []):
+            if px < Decimal(pf["minPrice"]) or px % Decimal(pf["tickSize"]):
+                raise BinanceError((-1013, "Filter failure: PRICE_FILTER"))
+        if qty * price < Decimal(notional["minNotional"]):
+            raise BinanceError((-1013, "Filter failure: NOTIONAL"))
+        return qty, price, stop
+
+    def _triggered(self, otype: str, side: str, stop: Decimal, price: Decimal) -> bool:
+        """Binance spot: a stop-loss sells at or below its stop (buys at or above), a take-profit the reverse."""
+        falls = (otype == "STOP_LOSS_LIMIT") == (side == "SELL")
+        return price <= stop if falls else price >= stop
+
+    def _new_order(self, q: dict, cid: str, otype: str, side: str, qty: Decimal, price: Decimal,
+                   stop: Decimal | None, list_id: int = -1, tif: str | None = "GTC") -> dict:
+        now = int(time.time() * 1000)
+        o = {"symbol": q["symbol"], "orderId": next(self._ids), "orderListId": list_id, "clientOrderId": cid,
+             "price": _fmt(price if otype != "MARKET" else Decimal(0)), "origQty": _fmt(qty),
+             "executedQty": _fmt(Decimal(0)), "cummulativeQuoteQty": _fmt(Decimal(0)), "status": "NEW",
+             "timeInForce": tif or "GTC", "type": otype, "side": side,
+             "stopPrice": _fmt(stop if stop is not None else Decimal(0)), "icebergQty": _fmt(Decimal(0)),
+             "time": now, "updateTime": now, "isWorking": stop is None, "workingTime": now if stop is None else -1,
+             "origQuoteOrderQty": _fmt(Decimal(0)), "selfTradePreventionMode": "NONE"}
+        self.orders[o["orderId"]] = o
+        self.creates += 1
+        return o
+
+    def _lock_for(self, side: str, qty: Decimal, price: Decimal) -> dict:
+        asset, amount = (MARKET["quoteAsset"], qty * price) if side == "BUY" else (MARKET["baseAsset"], qty)
+        self.free[asset] -= amount
+        self.locked[asset] += amount
+        return {"asset": asset, "amount": amount}
+
+    def _check_cid(self, cid: str) -> None:
+        if not re.match(r"^[.A-Z:/a-z0-9_-]{1,36}$", cid):
+            raise BinanceError(ERR_CID)
+        if any(o["clientOrderId"] == cid and o["status"] in ("NEW", "PARTIALLY_FILLED")
+               for o in self.orders.values()):
+            raise BinanceError(ERR_DUPLICATE)
 
     def _create(self, q: dict, fault: str | None) -> dict:
         for name in ("symbol", "side", "type"):
@@ -220,54 +329,119 @@ class FakeBinance:
         if q["symbol"] != MARKET["symbol"]:
             raise BinanceError((-1121, "Invalid symbol."))
         cid = q.get("newClientOrderId") or f"fake{next(self._ids)}"
-        if not re.match(r"^[.A-Z:/a-z0-9_-]{1,36}$", cid):
-            raise BinanceError(ERR_CID)
-        if any(o["clientOrderId"] == cid and o["status"] in ("NEW", "PARTIALLY_FILLED")
-               for o in self.orders.values()):
-            raise BinanceError(ERR_DUPLICATE)
+        self._check_cid(cid)
         side, otype = q["side"], q["type"]
-        if otype not in ("LIMIT", "MARKET"):
-            raise BinanceError((-1116, "Invalid orderType."))
-        if "quantity" not in q:
-            raise BinanceError((ERR_MANDATORY[0], ERR_MANDATORY[1].format("quantity")))
-        qty = Decimal(q["quantity"])
-        price = Decimal(q["price"]) if otype == "LIMIT" else self.price
-        filters = {f["filterType"]: f for f in MARKET["filters"]}
-        lot, pf, notional = filters["LOT_SIZE"], filters["PRICE_FILTER"], filters["NOTIONAL"]
-        if qty < Decimal(lot["minQty"]) or qty > Decimal(lot["maxQty"]) or qty % Decimal(lot["stepSize"]):
-            raise BinanceError((-1013, "Filter failure: LOT_SIZE"))
-        if otype == "LIMIT" and (price < Decimal(pf["minPrice"]) or price % Decimal(pf["tickSize"])):
-            raise BinanceError((-1013, "Filter failure: PRICE_FILTER"))
-        if qty * price < Decimal(notional["minNotional"]):
-            raise BinanceError((-1013, "Filter failure: NOTIONAL"))
+        qty, price, stop = self._validate(q, otype)
+        if stop is not None and self._triggered(otype, side, stop, self.price):
+            raise BinanceError(ERR_WOULD_TRIGGER)
+        if otype == "LIMIT_MAKER" and (price >= self.price if side == "BUY" else price <= self.price):
+            raise BinanceError(ERR_MAKER_TAKES)
         base, quote = MARKET["baseAsset"], MARKET["quoteAsset"]
         need_asset, need = (quote, qty * price) if side == "BUY" else (base, qty)
         if fault == "insufficient" or self.free[need_asset] < need:
             raise BinanceError(ERR_INSUFFICIENT)
-        now = int(time.time() * 1000)
-        o = {"symbol": q["symbol"], "orderId": next(self._ids), "orderListId": -1, "clientOrderId": cid,
-             "price": _fmt(price if otype == "LIMIT" else Decimal(0)), "origQty": _fmt(qty), "executedQty": _fmt(Decimal(0)),
-             "cummulativeQuoteQty": _fmt(Decimal(0)), "status": "NEW", "timeInForce": q.get("timeInForce", "GTC"),
-             "type": otype, "side": side, "stopPrice": _fmt(Decimal(0)), "icebergQty": _fmt(Decimal(0)),
-             "time": now, "updateTime": now, "isWorking": True, "workingTime": now,
-             "origQuoteOrderQty": _fmt(Decimal(0)), "selfTradePreventionMode": "NONE"}
-        self.orders[o["orderId"]] = o
-        self.creates += 1
-        if otype == "LIMIT":  # lock what a resting order may spend
-            self.free[need_asset] -= need
-            self.locked[need_asset] += need
-        crosses = otype == "MARKET" or (price >= self.price if side == "BUY" else price <= self.price)
+        o = self._new_order(q, cid, otype, side, qty, price, stop, tif=q.get("timeInForce"))
+        if otype != "MARKET":  # lock what a resting order may spend
+            o["_lock"] = self._lock_for(side, qty, price)
+        crosses = otype == "MARKET" or (otype == "LIMIT" and (price >= self.price if side == "BUY"
+                                                              else price <= self.price))
+        step = Decimal(MARKET["filters"][1]["stepSize"])
+        now_ms = self._last_open_ms + self.step_ms + 1  # the market's clock: inside the candle now forming
         if crosses:
-            step = Decimal(lot["stepSize"])
             fill_qty = (qty / 2 // step) * step if fault == "partial" else qty
             self._execute(o, fill_qty, self.price if otype == "MARKET" else min(price, self.price) if side == "BUY"
-                          else max(price, self.price))
-        elif fault == "partial":
-            self._execute(o, (qty / 2 // Decimal(lot["stepSize"])) * Decimal(lot["stepSize"]), price)
+                          else max(price, self.price), now_ms)
+        elif fault == "partial" and stop is None:
+            self._execute(o, (qty / 2 // step) * step, price, now_ms)
         return o
 
+    def _create_oco(self, q: dict, fault: str | None) -> dict:
+        """``POST /api/v3/orderList/oco``: an above and a below leg; the list locks its quantity once."""
+        for name in ("symbol", "side", "quantity", "aboveType", "belowType"):
+            if not q.get(name):
+                raise BinanceError((ERR_MANDATORY[0], ERR_MANDATORY[1].format(name)))
+        if q["symbol"] != MARKET["symbol"]:
+            raise BinanceError((-1121, "Invalid symbol."))
+        side = q["side"]
+        legs = []
+        for pos in ("above", "below"):
+            otype = q[pos + "Type"]
+            leg_q = {"quantity": q["quantity"], "price": q.get(pos + "Price"), "stopPrice": q.get(pos + "StopPrice")}
+            qty, price, stop = self._validate({k: v for k, v in leg_q.items() if v is not None}, otype)
+            legs.append((pos, otype, qty, price, stop))
+        (_, a_type, qty, a_price, a_stop), (_, b_type, _, b_price, b_stop) = legs
+        # Binance: one leg is a stop-loss; for a SELL the above leg > last price > the below leg's stop.
+        kinds = {a_type, b_type}
+        if not kinds & {"STOP_LOSS_LIMIT"} or not kinds & {"LIMIT_MAKER", "TAKE_PROFIT_LIMIT"}:
+            raise BinanceError(ERR_ORDER_TYPE)
+        above = a_stop if a_stop is not None else a_price
+        below = b_stop if b_stop is not None else b_price
+        if not below < self.price < above:
+            raise BinanceError(ERR_OCO_PRICES)
+        cids = [q.get(k) or f"fake{next(self._ids)}"
+                for k in ("listClientOrderId", "aboveClientOrderId", "belowClientOrderId")]
+        for cid in cids[1:]:
+            self._check_cid(cid)
+        if any(lst["listClientOrderId"] == cids[0] and lst["listOrderStatus"] == "EXECUTING"
+               for lst in self.order_lists.values()):
+            raise BinanceError(ERR_DUPLICATE)
+        lock_price = max(a_price, b_price) if side == "BUY" else Decimal(0)
+        need_asset, need = (MARKET["quoteAsset"], qty * lock_price) if side == "BUY" else (MARKET["baseAsset"], qty)
+        if fault == "insufficient" or self.free[need_asset] < need:
+            raise BinanceError(ERR_INSUFFICIENT)
+        list_id = next(self._list_ids)
+        lock = self._lock_for(side, qty, lock_price)
+        made = []
+        for (pos, otype, qty_, price, stop), cid in zip(legs, cids[1:]):
+            o = self._new_order(q, cid, otype, side, qty_, price, stop, list_id,
+                                tif=q.get(pos + "TimeInForce") if otype != "LIMIT_MAKER" else "GTC")
+            o["_lock"] = lock
+            made.append(o)
+        now = made[0]["time"]
+        self.creates -= 1  # a list is one creation (of two orders)
+        self.order_lists[list_id] = {"orderListId": list_id, "contingencyType": "OCO",
+                                     "listStatusType": "EXEC_STARTED", "listOrderStatus": "EXECUTING",
+                                     "listClientOrderId": cids[0], "transactionTime": now,
+                                     "symbol": q["symbol"], "legs": made}
+        return self.order_lists[list_id]
+
+    def _list_reply(self, lst: dict) -> dict:
+        return {**{k: v for k, v in lst.items() if k != "legs"},
+                "orders": [{"symbol": o["symbol"], "orderId": o["orderId"], "clientOrderId": o["clientOrderId"]}
+                           for o in lst["legs"]],
+                "orderReports": [{**self._public(o), "transactTime": o["time"]} for o in lst["legs"]]}
+
+    def _match_candle(self, open_ms: int) -> None:
+        """One new candle: resting orders fill (stop-loss legs first), then the price is its close."""
+        _, o_, h_, l_, c_ = candle(open_ms, self.step_ms)[:5]
+        o, h, l, c = (Decimal(x) for x in (o_, h_, l_, c_))
+        when = open_ms + self.step_ms // 2
+        resting = [x for x in self.orders.values() if x["status"] in ("NEW", "PARTIALLY_FILLED")
+                   and x["type"] != "MARKET"]
+        resting.sort(key=lambda x: (x["type"] != "STOP_LOSS_LIMIT", x["orderId"]))
+        for x in resting:
+            if x["status"] not in ("NEW", "PARTIALLY_FILLED"):
+                continue  # its list's other leg filled on this candle
+            side, limit = x["side"], Decimal(x["price"])
+            left = Decimal(x["origQty"]) - Decimal(x["executedQty"])
+            if not x["isWorking"]:
+                stop = Decimal(x["stopPrice"])
+                hit = (l <= stop if side == "SELL" else h >= stop) if x["type"] == "STOP_LOSS_LIMIT" else                     (h >= stop if side == "SELL" else l <= stop)
+                if not hit:
+                    continue
+                x["isWorking"], x["workingTime"] = True, when
+                at = (min(o, stop) if side == "SELL" else max(o, stop)) if x["type"] == "STOP_LOSS_LIMIT" else                     (max(o, stop) if side == "SELL" else min(o, stop))
+                if (at >= limit) if side == "SELL" else (at <= limit):  # a marketable limit: the trigger price
+                    self._execute(x, left, at, when)
+                continue  # gapped past its limit: it rests as a limit from the next candle on
+            if side == "BUY" and l <= limit:
+                self._execute(x, left, min(o, limit), when)
+            elif side == "SELL" and h >= limit:
+                self._execute(x, left, max(o, limit), when)
+        self.price = c
+
     def _public(self, o: dict) -> dict:
-        return {k: v for k, v in o.items() if k != "fills"}
+        return {k: v for k, v in o.items() if k not in ("fills", "_lock")}
 
     def _find(self, q: dict) -> dict:
         if "orderId" in q:
@@ -287,13 +461,12 @@ class FakeBinance:
             raise BinanceError(ERR_UNKNOWN_ORDER) from None
         if o["status"] not in ("NEW", "PARTIALLY_FILLED"):
             raise BinanceError(ERR_UNKNOWN_ORDER)
-        left = Decimal(o["origQty"]) - Decimal(o["executedQty"])
-        if o["side"] == "BUY":
-            self._release(o, MARKET["quoteAsset"], left * Decimal(o["price"]))
+        now = int(time.time() * 1000)
+        if o["orderListId"] != -1:  # Binance: cancelling one leg cancels the whole list
+            self._end_list(o["orderListId"], "CANCELED", now)
         else:
-            self._release(o, MARKET["baseAsset"], left)
-        o["status"] = "CANCELED"
-        o["updateTime"] = int(time.time() * 1000)
+            self._release(o)
+            o["status"], o["updateTime"] = "CANCELED", now
         # Binance answers with a fresh clientOrderId for the cancel and the order's own as origClientOrderId.
         return {**self._public(o), "origClientOrderId": o["clientOrderId"],
                 "clientOrderId": f"cancel{next(self._ids)}", "transactTime": o["updateTime"]}
@@ -353,7 +526,7 @@ class FakeBinance:
                 body = self.rfile.read(length).decode() if length else ""
                 raw = body if method == "POST" else parts.query
                 query = dict(parse_qsl(raw))
-                creating = method == "POST" and parts.path == "/api/v3/order"
+                creating = method == "POST" and parts.path in ("/api/v3/order", "/api/v3/orderList/oco")
                 with fake._lock:
                     fake.requests.append((parts.path, query))
                     fake.methods.append(method)
@@ -410,13 +583,16 @@ class FakeBinance:
                     first = max(ANCHOR_MS, ANCHOR_MS + -(-(start - ANCHOR_MS) // step) * step)
                     return 200, [candle(t, step) for t in range(first, fake.last_open_ms + 1, step)][:limit]
                 signed = {("GET", "/api/v3/account"), ("POST", "/api/v3/order"), ("GET", "/api/v3/order"),
-                          ("DELETE", "/api/v3/order"), ("GET", "/api/v3/openOrders"), ("GET", "/api/v3/myTrades")}
+                          ("DELETE", "/api/v3/order"), ("GET", "/api/v3/openOrders"), ("GET", "/api/v3/myTrades"),
+                          ("POST", "/api/v3/orderList/oco")}
                 if (method, path) not in signed:
                     return 404, {"code": -1, "msg": f"fake: no route {method} {path}"}
                 q = fake._check_signature(self.headers, raw)
                 with fake._lock:
                     if path == "/api/v3/account":
                         return 200, fake._account()
+                    if path == "/api/v3/orderList/oco":
+                        return 200, fake._list_reply(fake._create_oco(q, fault))
                     if path == "/api/v3/order" and method == "POST":
                         o = fake._create(q, fault)
                         return 200, {**fake._public(o), "transactTime": o["time"], "fills": o.get("fills", [])}

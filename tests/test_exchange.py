@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from decimal import Decimal
 import logging
 import os
 import traceback
@@ -329,6 +330,111 @@ def test_in_flight_order_that_never_arrived_is_rejected_by_reconciliation(fake):
     report = m.reconcile([])                  # the manager remembers its own in-flight order
     assert [o.status for o in report.missing] == [OrderState.REJECTED]
     assert report.missing[0].client_order_id == info.value.order.client_order_id and fake.creates == 0
+
+
+# ---------------------------------------------------------------------------------------------- contingent orders
+def oco(m, fake, amount=0.2, *, tp=1.02, sl=0.98, limit=0.975, ids=None):
+    p = float(fake.price)
+    ids = ids or [cid() for _ in range(3)]
+    return m.create_oco(SYM, "sell", amount, take_profit=p * tp, stop_loss=p * sl, stop_limit=p * limit,
+                        client_order_id=ids[0], leg_ids=(ids[1], ids[2])), ids
+
+
+def test_stop_loss_limit_rests_untriggered_then_fills_on_a_candle_through_its_stop(fake):
+    m = manager(fake)
+    p = float(fake.price)
+    o = m.create_order(SYM, "limit", "sell", 0.1, p * 0.99 - 0.004, client_order_id=cid(),
+                       params={"stopLossPrice": p * 0.995 + 0.004})
+    raw = fake.order_by_cid(o.client_order_id)
+    assert (raw["type"], raw["status"], raw["isWorking"]) == ("STOP_LOSS_LIMIT", "NEW", False)
+    assert o.trigger_price == float(raw["stopPrice"]) == round(p * 0.995 + 0.004, 2)  # through the tick size
+    assert fake.locked["BTC"] == Decimal("0.1")
+    for _ in range(200):
+        fake.advance()
+        if raw["status"] != "NEW":
+            break
+    assert raw["status"] == "FILLED" and raw["isWorking"]
+    done = m.fetch_order(o.client_order_id, SYM)
+    assert done.status == OrderState.FILLED and done.average <= o.trigger_price and done.average >= o.price
+    assert fake.locked["BTC"] == 0
+
+
+def test_take_profit_limit_triggers_and_a_maker_order_that_would_take_is_refused(fake):
+    m = manager(fake)
+    p = float(fake.price)
+    # A take-profit buy (closing a short) triggers when the price falls to it; the fake's candles fall here.
+    o = m.create_order(SYM, "limit", "buy", 0.1, p * 0.996, client_order_id=cid(),
+                       params={"takeProfitPrice": p * 0.996})
+    raw = fake.order_by_cid(o.client_order_id)
+    assert (raw["type"], raw["isWorking"]) == ("TAKE_PROFIT_LIMIT", False)
+    for _ in range(200):
+        fake.advance()
+        if raw["status"] != "NEW":
+            break
+    done = m.fetch_order(o.client_order_id, SYM)
+    assert done.status == OrderState.FILLED and done.average <= o.trigger_price
+    with pytest.raises(OrderRejected, match="Order would immediately match and take"):
+        m.create_order(SYM, "limit", "buy", 0.1, float(fake.price) * 1.01, client_order_id=cid(),
+                       params={"postOnly": True})  # ccxt: LIMIT_MAKER
+
+
+def test_a_stop_that_would_trigger_at_once_is_rejected_with_binances_error(fake):
+    m = manager(fake)
+    p = float(fake.price)
+    with pytest.raises(OrderRejected, match="Stop price would trigger immediately") as info:
+        m.create_order(SYM, "limit", "sell", 0.1, p * 1.01, client_order_id=cid(), params={"stopLossPrice": p * 1.005})
+    assert info.value.order.status == OrderState.REJECTED and fake.creates == 0
+    with pytest.raises(OrderRejected, match="relationship of the prices"):
+        oco(m, fake, tp=0.99)  # a sell list's take-profit must be above the price
+    assert fake.creates == 0
+
+
+def test_oco_locks_once_one_leg_filling_expires_the_other(fake):
+    m = manager(fake)
+    (tp, sl), _ = oco(m, fake, 0.5)
+    assert (tp.status, sl.status) == (OrderState.ACCEPTED, OrderState.ACCEPTED)
+    assert (tp.type, sl.type) == ("limit_maker", "stop_loss_limit") and fake.locked["BTC"] == Decimal("0.5")
+    (tp2, sl2), _ = oco(m, fake, 0.4, tp=1.2, sl=0.8, limit=0.79)  # wide: the candles never reach it
+    with pytest.raises(InsufficientFunds):  # spot: the coins are locked by the lists already
+        oco(m, fake, 0.2)
+    for _ in range(200):
+        fake.advance()
+        if not fake.order_lists[1]["listOrderStatus"] == "EXECUTING":
+            break
+    states = {m.fetch_order(o.client_order_id, SYM).status for o in (tp, sl)}
+    assert states == {OrderState.FILLED, OrderState.CANCELED}  # EXPIRED on Binance
+    assert fake.order_lists[1]["listStatusType"] == "ALL_DONE"
+    # Cancelling one leg of the other list cancels both and unlocks its coins.
+    m.cancel_order(sl2.client_order_id, SYM)
+    assert {fake.order_by_cid(o.client_order_id)["status"] for o in (tp2, sl2)} == {"CANCELED"}
+    assert fake.locked["BTC"] == 0
+
+
+@pytest.mark.parametrize("fault", ["timeout", "drop", "garbage"])
+def test_an_oco_whose_answer_is_lost_is_placed_exactly_once(fake, fault):
+    m = manager(fake)
+    fake.inject_order(fault)
+    (tp, sl), ids = oco(m, fake)
+    assert fake.creates == 1 and len(fake.order_lists) == 1 and fake.create_attempts == 1
+    assert (tp.status, sl.status) == (OrderState.ACCEPTED, OrderState.ACCEPTED)
+    assert m.stats["lookups"] >= 1
+    again, _ = oco(m, fake, ids=ids)  # the same ids again: the list placed, not a second one
+    assert [o.client_order_id for o in again] == ids[1:] and fake.create_attempts == 1
+
+
+def test_restart_adopts_our_oco_legs_and_cancels_a_foreign_stop(fake):
+    first = manager(fake, symbols=[SYM])
+    (tp, sl), _ = oco(first, fake)
+    first.close()
+    p = float(fake.price)
+    fake._create({"symbol": "BTCUSDT", "side": "SELL", "type": "STOP_LOSS_LIMIT", "quantity": "0.1",
+                  "price": f"{p * 0.9:.2f}", "stopPrice": f"{p * 0.95:.2f}", "timeInForce": "GTC",
+                  "newClientOrderId": "web_stop_1"}, fault=None)
+    second = manager(fake, symbols=[SYM])
+    report = second.reconcile([], strategy="sma_cross")
+    assert sorted(o.client_order_id for o in report.adopted) == sorted([tp.client_order_id, sl.client_order_id])
+    assert [o.client_order_id for o in report.canceled] == ["web_stop_1"]
+    assert fake.order_by_cid("web_stop_1")["status"] == "CANCELED"
 
 
 # ---------------------------------------------------------------------------------------------- restart

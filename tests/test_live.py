@@ -24,7 +24,7 @@ from moondev_lab.data import DataPool
 from moondev_lab.live import LiveError, LiveRunner, RunnerState, StrategySource, load_strategy
 from moondev_lab.models import OfflineModel
 from moondev_lab.paper import PaperExchange
-from moondev_lab.parity import LOOK_AHEAD, check_parity, format_table
+from moondev_lab.parity import LOOK_AHEAD, ROUNDING, check_parity, format_table
 from moondev_lab.risk import RiskLimits
 from moondev_lab.sandbox.settings import BacktestSettings
 from strategies import SMA_CROSS
@@ -138,6 +138,32 @@ def test_short_window_is_named_warm_up_not_look_ahead(btc):
     assert LOOK_AHEAD not in findings
     # The window doubles itself until the EMA agrees; any value computed before that is a warm-up cause.
     assert findings <= {"warm-up length"}
+
+
+HALF_EQUITY = SMA_CROSS.replace("self.buy()", "self.buy(size=0.5)")
+
+
+def _gapped(frame: pd.DataFrame, gap: float = 0.005) -> pd.DataFrame:
+    """Each bar opens up to ``gap`` away from the last close (an exchange's session gaps)."""
+    out = frame.copy()
+    wave = gap * np.sin(np.arange(len(out)) * 0.7)
+    out["Open"] = (out["Close"].shift(1) * (1 + wave)).fillna(out["Open"])
+    out["High"], out["Low"] = out[["High", "Open"]].max(axis=1), out[["Low", "Open"]].min(axis=1)
+    return out
+
+
+def test_units_decided_at_the_close_are_tagged_unit_rounding(btc):
+    # Live orders need a quantity when sent: half the equity in units at the decision bar's close. The
+    # backtest counts units at the fill (the next open); where the open gaps, a trade differs by one unit.
+    assert HALF_EQUITY != SMA_CROSS
+    data = _gapped(btc.iloc[:3000])
+    _assert_parity(check_parity(StrategySource(HALF_EQUITY, {}, "SmaCross"), data))  # sized at the fill
+    report = check_parity(StrategySource(HALF_EQUITY, {}, "SmaCross"), data, live_sizing=True)
+    assert not report.ok
+    row = report.table.iloc[report.first_difference]
+    assert row["bt_EntryBar"] == row["live_EntryBar"] and abs(row["bt_Size"] - row["live_Size"]) == 1
+    assert [c["cause"] for c in report.causes] == [ROUNDING], report.causes
+    assert f"trade #{report.first_difference}" in report.causes[0]["detail"]
 
 
 # ---------------------------------------------------------------- the runner

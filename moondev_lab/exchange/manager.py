@@ -113,6 +113,10 @@ _CCXT_ERRORS: list[tuple[str, type[ExchangeError]]] = [
 ]
 
 
+#: ccxt's unified params that make a create_order a stop-loss / take-profit (trigger) order.
+_TRIGGER_PARAMS = ("stopLossPrice", "takeProfitPrice", "triggerPrice", "stopPrice")
+
+
 @dataclass
 class ReconcileReport:
     """What reconciliation found: our orders updated, unknown ones adopted/canceled/left alone."""
@@ -392,7 +396,8 @@ class ExchangeManager:
             cid = ClientOrderId(client_order_id)
             found = self._lookup_by_id(cid, symbol)
             if found is not None and cid in self._orders:
-                self._orders[cid].update_from(found)
+                # Ours: keep the type we placed it as (ccxt reads a STOP_LOSS_LIMIT back as "limit").
+                return self._orders[cid].update_from(found).copy()
             return found
 
     def fetch_open_orders(self, symbol: str) -> list[Order]:
@@ -521,39 +526,116 @@ class ExchangeManager:
                 e.order = order.advance(OrderState.REJECTED, str(e)).copy()
                 raise
             order.amount, order.price = amount_p, price_p if type != "market" else None
+            request = {**(params or {}), self.spec.client_id_param: str(cid)}
+            for key in _TRIGGER_PARAMS:  # ccxt's unified stop-loss / take-profit trigger prices
+                if request.get(key) is not None:
+                    order.trigger_price = request[key] = self._price(symbol, request[key])
             self._orders[cid] = order
             send_price = price_p if type != "market" else None
-            request = {**(params or {}), self.spec.client_id_param: str(cid)}
 
-            def send() -> Order:
+            def send() -> list[Order]:
                 order.advance(OrderState.SUBMITTED)
-                self.stats["order_sends"] += 1
-                return self._parse_order(self._ex.create_order(symbol, type, side, amount_p, send_price,
-                                                               dict(request)), cid)
+                return [self._parse_order(self._ex.create_order(symbol, type, side, amount_p, send_price,
+                                                                dict(request)), cid)]
 
-            for sends in range(1, self.max_sends + 1):
-                try:
-                    return order.update_from(self._once(f"create_order {cid}", send, ordering=True)).copy()
-                except OrderRejected as e:
-                    if any(m in str(e) for m in self.spec.duplicate_markers):
-                        # Our id is already on the book: an earlier send did arrive.
-                        order.advance(OrderState.IN_FLIGHT, "duplicate id: an earlier send arrived")
-                    else:
-                        e.order = order.advance(OrderState.REJECTED, str(e)).copy()
-                        raise
-                except TemporaryExchangeError as e:
-                    order.advance(OrderState.IN_FLIGHT, f"{e.cause or e.__class__.__name__} while sending")
-                log.warning("%s order %s: outcome unknown (%s); looking it up before anything else",
-                            self.name, cid, order.reason)
-                found = self._resolve(order)
-                if found is not None:
-                    return order.update_from(found).copy()
-                if sends < self.max_sends:
-                    log.warning("%s order %s: confirmed absent, sending it again under the same id", self.name, cid)
-            order.advance(OrderState.REJECTED, f"not accepted after {self.max_sends} sends "
-                                               f"(last: {order.reason}); confirmed absent")
-            raise OrderRejected(f"{self.name} order {cid} was not placed: {order.reason}", order=order.copy(),
-                                exchange=self.name)
+            return self._place([order], send)[0]
+
+    def create_oco(self, symbol: str, side: str, amount: float, *, take_profit: float, stop_loss: float,
+                   stop_limit: float, client_order_id: str, leg_ids: tuple[str, str]) -> list[Order]:
+        """One-cancels-the-other on spot: a take-profit limit and a stop-loss limit sharing ``amount``.
+
+        Binance's ``orderList/oco`` (ccxt has no unified call for it; its implicit method is
+        used). ``client_order_id`` names the list, ``leg_ids`` the take-profit and the
+        stop-loss leg, under the same exactly-once rules as :meth:`create_order` (a lost
+        answer is looked up by the legs' ids before anything is sent again). Returns the
+        legs ``[take_profit, stop_loss]``; one filling expires the other, cancelling one
+        cancels both.
+        """
+        with self._lock:
+            self._need_keys()
+            if self.spec.oco is None:
+                raise OrderRejected(f"{self.name}: no one-cancels-the-other orders here", exchange=self.name)
+            cids = [ClientOrderId(c) for c in (client_order_id, *leg_ids)]
+            for c in cids:
+                self.spec.check_client_id(c)
+            known = [self._orders.get(c) for c in cids[1:]]
+            if all(k is not None and k.status != OrderState.REJECTED for k in known):
+                return [k.copy() for k in known]
+            if self._blocked:
+                raise ReconciliationError(f"{self.name}: trading is blocked: {self._blocked}", exchange=self.name)
+            legs = [Order(cids[1], None, symbol, side, "limit_maker", float(amount), take_profit),
+                    Order(cids[2], None, symbol, side, "stop_loss_limit", float(amount), stop_limit,
+                          trigger_price=stop_loss)]
+            try:
+                amount_p, tp_p = self._prepare(symbol, "limit", side, amount, take_profit)
+                _, limit_p = self._prepare(symbol, "limit", side, amount, stop_limit)
+            except OrderRejected as e:
+                e.order = legs[1].advance(OrderState.REJECTED, str(e)).copy()
+                raise
+            legs[0].amount = legs[1].amount = amount_p
+            legs[0].price, legs[1].price = tp_p, limit_p
+            legs[1].trigger_price = sl_p = self._price(symbol, stop_loss)
+            self._orders.update({o.client_order_id: o for o in legs})
+            request = self.spec.oco(self._ex.market(symbol)["id"], side, self._ex.amount_to_precision(
+                symbol, amount_p), self._ex.price_to_precision(symbol, tp_p), self._ex.price_to_precision(
+                symbol, sl_p), self._ex.price_to_precision(symbol, limit_p), *map(str, cids))
+            market = self._ex.market(symbol)
+
+            def send() -> list[Order]:
+                for o in legs:
+                    o.advance(OrderState.SUBMITTED)
+                raw = self._ex.private_post_orderlist_oco(request)
+                reports = raw.get("orderReports") if isinstance(raw, dict) else None
+                if not isinstance(reports, list) or len(reports) != 2:
+                    raise BadExchangeResponse(f"{self.name}: the answer is not an order list", exchange=self.name)
+                by_cid = {r.get("clientOrderId"): r for r in reports if isinstance(r, dict)}
+                return [self._parse_order(self._ex.parse_order(by_cid.get(str(o.client_order_id)), market),
+                                          o.client_order_id) for o in legs]
+
+            return self._place(legs, send)
+
+    def _price(self, symbol: str, price: float) -> float:
+        if not price > 0 or not math.isfinite(price):
+            raise OrderRejected(f"price must be a positive number, not {price!r}", exchange=self.name)
+        return float(self._ex.price_to_precision(symbol, price))
+
+    def _place(self, orders: list[Order], send: Callable[[], list[Order]]) -> list[Order]:
+        """Send once; on an unknown outcome look every order up by its id before sending again."""
+        what = f"create_order {orders[0].client_order_id}"
+        for sends in range(1, self.max_sends + 1):
+            self.stats["order_sends"] += 1
+            try:
+                got = self._once(what, send, ordering=True)
+                return [o.update_from(g).copy() for o, g in zip(orders, got)]
+            except OrderRejected as e:
+                if not any(m in str(e) for m in self.spec.duplicate_markers):
+                    for o in orders:
+                        o.advance(OrderState.REJECTED, str(e))
+                    e.order = orders[-1].copy()
+                    raise
+                for o in orders:  # our id is already on the book: an earlier send did arrive
+                    o.advance(OrderState.IN_FLIGHT, "duplicate id: an earlier send arrived")
+            except TemporaryExchangeError as e:
+                for o in orders:
+                    o.advance(OrderState.IN_FLIGHT, f"{e.cause or e.__class__.__name__} while sending")
+            log.warning("%s order %s: outcome unknown (%s); looking it up before anything else",
+                        self.name, orders[0].client_order_id, orders[0].reason)
+            found = [self._resolve(o) for o in orders]
+            if all(f is not None for f in found):
+                return [o.update_from(f).copy() for o, f in zip(orders, found)]
+            if any(f is not None for f in found):  # a list half seen: its other leg exists, the index lags
+                self._blocked = f"order list {orders[0].client_order_id} is half visible; call reconcile()"
+                raise OrderInFlight(f"{self.name} order list {orders[0].client_order_id}: only some legs found; "
+                                    "it stays IN_FLIGHT until reconcile()", order=orders[0].copy(),
+                                    exchange=self.name)
+            if sends < self.max_sends:
+                log.warning("%s order %s: confirmed absent, sending it again under the same id", self.name,
+                            orders[0].client_order_id)
+        for o in orders:
+            o.advance(OrderState.REJECTED, f"not accepted after {self.max_sends} sends "
+                                           f"(last: {o.reason}); confirmed absent")
+        raise OrderRejected(f"{self.name} order {orders[0].client_order_id} was not placed: {orders[0].reason}",
+                            order=orders[0].copy(), exchange=self.name)
 
     def _resolve(self, order: Order) -> Order | None:
         """Find an IN_FLIGHT order by its id (then among the open orders); None only when confirmed absent."""

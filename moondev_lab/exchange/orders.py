@@ -176,6 +176,10 @@ class Order:
     fee: float = 0.0
     timestamp: int | None = None    # ms since the epoch, as the exchange stamped it
     fee_currency: str | None = None
+    #: The price a stop-loss / take-profit order is triggered at (None for plain orders).
+    trigger_price: float | None = None
+    #: When the exchange last changed it (a fill, a cancel), ms since the epoch.
+    updated: int | None = None
     #: Why it is REJECTED or IN_FLIGHT, in words (never exchange text with keys in it).
     reason: str | None = None
     history: list[OrderState] = field(default_factory=list, repr=False, compare=False)
@@ -211,7 +215,7 @@ class Order:
         if self.status == OrderState.NEW and other.status != OrderState.NEW:
             self.advance(OrderState.SUBMITTED)  # we learn of it only once it was sent
         self.advance(other.status, other.reason)
-        for name in ("exchange_id", "price", "average", "timestamp", "fee_currency"):
+        for name in ("exchange_id", "price", "average", "timestamp", "fee_currency", "trigger_price", "updated"):
             if getattr(other, name) is not None:
                 setattr(self, name, getattr(other, name))
         self.filled, self.fee = other.filled, other.fee
@@ -232,7 +236,9 @@ class Order:
                    symbol=d["symbol"], side=d["side"], type=d["type"], amount=float(d.get("amount") or 0.0),
                    price=_num(d.get("price")), filled=filled, average=_num(d.get("average")), status=status,
                    fee=float(fee.get("cost") or 0.0), fee_currency=fee.get("currency"),
-                   timestamp=d.get("timestamp"))
+                   timestamp=d.get("timestamp"),
+                   trigger_price=_num(d.get("triggerPrice") or None),
+                   updated=d.get("lastUpdateTimestamp") or d.get("lastTradeTimestamp"))
 
     def copy(self) -> "Order":
         return replace(self, history=list(self.history))
@@ -243,7 +249,8 @@ class Order:
                 "symbol": self.symbol, "side": self.side, "type": self.type, "amount": self.amount,
                 "price": self.price, "filled": self.filled, "average": self.average,
                 "status": self.status.value, "fee": self.fee, "timestamp": self.timestamp,
-                "fee_currency": self.fee_currency, "reason": self.reason}
+                "fee_currency": self.fee_currency, "trigger_price": self.trigger_price, "updated": self.updated,
+                "reason": self.reason}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Order":
@@ -251,6 +258,7 @@ class Order:
 
     def __repr__(self) -> str:
         px = f" @ {self.price:.8g}" if self.price is not None else ""
+        px += f" (trigger {self.trigger_price:.8g})" if self.trigger_price is not None else ""
         avg = f", avg {self.average:.8g}" if self.average is not None else ""
         return (f"Order({self.client_order_id} {self.side} {self.amount:.8g} {self.symbol} {self.type}{px}: "
                 f"{self.status.value}, filled {self.filled:.8g}{avg})")

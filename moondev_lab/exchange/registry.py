@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import UnknownExchange
 
@@ -32,6 +32,8 @@ class ExchangeSpec:
     client_id_pattern: str = r"^[.A-Z:/a-z0-9_-]{1,36}$"
     below_minimum_markers: tuple[str, ...] = ("NOTIONAL", "minimum amount precision", "MIN_NOTIONAL")
     duplicate_markers: tuple[str, ...] = ("Duplicate order",)
+    #: Builds the request of a one-cancels-the-other list (take-profit limit + stop-loss limit), or None.
+    oco: Callable[..., dict] | None = None
 
     def check_client_id(self, cid: str) -> None:
         if not re.match(self.client_id_pattern, cid):
@@ -57,7 +59,24 @@ def exchange_names() -> list[str]:
     return sorted(_SPECS)
 
 
+def binance_oco(market_id: str, side: str, quantity: str, take_profit: str, stop_loss: str, stop_limit: str,
+                list_id: str, take_profit_id: str, stop_loss_id: str) -> dict:
+    """Binance spot ``POST /api/v3/orderList/oco``: a LIMIT_MAKER take-profit and a STOP_LOSS_LIMIT leg.
+
+    >>> binance_oco("BTCUSDT", "sell", "0.1", "44000", "39000", "38800", "l", "t", "s")["aboveType"]
+    'LIMIT_MAKER'
+    """
+    tp = {"Type": "LIMIT_MAKER", "Price": take_profit, "ClientOrderId": take_profit_id}
+    sl = {"Type": "STOP_LOSS_LIMIT", "StopPrice": stop_loss, "Price": stop_limit, "TimeInForce": "GTC",
+          "ClientOrderId": stop_loss_id}
+    # A sell list's take-profit is above the price and its stop below; a buy list's the other way round.
+    above, below = (tp, sl) if side == "sell" else (sl, tp)
+    return {"symbol": market_id, "side": side.upper(), "quantity": quantity, "listClientOrderId": list_id,
+            "newOrderRespType": "FULL", **{"above" + k: v for k, v in above.items()},
+            **{"below" + k: v for k, v in below.items()}}
+
+
 # Spot only (one exchangeInfo call); no currency or margin endpoints, which need extra key permissions.
 _BINANCE_OPTIONS = {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False, "fetchMargins": False}
-register_exchange(ExchangeSpec("binance", "binance", _BINANCE_OPTIONS))
-register_exchange(ExchangeSpec("binanceus", "binanceus", _BINANCE_OPTIONS))
+register_exchange(ExchangeSpec("binance", "binance", _BINANCE_OPTIONS, oco=binance_oco))
+register_exchange(ExchangeSpec("binanceus", "binanceus", _BINANCE_OPTIONS, oco=binance_oco))
