@@ -69,8 +69,11 @@ class BatchCluster:
                 raise BatchError(f"cannot reach the Dask scheduler at {self.scheduler}: {e}") from None
         elif self.client is None:
             n = self.workers or local_size(self.memory_limit_mb)
+            # No dashboard; the scheduler's small HTTP server on a free port rather than 8787, so a
+            # second cluster on the machine does not print "Port 8787 is already in use".
             self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                         dashboard_address=None, silence_logs=logging.ERROR)
+                                         dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                                         silence_logs=logging.ERROR)
             self.client = Client(self._cluster)
         self.state = ClusterState.RUNNING
         return self.client
