@@ -110,7 +110,7 @@ def warm_up(plan: WarmUpPlan, host: str | None = None) -> dict:
     A worker that cannot warm up (its store lacks the series, say) still takes ideas:
     they fail with their own cause, as they would have without a warm-up.
     """
-    from ._batch_worker import worker_sandbox
+    from ._batch_pool import worker_sandbox
 
     with _lock:
         if _done.is_set():
@@ -118,11 +118,13 @@ def warm_up(plan: WarmUpPlan, host: str | None = None) -> dict:
         t0 = time.perf_counter()
         report: dict[str, Any] = {"ok": False, "error": None}
         try:
-            size = pool_size(plan.sandbox_size, plan.workers_per_host.get(host, 1))
-            pool = worker_sandbox(size)
+            # The template process imports its libraries while this one imports the RBI loop's.
+            pool = worker_sandbox(pool_size(plan.sandbox_size, plan.workers_per_host.get(host, 1)), prime=False)
             report["sandbox_size"] = pool.size
-            from . import plotting, rbi  # noqa: F401  (the RBI loop's imports, bokeh's included)
+            from . import plotting, rbi  # noqa: F401  (bokeh's included)
             from .sandbox import DataRef
+
+            worker_sandbox(pool.size)
 
             ref = DataRef(plan.symbol, plan.timeframe, source=plan.source, start=plan.start, end=plan.end)
             with _one_compiler_per_machine():
