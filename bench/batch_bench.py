@@ -241,6 +241,11 @@ def main() -> None:
         for i in range(a.repeat):
             for w in ((1, 2) if i % 2 == 0 else (2, 1)):  # alternate, so a load spike hits both sides
                 runs[w].append(Side(batch_cmd(f, tmp / f"s{w}-{i}", "--workers", str(w), *SHORT), home(), env).run())
+        # The same command on one idea the model refuses at once: its CPU is the command's start-up and
+        # close, so what the 8 ideas add (the loop's CPU) shows apart from start-up even under load.
+        nothing = ideas_file("scaling-nothing", ["purple elephants dancing on the moon"])
+        empty = {w: Side(batch_cmd(nothing, tmp / f"s{w}-empty", "--workers", str(w), *SHORT), home(), env).run()
+                 for w in runs}
 
         def med(w: int, key) -> float:
             return statistics.median(key(s) for s in runs[w])
@@ -257,6 +262,8 @@ def main() -> None:
             "whole_command": {"serial_s": round(wall[1], 1), "workers2_s": round(wall[2], 1),
                               "speedup": round(wall[1] / wall[2], 2)},
             "cpu_s": {"serial": cpu[1] and round(cpu[1], 1), "workers2": cpu[2] and round(cpu[2], 1)},
+            "loop_cpu_s": {w_name: (round(cpu[w] - empty[w].cpu, 1) if cpu[w] is not None and empty[w].cpu is not None
+                                    else None) for w, w_name in ((1, "serial"), (2, "workers2"))},
             "load_before": [s.load for w in runs for s in runs[w]],
             "ok": [s.data["totals"]["ok"] for w in runs for s in runs[w]],
             "warm_up_max_s": [s.data["totals"].get("warm_up", {}).get("max_s") for w in runs for s in runs[w]]}
