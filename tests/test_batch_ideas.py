@@ -362,3 +362,20 @@ def test_workers_warm_up_at_start_and_as_they_join(tmp_path, lab_home):
         warm = board.summary["warm_up"]
         assert warm["workers"] == 2 and set(warm["failed"]) == set(c.scheduler_info()["workers"])
         assert board.summary["startup_s"] > 0 and board.summary["elapsed_s"] > 0
+
+
+def _worker_profiler_enabled() -> bool:
+    import dask
+
+    return dask.config.get("distributed.worker.profile.enabled")
+
+
+def test_own_local_cluster_runs_without_the_unread_profiler():
+    """The batch's own LocalCluster has no dashboard, so its workers' stack sampler is off."""
+    from moondev_lab._batch_cluster import BatchCluster
+
+    cluster = BatchCluster(workers=1)
+    try:
+        assert list(cluster.start().run(_worker_profiler_enabled).values()) == [False]
+    finally:
+        cluster.close()
