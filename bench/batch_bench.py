@@ -10,7 +10,8 @@
               ``--workers 2`` (goal >= 1.8x). The ratio is of the batch loop (first submit to last
               result); cluster start-up, which now includes warming each worker up (its sandbox
               pool, imports, compiled broker; all workers at once), is excluded as the issue's
-              bench excludes it, and is printed beside it with the whole command's ratio.
+              bench excludes it, and is printed beside it with the whole command's ratio, and
+              each side's loop CPU (its CPU less the same command's on one idea refused at once).
 * memory:     the peak PSS of the whole batch (every process of its tree: client, scheduler,
               workers, sandboxes; /proc/PID/smaps_rollup every 100 ms) vs the sum of the ideas'
               own peaks, each measured the same way with that idea alone in a batch; plus the
