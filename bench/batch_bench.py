@@ -11,7 +11,8 @@
               result); cluster start-up, which now includes warming each worker up (its sandbox
               pool, imports, compiled broker; all workers at once), is excluded as the issue's
               bench excludes it, and is printed beside it with the whole command's ratio, and
-              each side's loop CPU (its CPU less the same command's on one idea refused at once).
+              each side's loop CPU (its CPU less the same command's on one idea refused at once),
+              and the CPUs this session could use before and after (two busy loops side by side).
 * memory:     the peak PSS of the whole batch (every process of its tree: client, scheduler,
               workers, sandboxes; /proc/PID/smaps_rollup every 100 ms) vs the sum of the ideas'
               own peaks, each measured the same way with that idea alone in a batch; plus the
@@ -172,6 +173,22 @@ class Side:
                 "load_before": self.load}
 
 
+SPIN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}:\n    pass\n"
+
+
+def cores_available(n: int = 2, cpu_s: float = 1.5) -> float:
+    """CPUs this session gets now: ``n`` busy loops side by side, their CPU over the wall time.
+
+    On a machine whose kernel shares the CPUs between sessions (autogroup), a session gets its
+    slice however many processes it runs: below ~1.8 here, no 2-worker speed-up can show.
+    """
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN.format(s=cpu_s)]) for _ in range(n)]
+    for p in procs:
+        p.wait()
+    return round(n * cpu_s / (time.perf_counter() - t0), 2)
+
+
 def batch_cmd(ideas: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "moondev_lab.cli", "batch", str(ideas), "--out", str(out), "--json", *extra]
 
@@ -239,11 +256,13 @@ def main() -> None:
     if "scaling" in parts:
         f = ideas_file("scaling", GOOD)
         runs: dict[int, list[Side]] = {1: [], 2: []}
+        cores = [cores_available()]
         for i in range(a.repeat):
             for w in ((1, 2) if i % 2 == 0 else (2, 1)):  # alternate, so a load spike hits both sides
                 runs[w].append(Side(batch_cmd(f, tmp / f"s{w}-{i}", "--workers", str(w), *SHORT), home(), env).run())
         # The same command on one idea the model refuses at once: its CPU is the command's start-up and
         # close, so what the 8 ideas add (the loop's CPU) shows apart from start-up even under load.
+        cores.append(cores_available())
         nothing = ideas_file("scaling-nothing", ["purple elephants dancing on the moon"])
         empty = {w: Side(batch_cmd(nothing, tmp / f"s{w}-empty", "--workers", str(w), *SHORT), home(), env).run()
                  for w in runs}
@@ -256,7 +275,7 @@ def main() -> None:
         wall = {w: med(w, lambda s: s.wall) for w in runs}
         cpu = {w: (med(w, lambda s: s.cpu) if all(s.cpu is not None for s in runs[w]) else None) for w in runs}
         report["scaling"] = {
-            "ideas": len(GOOD), "repeat": a.repeat,
+            "ideas": len(GOOD), "repeat": a.repeat, "cores_available_before_after": cores,
             "serial_loop_s": round(loop[1], 2), "workers2_loop_s": round(loop[2], 2),
             "speedup": round(loop[1] / loop[2], 2),
             "startup_s": {"serial": round(start[1], 1), "workers2": round(start[2], 1)},
