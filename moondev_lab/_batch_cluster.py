@@ -68,9 +68,17 @@ class BatchCluster:
             except (OSError, TimeoutError) as e:
                 raise BatchError(f"cannot reach the Dask scheduler at {self.scheduler}: {e}") from None
         elif self.client is None:
+            import dask
+
             n = self.workers or local_size(self.memory_limit_mb)
-            self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                         dashboard_address=None, silence_logs=logging.ERROR)
+            # No dashboard; the scheduler's small HTTP server on a free port rather than 8787, so a
+            # second cluster on the machine does not print "Port 8787 is already in use". Without a
+            # dashboard nobody reads the workers' statistical profiler (a stack sample every 10 ms
+            # of every thread), so it is off; the nannies hand this config to their workers.
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                             dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                                             silence_logs=logging.ERROR)
             self.client = Client(self._cluster)
         self.state = ClusterState.RUNNING
         return self.client

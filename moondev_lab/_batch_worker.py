@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ._batch_memory import TreeWatch, kill_tree, parent_of
+from ._batch_pool import worker_sandbox
 from .ledger import Idea, Ledger, LedgerError
 from .results import RESULT_MIME, read_results
 
@@ -153,25 +154,9 @@ def outcome_calls(idea: str, symbol: str, timeframe: str, model: str, row: dict)
     return led.calls
 
 
-# ----- the worker's sandbox pool ----------------------------------------------------------
-_pool = None
+# ----- the worker's model factory ----------------------------------------------------------
 _factory = None
 _lock = threading.Lock()
-
-
-def worker_sandbox(size: int):
-    """This worker process's own sandbox pool, started on first use (closed at exit, dies with the worker)."""
-    global _pool
-    from .sandbox import SandboxPool
-
-    with _lock:
-        if _pool is None:
-            _pool = SandboxPool(size)
-            # Bring its warm workers and their standby children up now (an empty task fails at
-            # once), so they are every idea's memory baseline rather than the first idea's peak.
-            for _ in range(min(2, size)):
-                _pool.run("", timeout=30)
-        return _pool
 
 
 def _model_factory():

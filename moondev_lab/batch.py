@@ -36,9 +36,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import nbformat
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -47,6 +46,9 @@ from ._batch_ideas import BatchError, BatchItem, idea_key, read_ideas, select
 from .ledger import normalise_idea
 from ._batch_leaderboard import Leaderboard, build, write
 from ._batch_worker import TASKS, IdeaSpec, ipc_kernel_manager
+
+if TYPE_CHECKING:
+    import nbformat
 
 MEMWATCH_CELL = "%load_ext moondev_lab\n%memwatch on"
 
@@ -77,8 +79,10 @@ class BatchReport:
                 + self.table().to_html(index=False, na_rep="", escape=True))
 
 
-def with_memwatch(notebook: str | Path) -> nbformat.NotebookNode:
+def with_memwatch(notebook: str | Path) -> "nbformat.NotebookNode":
     """The notebook with a first cell that turns the per-cell memory ledger on."""
+    import nbformat  # here, not at the top: it costs a direct-mode batch ~1 s of start-up (jsonschema)
+
     nb = nbformat.read(str(notebook), as_version=4)
     if any(c.cell_type == "code" and "%memwatch on" in c.source for c in nb.cells):
         return nb  # it turns the ledger on itself (rbi_template.ipynb does)
@@ -192,7 +196,7 @@ class BatchSettings:
     ledger: str
     notebook: str | None = None
     parameters: dict | None = None
-    sandbox_size: int = 2
+    sandbox_size: int = 2  # at most; a worker takes no more than its host's CPUs shared by its workers
     cell_timeout: float = 600.0
     source: str | None = None  # where the ideas came from, for the record
 
@@ -209,11 +213,15 @@ class Batch:
         self.rows: dict[str, dict] = {}
         self.skipped = 0
         self.elapsed_s = 0.0
+        self.startup_s = 0.0  # cluster start and worker warm-up, before the first idea is submitted
+        self.warm_up: dict = {}  # worker address -> its warm-up report
 
     def _spec(self) -> IdeaSpec:
         s = self.settings
         nb, cwd, params = None, None, {}
         if s.mode == "notebook":
+            import nbformat
+
             nb = nbformat.writes(with_memwatch(s.notebook))
             cwd = str(Path(s.notebook).resolve().parent.parent)  # notebooks run from the project root
             params = notebook_parameters(s.notebook, s.cfg, s.model, s.parameters)
@@ -238,7 +246,17 @@ class Batch:
         self.todo = [it for it in self._items() if self.keys[it.index] not in self.rows and it.index not in elsewhere]
         self.skipped = len(elsewhere)
         self._write()  # batch.json exists from the start, so an interrupted batch can be resumed
+        t0 = time.perf_counter()
         self.client = self.cluster.start()
+        if self.settings.mode == "direct" and self.todo:
+            # Each worker's pool, imports and compiled broker come up now, all workers at once, so
+            # no idea's wall time or peak memory carries its worker's start-up (notebook kernels
+            # start their own pools: nothing to warm there).
+            from ._batch_warmup import WarmUpPlan, warm_cluster
+
+            plan = WarmUpPlan.for_batch(self.settings.cfg, self.settings.sandbox_size, self.client)
+            self.warm_up = warm_cluster(self.client, plan)
+        self.startup_s = time.perf_counter() - t0
         self.state = BatchState.RUNNING
         return self
 
@@ -335,12 +353,19 @@ class Batch:
         summary = {"state": self.state.value if self.state is not BatchState.NEW else "running",
                    "ideas": len(self.settings.ideas), "ok": ok, "failed": len(rows) - ok, "skipped_done": self.skipped,
                    "not_run": len(self.settings.ideas) - len(rows) - self.skipped,
-                   "elapsed_s": round(self.elapsed_s, 2), "out": str(self.out),
+                   "elapsed_s": round(self.elapsed_s, 2), "startup_s": round(self.startup_s, 2),
+                   "out": str(self.out),
                    "ideas_per_min": round(len(self.todo) / self.elapsed_s * 60, 2) if self.elapsed_s else None,
                    "max_peak_mib": round(max((r.get("peak_bytes") or 0 for r in rows), default=0) / 2**20, 1),
                    "sum_peak_mib": round(sum(r.get("peak_bytes") or 0 for r in rows) / 2**20, 1)}
         if self.state is not BatchState.NEW:
             summary["cluster"] = self.cluster.describe()
+        if self.warm_up:
+            summary["warm_up"] = {"workers": len(self.warm_up),
+                                  "max_s": max(r.get("seconds") or 0 for r in self.warm_up.values()),
+                                  "sandbox_sizes": sorted({r.get("sandbox_size") for r in self.warm_up.values()
+                                                           if r.get("sandbox_size")}),
+                                  "failed": {a: r["error"] for a, r in self.warm_up.items() if not r.get("ok")}}
         board = build(rows, self.settings.cfg.get("metric", "Return [%]"), summary)
         write(board, self.out, asdict(self.settings))
         return board

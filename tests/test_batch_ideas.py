@@ -40,7 +40,8 @@ def client(tmp_path_factory):
     home.chmod(0o755)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MOONDEV_LAB_HOME", str(home))
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                          scheduler_kwargs={"dashboard_address": ":0"}) as cluster, \
                 Client(cluster) as c:
             yield c
 
@@ -83,6 +84,11 @@ def test_four_ideas_on_a_local_cluster(client, tmp_path, lab_home):
     assert f'<a href="{ok["link"].iloc[0]}">' in page and "purple elephants" in page
     totals = json.loads((out / "batch.json").read_text())["totals"]
     assert totals["ok"] == 3 and totals["failed"] == 1 and totals["state"] == "finished"
+    from moondev_lab._batch_warmup import pool_size
+
+    # Both workers warmed up before the first idea, each with its share of this host's CPUs.
+    assert totals["warm_up"]["workers"] == 2 and totals["warm_up"]["failed"] == {}
+    assert totals["warm_up"]["sandbox_sizes"] == [pool_size(2, workers_here=2)] and totals["startup_s"] > 0
     # The client wrote the ledger: every idea's run, with its code versions, pointing at the run folder.
     led = Ledger(lab_home / "ledger.sqlite")
     run = led.run(int(ok["run_id"].iloc[0]))
@@ -332,3 +338,44 @@ def test_notebook_mode_defaults_to_the_rbi_template(client, tmp_path):
     run = led.run(int(row["run_id"]))
     assert run["status"] == "ok" and Path(run["run_dir"]) == executed.resolve() and run["symbol"] == "BTC/USD"
     assert led.experiment(IDEAS[0], "BTC/USD", "15m", "offline").status == "done"
+
+
+def test_workers_warm_up_at_start_and_as_they_join(tmp_path, lab_home):
+    """Every worker warms up once (pool, imports, broker), late joiners too; one that cannot still takes ideas."""
+    from moondev_lab._batch_warmup import WarmUpPlan, _wait_for_warm_up, pool_size, warm_cluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": ":0"}) as cluster, \
+            Client(cluster) as c:
+        first = set(c.scheduler_info()["workers"])
+        missing = WarmUpPlan("NOPE/USD", "15m", workers_per_host={"127.0.0.1": 1})
+        (report,) = warm_cluster(c, missing, timeout=120).values()
+        assert report["ok"] is False and "NOPE" in report["error"] and report["sandbox_size"] == pool_size(2, 1)
+        cluster.scale(2)
+        c.wait_for_workers(2, timeout=120)
+        (late,) = set(c.scheduler_info()["workers"]) - first
+        (joined,) = c.run(_wait_for_warm_up, 120, workers=[late]).values()
+        assert joined["ok"] is False and "NOPE" in joined["error"]  # the plugin warmed the newcomer up too
+        board = run_batch(IDEAS[:1], client=c, out=tmp_path / "out", model="offline", cfg=short_cfg(),
+                          ledger=tmp_path / "l.sqlite", progress=False)
+        assert board["status"].tolist() == ["ok"]  # a failed warm-up never stops a batch
+        warm = board.summary["warm_up"]
+        assert warm["workers"] == 2 and set(warm["failed"]) == set(c.scheduler_info()["workers"])
+        assert board.summary["startup_s"] > 0 and board.summary["elapsed_s"] > 0
+
+
+def _worker_profiler_enabled() -> bool:
+    import dask
+
+    return dask.config.get("distributed.worker.profile.enabled")
+
+
+def test_own_local_cluster_runs_without_the_unread_profiler():
+    """The batch's own LocalCluster has no dashboard, so its workers' stack sampler is off."""
+    from moondev_lab._batch_cluster import BatchCluster
+
+    cluster = BatchCluster(workers=1)
+    try:
+        assert list(cluster.start().run(_worker_profiler_enabled).values()) == [False]
+    finally:
+        cluster.close()
