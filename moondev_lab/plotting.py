@@ -153,7 +153,8 @@ def _naive_utc(stats: pd.Series, data: pd.DataFrame) -> tuple[pd.Series, pd.Data
     equity.index = data.index
     trades = stats["_trades"].copy(deep=False)
     for col in ("EntryTime", "ExitTime"):
-        if col in trades and getattr(trades[col].dt, "tz", None) is not None:
+        # (no trades: the column is an empty object column, with no .dt accessor)
+        if col in trades and isinstance(trades[col].dtype, pd.DatetimeTZDtype):
             trades[col] = trades[col].dt.tz_convert(None)
     stats = stats.copy()
     stats["_equity_curve"], stats["_trades"] = equity, trades

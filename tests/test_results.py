@@ -165,3 +165,14 @@ def test_format_value():
     assert format_value(16.237029) == "16.24" and format_value(94.0) == "94"
     assert format_value(pd.Timedelta("323 days 19:15:00")) == "323 days 19:15"
     assert format_value(1234567.891) == "1,234,567.89" and format_value(np.int64(3)) == "3"
+
+
+def test_a_run_without_trades_plots(sandbox):
+    # No trades: the trade table's time columns are empty object columns (no .dt accessor); the plot still draws.
+    code = sma_cross("self.buy(size=0.5)").replace("if crossover(self.a, self.b):", "if False:")
+    march = DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-31")
+    res = sandbox.run(code, march)
+    assert res.ok, res.error
+    assert res.stats["# Trades"] == 0
+    html = BacktestRun.from_result(res, march.resolved(), {}, "no trades").plot().to_html()
+    assert not parse_html(html).srcs  # drawn offline, as every plot
