@@ -361,7 +361,7 @@ def test_workers_warm_up_at_start_and_as_they_join(tmp_path, lab_home):
         assert board["status"].tolist() == ["ok"]  # a failed warm-up never stops a batch
         warm = board.summary["warm_up"]
         assert warm["workers"] == 2 and set(warm["failed"]) == set(c.scheduler_info()["workers"])
-        assert board.summary["startup_s"] > 0 and board.summary["elapsed_s"] > 0
+        assert board.summary["startup_s"] >= 0 and board.summary["elapsed_s"] > 0
 
 
 def _worker_profiler_enabled() -> bool:
