@@ -311,14 +311,7 @@ class Worker:
         namespaces = self.caps.use_namespaces
         if namespaces:
             _isolation.enter_namespaces(self.mounts, self.disk_mb)
-            init = os.fork()
-            if init:  # the standby only waits: the namespace's init is the supervisor
-                os.closerange(0, 1 << 20)  # (not via /proc/self: the init is replacing /proc right now)
-                _, status = os.waitpid(init, 0)
-                os._exit(0)
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if self.caps.proc is None:
-                _isolation.mount_proc()
+            _isolation.fork_init(self.caps.proc is None)  # the standby only waits: the init supervises
         chan_sup, chan_task = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child = os.fork()
         if child == 0:  # ------------------------------------------- task child
@@ -480,19 +473,15 @@ class Worker:
                     pass
             if self.cgroup is not None:
                 self.cgroup.kill_all()
-            kids = _children()
-            for kid in kids:
-                try:
-                    os.kill(kid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kids = _isolation.children()
+            _isolation.sigkill_all(kids)
             for kid in kids:
                 try:
                     os.waitpid(kid, 0 if kid == pid else os.WNOHANG)
                     status_seen |= kid == pid
                 except ChildProcessError:
                     status_seen |= kid == pid
-            if not _children() or time.monotonic() > deadline:
+            if not _isolation.children() or time.monotonic() > deadline:
                 break
             time.sleep(0.001)
         if not status_seen:
@@ -682,14 +671,6 @@ def _chain_pids(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def _children() -> list[int]:
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            return [int(k) for k in f.read().split()]
-    except OSError:
-        return []
 
 
 def _blank_all_but(keep: tuple[int, ...]) -> None:
