@@ -72,7 +72,6 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc", "/sys/devices/system/
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_SYS_CAPSET = 126  # x86_64
 _PR_SET_DUMPABLE = 4
 _PR_SET_PDEATHSIG = 1
 
@@ -220,7 +219,7 @@ def drop_capabilities() -> None:
     """
     header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0), 8)
     data = ctypes.create_string_buffer(bytes(24), 24)
-    if _libc.syscall(_SYS_CAPSET, header, data) != 0:
+    if _libc.syscall(_seccomp.syscall_number("capset"), header, data) != 0:  # 126 on x86_64, 91 on aarch64
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
 
