@@ -79,3 +79,63 @@ def test_a_session_without_user_namespaces_says_so_and_warns(bars, monkeypatch):
     assert layers["user_namespace"] == layers["namespaces"] == "off: disabled by MOONDEV_LAB_SANDBOX_DISABLE"
     assert layers["private_tmp"].startswith("off: writes are confined to the working directory by Landlock")
     assert layers["landlock"].startswith("on") and layers["seccomp"].startswith("on")
+
+
+RUNNER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import hostile_battery as hb
+from moondev_lab.data import DataPool
+from moondev_lab.sandbox._session import StrategySession, bars_of
+t, o = bars_of(DataPool({store!r}).get("BTC/USD", "15m").iloc[:100])
+code = hb._FORK + "libc.prctl(15, b'" + hb.MARK + "', 0, 0, 0)\\n" + hb.STRATEGY.replace(
+    "def next(self): pass", "def next(self):\\n        while True: pass")
+s = StrategySession(code, timeout=60, load_timeout=30).open()
+s.start(t[:50], o[:50])
+print("STEPPING", flush=True)
+s.step(t[50:52], o[50:52])
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("disable", ["", "userns"])
+def test_a_killed_runner_takes_its_session_with_it(env, disable, tmp_path):
+    """SIGKILL of the trusted runner while the strategy spins: no process of its session survives it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(tests=str(Path(__file__).parent), store=str(env.store)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "MOONDEV_LAB_SANDBOX_DISABLE": disable})
+    try:
+        assert proc.stdout.readline().startswith("STEPPING")
+        deadline = time.monotonic() + 20
+        while not (session := _descendants(proc.pid)) or not any(hb._comm(str(p)) == hb.MARK for p in session):
+            assert time.monotonic() < deadline, "the strategy never started spinning"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for _ in range(40):
+        alive = [p for p in session if os.path.exists(f"/proc/{p}")]
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"session processes survived the runner: {alive}")
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out

@@ -489,6 +489,13 @@ class _Child:
 
 
 def _child_main() -> None:
+    import signal
+
+    # Die with the runner: the session's own processes are our descendants (the namespace's init
+    # dies with us, and the kernel then kills the namespace), not children of the runner.
+    _libc_prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the runner was gone before the prctl
+        os._exit(1)
     reply_fd, request_fd = os.dup(1), os.dup(0)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -552,8 +559,12 @@ def _lock_down(load: dict, keep_fds: tuple[int, ...]) -> dict[str, str]:
     report = _isolation.layers(caps, root_uid=_limits.BASE_UID if uid is not None else None, cgroup=False,
                                tmp_mb=limits.disk_mb)
     if uid is not None:
+        runner = os.getppid()
         _limits.expose_python_install()  # /root is 0700: bind the interpreter back before the drop
         _isolation.drop_uid(uid)
+        _libc_prctl(1, 9)  # the uid change cleared PR_SET_PDEATHSIG (SIGKILL): die with the runner again
+        if os.getppid() != runner:
+            os._exit(1)
     namespaces = caps.use_namespaces
     if namespaces:
         _isolation.enter_namespaces(_isolation.MountPlan.for_host(tuple(load.get("hide") or ())), limits.disk_mb)
