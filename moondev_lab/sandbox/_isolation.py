@@ -73,7 +73,7 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc", "/sys/devices/system/
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _PR_SET_DUMPABLE = 4
-_PR_SET_PDEATHSIG = 1
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2
 
 
 def disabled_layers(environ=None) -> frozenset[str]:
@@ -177,10 +177,17 @@ def _probe_namespaces(task_uid: int | None) -> tuple[str | None, str | None]:
 
 
 def drop_uid(uid: int) -> None:
-    """As root: become ``uid`` (and gid ``uid``) with no supplementary groups, irreversibly."""
+    """As root: become ``uid`` (and gid ``uid``) with no supplementary groups, irreversibly.
+
+    The parent-death signal survives (the kernel clears it on a uid change: set it again).
+    """
+    death_signal = ctypes.c_int(0)
+    _libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death_signal), 0, 0, 0)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
+    if death_signal.value:
+        _libc.prctl(_PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0)
     # A uid change makes the process non-dumpable, which makes /proc/self/* root's, and then
     # the user namespace's uid_map cannot be written. Nothing else can use this: the uid is
     # the worker's own, and tasks cannot ptrace.

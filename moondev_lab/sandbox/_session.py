@@ -561,9 +561,8 @@ def _lock_down(load: dict, keep_fds: tuple[int, ...]) -> dict[str, str]:
     if uid is not None:
         runner = os.getppid()
         _limits.expose_python_install()  # /root is 0700: bind the interpreter back before the drop
-        _isolation.drop_uid(uid)
-        _libc_prctl(1, 9)  # the uid change cleared PR_SET_PDEATHSIG (SIGKILL): die with the runner again
-        if os.getppid() != runner:
+        _isolation.drop_uid(uid)  # (keeps the parent-death signal)
+        if os.getppid() != runner:  # the runner died while the uid changed
             os._exit(1)
     namespaces = caps.use_namespaces
     if namespaces:

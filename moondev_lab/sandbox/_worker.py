@@ -180,6 +180,7 @@ class Worker:
         self.idle_warmup = os.geteuid() == 0
         #: What is left to do of the last task once its reply is sent (kill and reap its chain, ...).
         self._teardown: list = []
+        self.worker_pid = os.getpid()
 
     def serve(self) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -314,6 +315,10 @@ class Worker:
         self.standby = _Standby(pid, ours, res_r, out_r, err_r, status_r, idle)
 
     def _standby_main(self, task_sock: socket.socket, res_w: int, status_w: int, warm: bool) -> None:
+        # Die with the worker: the init dies with us, and with it everything in the namespace.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != self.worker_pid:
+            os._exit(0)
         os.setsid()  # one process group for the chain (the timeout kills it)
         if self.cgroup is not None:
             try:  # while idle: a cgroup-v1 move takes ~10-20 ms
