@@ -5,8 +5,8 @@
 - **Where the code runs.** In a sandboxed child (:class:`~moondev_lab.sandbox._session.StrategySession`):
   closed candles and the account's position go in, decisions come out. This process
   holds the exchange, the keys and the risk limits; the child never sees them. The child
-  has the pool's Landlock, seccomp and rlimits but **no namespaces yet**; its layers are
-  ``runner.session.layers`` and the ``start`` event's ``layers``.
+  is in the pool's namespaces (user, pid, net, mount, IPC) under its Landlock, seccomp and
+  rlimits; its layers are ``runner.session.layers`` and the ``start`` event's ``layers``.
 - **Memory.** Flat over a long run: the runner keeps a trailing ``history_bars`` of candles,
   the paper exchange only its open orders (finished ones and fills are in SQLite), and the
   session allocates a replay's buffers once.

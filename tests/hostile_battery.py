@@ -307,10 +307,98 @@ def run_case(pool, other_pool, data, env: Env, name: str) -> str | None:
     return why
 
 
+# ------------------------------------------------------------- the live strategy session
+#: The cases that apply to a live StrategySession (long-lived, candles in, decisions out; it never
+#: maps the store, and has no result pipe or pool of its own). Their code runs at module level,
+#: when the session loads the strategy, i.e. after its lockdown.
+SESSION_CASES = ("lazy_import", "environ", "parent_environ", "proc_cmdline", "ssh_key", "dotenv", "tcp",
+                 "tcp_ctypes", "udp", "dns", "unix_socket", "write_store", "write_ledger", "tmp_leftovers",
+                 "daemon", "kill_parent")
+
+
+@dataclass
+class SessionOutcome:
+    """What a session case produced, shaped like a pool result for the cases' checks."""
+
+    stdout: str
+    stderr: str = ""
+    error: str | None = None
+    violations: tuple = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def run_session_case(env: Env, name: str, bars) -> str | None:
+    """Load the case in a StrategySession, step it over a few bars, close it, then check.
+
+    None when contained (and the session worked: a benign session afterwards runs too).
+    Bounded: 30 s to load, 5 s a step.
+    """
+    from moondev_lab.sandbox._session import SessionError, StrategySession
+
+    times, ohlcv = bars
+    env.digest = env.store_digest()
+    env.hits.clear()
+    session = StrategySession(STRATEGY + CASES[name].code(env), timeout=5, load_timeout=30)
+    error, printed = None, ""
+    try:
+        session.open()
+        session.start(times[:50], ohlcv[:50])
+        session.step(times[50:60], ohlcv[50:60])
+    except SessionError as e:
+        error = f"{e.kind}: {e}"
+    finally:
+        if session._workdir is not None:
+            printed = (session._workdir / "stderr.txt").read_text(errors="replace")
+        session.close()
+    res = SessionOutcome(printed, error=error)
+    if name == "dns":  # a session has no classified result: the lookup must simply fail
+        why = None if error else f"the DNS lookup did not fail: {printed[-200:]}"
+    else:
+        why = CASES[name].check(res, env)
+    why = why or _no_secret(res, env)
+    if why is None:
+        why = _session_healthy(bars)
+    return why
+
+
+def _session_healthy(bars) -> str | None:
+    from moondev_lab.sandbox._session import SessionError, StrategySession
+
+    times, ohlcv = bars
+    try:
+        with StrategySession(STRATEGY, timeout=5, load_timeout=30) as s:
+            s.start(times[:50], ohlcv[:50])
+            s.step(times[50:52], ohlcv[50:52])
+    except SessionError as e:
+        return f"a benign session failed afterwards: {e}"
+    return None
+
+
+def session_main(mode: str) -> dict:
+    from moondev_lab.data import DataPool
+    from moondev_lab.sandbox._session import StrategySession, bars_of
+
+    with tempfile.TemporaryDirectory(prefix="hostile-") as tmp, bait(Path(tmp)) as env:
+        bars = bars_of(DataPool(env.store).get("BTC/USD", "15m").iloc[:100])
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = {name: run_session_case(env, name, bars) for name in SESSION_CASES}
+            with StrategySession(STRATEGY, timeout=5, load_timeout=30) as s:
+                layers = s.layers
+    return {"uid": os.getuid(), "euid": os.geteuid(), "layers": layers, "cases": results, "mode": mode}
+
+
 def main() -> None:
     from moondev_lab.sandbox import DataRef, SandboxPool
 
     mode = os.environ.get("HOSTILE_CASES", "full")
+    if os.environ.get("HOSTILE_TARGET") == "session":
+        print(json.dumps(session_main(mode)))
+        return
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp, bait(Path(tmp)) as env:
         data = DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-02", root=str(env.store))
         import warnings

@@ -266,7 +266,7 @@ def test_session_reports_its_isolation_layers(tmp_path, btc):
     with runner:
         runner.start(btc.iloc[:50])
         layers = runner.session.layers
-        assert layers["namespaces"].startswith("off: not yet applied")
+        assert layers["namespaces"].startswith("on (user, pid, network, mount, IPC")
         assert layers["rlimits"].startswith("on (memory 2048 MiB") and {"landlock", "seccomp"} <= set(layers)
         assert runner.events.frame("start")["layers.namespaces"].iloc[0] == layers["namespaces"]
 

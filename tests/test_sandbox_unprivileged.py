@@ -124,6 +124,23 @@ def test_degraded_without_user_namespaces_as_an_ordinary_user():
     assert not escaped, escaped
 
 
+def test_live_session_battery_as_an_ordinary_user():
+    """The live StrategySession as a normal user: in the pool's namespaces, every session case contained."""
+    out = run_battery({"HOSTILE_TARGET": "session"})
+    assert out["uid"] == UID and out["layers"]["user_namespace"] == "on", out["layers"]
+    assert out["layers"]["namespaces"].startswith("on") and out["layers"]["landlock"].startswith("on")
+    escaped = {name: why for name, why in out["cases"].items() if why is not None}
+    assert not escaped, escaped
+    assert len(out["cases"]) >= 15
+
+
+def test_live_session_battery_degraded_as_an_ordinary_user():
+    out = run_battery({"HOSTILE_TARGET": "session", "MOONDEV_LAB_SANDBOX_DISABLE": "userns"})
+    assert out["layers"]["user_namespace"].startswith("off") and out["layers"]["landlock"].startswith("on")
+    escaped = {name: why for name, why in out["cases"].items() if why is not None}
+    assert not escaped, escaped
+
+
 if __name__ == "__main__":  # `make unpriv-venv`
     print(build_venv())
     sys.exit(0)

@@ -72,8 +72,8 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc", "/sys/devices/system/
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_SYS_CAPSET = 126  # x86_64
 _PR_SET_DUMPABLE = 4
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2
 
 
 def disabled_layers(environ=None) -> frozenset[str]:
@@ -177,10 +177,17 @@ def _probe_namespaces(task_uid: int | None) -> tuple[str | None, str | None]:
 
 
 def drop_uid(uid: int) -> None:
-    """As root: become ``uid`` (and gid ``uid``) with no supplementary groups, irreversibly."""
+    """As root: become ``uid`` (and gid ``uid``) with no supplementary groups, irreversibly.
+
+    The parent-death signal survives (the kernel clears it on a uid change: set it again).
+    """
+    death_signal = ctypes.c_int(0)
+    _libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death_signal), 0, 0, 0)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
+    if death_signal.value:
+        _libc.prctl(_PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0)
     # A uid change makes the process non-dumpable, which makes /proc/self/* root's, and then
     # the user namespace's uid_map cannot be written. Nothing else can use this: the uid is
     # the worker's own, and tasks cannot ptrace.
@@ -219,7 +226,7 @@ def drop_capabilities() -> None:
     """
     header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0), 8)
     data = ctypes.create_string_buffer(bytes(24), 24)
-    if _libc.syscall(_SYS_CAPSET, header, data) != 0:
+    if _libc.syscall(_seccomp.syscall_number("capset"), header, data) != 0:  # 126 on x86_64, 91 on aarch64
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
 
@@ -334,6 +341,49 @@ def private_tmp(size_mb: int) -> None:
 def resize_tmp(size_mb: int) -> None:
     """Change the private tmpfs quota (the standby mounted it before the task's limits were known)."""
     mount(None, TASK_TMP, b"tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={int(size_mb)}m".encode())
+
+
+def fork_init(fresh_proc: bool) -> None:
+    """After :func:`enter_namespaces`: fork the pid namespace's init, and only the init returns.
+
+    The caller stays outside the new pid namespace; it closes every descriptor (its child holds
+    them) and waits for the init, then exits with its status. The init dies with it (parent-death
+    signal), and when the init dies the kernel kills every process left in the namespace.
+    """
+    init = os.fork()
+    if init:
+        os.closerange(0, 1 << 20)  # (not via /proc/self: the init is replacing /proc right now)
+        _, status = os.waitpid(init, 0)
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    _libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
+    if fresh_proc:
+        mount_proc()
+
+
+def children() -> list[int]:
+    """This process's children (re-parented orphans included, for a subreaper)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+
+
+def sigkill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)  # SIGKILL
+        except ProcessLookupError:
+            pass
+
+
+def host_hidden(home_dir: str) -> list[str]:
+    """What a task must not see besides :data:`_ALWAYS_HIDDEN`: the caller's home, ``MOONDEV_LAB_HOME``
+    (store, ledger, runs), the caller's working directory and the project checkout.
+
+    Computed in the trusted process (a task child's environment no longer says where home is).
+    """
+    return [os.path.expanduser("~"), home_dir, os.getcwd(), str(Path(__file__).resolve().parents[2])]
 
 
 def mount_proc() -> None:

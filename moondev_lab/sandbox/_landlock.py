@@ -10,7 +10,7 @@ else. What a task gets (see :func:`Ruleset.for_task`):
   cannot signal the CLI or another pool's task, or reach a host's abstract socket.
 
 It also forbids ``mount`` / ``umount`` and ``ptrace`` of processes outside the domain.
-Written on the raw syscalls (x86_64 444-446) because no PyPI binding covers ABI 6 scopes.
+Written on the raw syscalls (444-446 on every architecture) because no PyPI binding covers ABI 6 scopes.
 
 >>> from moondev_lab.sandbox._landlock import abi_version
 >>> abi_version() >= 0

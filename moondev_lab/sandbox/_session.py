@@ -3,10 +3,11 @@
 The trusted process (the live runner, which holds the exchange and its keys)
 starts one child per strategy with ``python -m moondev_lab.sandbox._session``,
 in a scrubbed environment (no keys). The child imports the libraries, enters
-the sandbox with the pool's own isolation (:func:`~moondev_lab.sandbox._limits.enter_sandbox`:
-setsid, no network, rlimits, uid drop as root, no_new_privs, the audit hook) and
-only then runs the strategy's code. From then on candles (and the account's
-position, to check against) go in, decisions come out:
+the same sandbox as a pool task (see :func:`_lock_down`: new user, pid, network,
+mount and IPC namespaces with the pool's mount plan, then rlimits, Landlock and
+seccomp through :func:`~moondev_lab.sandbox._limits.enter_sandbox`) and only then
+runs the strategy's code. From then on candles (and the account's position, to
+check against) go in, decisions come out:
 
 - ``start``: ``init()`` over the history (see :class:`~moondev_lab._bt_compat.LiveStrategy`);
 - ``step``: one or more closed bars -> the decisions of each bar's ``next()``;
@@ -19,10 +20,13 @@ within the step's timeout kills the child.
 
 This is a separate process rather than a task of :class:`~moondev_lab.sandbox.pool.SandboxPool`:
 pool tasks are one-shot (fork, run, reply, exit), a session lives as long as the
-trading run. It applies the same isolation functions the pool's task children do,
-**except namespaces, which are not yet applied to sessions** (no private mount, PID or
-network namespace, no private /tmp; the network is refused by seccomp and the audit hook,
-files by Landlock). :attr:`StrategySession.layers` says what is on, as a pool result does.
+trading run. It applies the same isolation functions the pool's standby and task
+children do; :attr:`StrategySession.layers` says what is on, as a pool result does, and a
+session without user namespaces warns (:class:`~moondev_lab.sandbox._isolation.SandboxDegradedWarning`).
+
+Process tree: runner -> session outer (outside the pid namespace; waits) -> the namespace's
+init (reaps) -> the session process (pid 2: the strategy). Killing the outer kills the init
+(parent-death signal), and the kernel then kills everything in the namespace.
 
 Memory stays flat over a long run: the strategy's bar buffers are allocated once for a
 replay of known length (``start(..., capacity=n)``), and otherwise grow by a fixed
@@ -53,16 +57,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import config
 from ..errors import MoondevError
-from . import _limits
+from . import _isolation, _limits
 from .settings import BacktestSettings
 
 #: The biggest reply the trusted side reads (a backtest's order log of 500k decisions fits).
 REPLY_CAP = 96 * 2**20
 #: Decisions one ``step`` reply may carry per bar (backtesting.py strategies place a handful).
 MAX_DECISIONS_PER_BAR = 1000
-#: uid of session children when run as root: apart from the pool's (61000 + slot).
-SESSION_UID = _limits.BASE_UID + 900
+#: How long ``close()`` lets a session clean up after SIGTERM before SIGKILL.
+CLOSE_GRACE_S = 2.0
 #: Bars the session's buffers grow by when full (live: 16,384 15m bars are ~170 days, ~1.2 MB).
 GROW_BARS = 16_384
 _HDR = struct.Struct(">I")
@@ -181,7 +186,8 @@ class StrategySession:
 
     def __init__(self, code: str, *, params: dict | None = None, settings: BacktestSettings | None = None,
                  window: int = 1000, limits: _limits.Limits | None = None, timeout: float = 60.0,
-                 per_bar_timeout: float = 0.05, class_name: str | None = None, size_at_send: bool = False):
+                 per_bar_timeout: float = 0.05, class_name: str | None = None, size_at_send: bool = False,
+                 load_timeout: float = 120.0):
         self.code = code
         self.size_at_send = bool(size_at_send)
         self.params = dict(params or {})
@@ -189,6 +195,7 @@ class StrategySession:
         self.window = int(window)
         self.limits = limits or _limits.Limits(memory_mb=2048, cpu_seconds=10**7, max_processes=16)
         self.timeout, self.per_bar_timeout = float(timeout), float(per_bar_timeout)
+        self.load_timeout = float(load_timeout)  # imports + sandbox set-up + the strategy module's own code
         self.class_name = class_name
         self.state = SessionState.NEW
         self.strategy_name: str | None = None
@@ -204,9 +211,6 @@ class StrategySession:
         if self.state != SessionState.NEW:
             raise SessionError(f"session is {self.state.value}; open() works once", "crashed")
         self._workdir = Path(tempfile.mkdtemp(prefix="moondev_session_"))
-        uid = SESSION_UID if os.geteuid() == 0 else None
-        if uid is not None:
-            os.chown(self._workdir, uid, uid)
         env = _limits.scrubbed_env(PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         err = open(self._workdir / "stderr.txt", "wb")
         try:
@@ -216,25 +220,37 @@ class StrategySession:
         finally:
             err.close()
         self.state = SessionState.RUNNING
+        # As root the session drops to a uid of its own: BASE_UID + its pid is unique among live
+        # sessions and pool workers (which use BASE_UID + their pid) on the machine.
+        uid = _limits.BASE_UID + self._proc.pid if os.geteuid() == 0 else None
+        if uid is not None:
+            os.chown(self._workdir, uid, uid)
         reply = self._call({"op": "load", "code": self.code, "params": self.params,
                             "settings": self.settings.kwargs(), "window": self.window,
-                            "class_name": self.class_name, "size_at_send": self.size_at_send, "workdir": str(self._workdir), "uid": uid,
+                            "class_name": self.class_name, "size_at_send": self.size_at_send,
+                            "workdir": str(self._workdir), "uid": uid,
+                            "hide": _isolation.host_hidden(str(config.home())),
+                            "disabled": sorted(_isolation.disabled_layers()),
                             "limits": {k: getattr(self.limits, k) for k in
-                                       ("memory_mb", "cpu_seconds", "file_size_mb", "max_processes")}},
-                           timeout=max(self.timeout, 120.0))
+                                       ("memory_mb", "cpu_seconds", "file_size_mb", "max_processes", "disk_mb")}},
+                           timeout=max(self.timeout, self.load_timeout))
         self.strategy_name = _text(reply.get("strategy"), 200)
-        layers = reply.get("layers")
+        layers = reply.get("layers")  # from trusted code of the child (before the strategy's ran)
         self.layers = {_text(k, 100): _text(v, 500) for k, v in list(layers.items())[:50]} \
             if isinstance(layers, dict) else {}
+        _isolation.warn_if_degraded(self.layers)
         return self
 
     def close(self) -> None:
         if self._proc is not None:
+            # SIGTERM first: without a pid namespace the session's subreaper then kills what the
+            # strategy left (daemons); with one, the namespace dies with its init either way.
+            self._proc.terminate()
             try:
+                self._proc.wait(CLOSE_GRACE_S)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
-            except ProcessLookupError:
-                pass
-            self._proc.wait()
+                self._proc.wait()
             for f in (self._proc.stdin, self._proc.stdout):
                 try:
                     f.close()
@@ -473,10 +489,19 @@ class _Child:
 
 
 def _child_main() -> None:
+    import signal
+
+    # Die with the runner: the session's own processes are our descendants (the namespace's init
+    # dies with us, and the kernel then kills the namespace), not children of the runner.
+    _libc_prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the runner was gone before the prctl
+        os._exit(1)
     reply_fd, request_fd = os.dup(1), os.dup(0)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # the strategy's prints go to the stderr file, never into the replies
+    os.close(devnull)
+    sys.stdout.reconfigure(line_buffering=True)  # the log file shows prints as they happen
     from ._lean import without_pyarrow
 
     with without_pyarrow():  # libarrow's jemalloc starts a thread, and Landlock binds single-threaded processes
@@ -487,9 +512,8 @@ def _child_main() -> None:
         import moondev_lab.broker  # noqa: F401
         import pandas  # noqa: F401
 
-    load = _recv(request_fd)
-    workdir = Path(load["workdir"])
-    layers = _lock_down(_limits.Limits(**load["limits"]), workdir, load.get("uid"), keep_fds=(reply_fd, request_fd))
+    load = _recv(request_fd)  # from the trusted side, before any strategy code exists here
+    layers = _lock_down(load, keep_fds=(reply_fd, request_fd))
     try:
         child = _Child(load)
         _send(reply_fd, {"ok": True, "strategy": child.cls.__name__, "layers": layers})
@@ -509,29 +533,129 @@ def _child_main() -> None:
         _send(reply_fd, reply)
 
 
-def _lock_down(limits: "_limits.Limits", workdir: Path, uid: int | None, keep_fds: tuple[int, ...]) -> dict[str, str]:
-    """The pool's own lockdown (Landlock, seccomp, rlimits, scrubbed env, audit hook), minus namespaces.
+def _lock_down(load: dict, keep_fds: tuple[int, ...]) -> dict[str, str]:
+    """Put this process where a pool task runs, then lock it down as a pool task is; returns the layers.
 
-    A session is a plain child process, not a fork of the pool's namespaced standby, so it gets
-    every layer that needs no namespace; ``layers`` says which are on, as a pool result does.
+    The same functions as the pool's standby and task child: (as root) the interpreter exposed and
+    the uid dropped, new user/pid/net/mount/IPC namespaces with the pool's mount plan (private
+    /tmp, /var/tmp and /dev/shm; home, ``MOONDEV_LAB_HOME`` with the store, ledger and runs, the
+    checkout and /run hidden; the installation read-only), a fresh ``/proc``, then rlimits,
+    Landlock and seccomp. The process started by the trusted side stays outside the pid
+    namespace and only waits; the namespace's init only reaps, and exits (so the kernel kills
+    every process left in it) when the session process ends. Candles never need the store: they
+    come over the pipe, so the store is not bound in at all.
+
+    Without user namespaces (refused by the kernel, or ``MOONDEV_LAB_SANDBOX_DISABLE=userns``) the
+    session runs under Landlock, seccomp and rlimits only, and its layers say so.
     """
-    from . import _isolation
-
-    if uid is not None:
-        _isolation.drop_uid(uid)
     import dataclasses
 
-    # No namespace probe (a session never enters them), and no seccomp user notification: a
-    # session has no supervisor to answer it, so refused calls simply fail.
-    caps = dataclasses.replace(_isolation.probe(_isolation.disabled_layers() | {"userns"}), seccomp_notify=False)
-    ctx = _limits.TaskContext(caps=caps, workdir=workdir, namespaces=False, store_root=None, keep_fds=keep_fds,
-                              read_dirs=tuple(_isolation.python_dirs()))
-    layers = _limits.enter_sandbox(limits, ctx)
-    layers["rlimits"] = (f"on (memory {limits.memory_mb} MiB, cpu {limits.cpu_seconds} s, "
+    from . import _isolation
+
+    uid = load.get("uid")
+    limits = _limits.Limits(**load["limits"])
+    # No seccomp user notification: nothing answers it in a session, so refused calls simply fail.
+    caps = dataclasses.replace(_isolation.probe(frozenset(load.get("disabled") or ()), task_uid=uid), seccomp_notify=False)
+    report = _isolation.layers(caps, root_uid=_limits.BASE_UID if uid is not None else None, cgroup=False,
+                               tmp_mb=limits.disk_mb)
+    if uid is not None:
+        runner = os.getppid()
+        _limits.expose_python_install()  # /root is 0700: bind the interpreter back before the drop
+        _isolation.drop_uid(uid)  # (keeps the parent-death signal)
+        if os.getppid() != runner:  # the runner died while the uid changed
+            os._exit(1)
+    namespaces = caps.use_namespaces
+    if namespaces:
+        _isolation.enter_namespaces(_isolation.MountPlan.for_host(tuple(load.get("hide") or ())), limits.disk_mb)
+        _isolation.fork_init(caps.proc is None)
+        _become_reaper_of(os.fork())  # the init: only the session process returns
+    else:
+        import signal
+
+        signal.signal(signal.SIGTERM, _terminated)  # before the fork: no window for an uncaught SIGTERM
+        _supervise_degraded(os.fork())
+    workdir = Path(_isolation.TASK_WORKDIR if namespaces else load["workdir"])
+    ctx = _limits.TaskContext(caps=caps, workdir=workdir, namespaces=namespaces, store_root=None, keep_fds=keep_fds,
+                              read_dirs=tuple(_isolation.python_dirs()), nproc_slack=3,
+                              default_disk_mb=limits.disk_mb)
+    applied = _limits.enter_sandbox(limits, ctx)
+    report.update(applied)
+    report["rlimits"] = (f"on (memory {limits.memory_mb} MiB, cpu {limits.cpu_seconds} s, "
                          f"{limits.max_processes} processes)")
-    layers["uid"] = f"dropped to {uid}" if uid is not None else "unchanged (not started as root)"
-    layers["namespaces"] = "off: not yet applied to sessions (a plain child, not a fork of the pool's standby)"
-    return layers
+    report["task_uid"] = (f"on (uid {uid}: {_limits.BASE_UID} + the session's pid, unique on the machine)"
+                          if uid is not None else report["task_uid"])
+    report["namespaces"] = ("on (user, pid, network, mount, IPC: as pool tasks)" if namespaces
+                            else f"off: {caps.namespaces}")
+    return report
+
+
+def _become_reaper_of(child: int) -> None:
+    """In the pid namespace's init: reap every process until the session process ``child`` ends,
+    then exit with its status (the kernel then kills what is left: daemons included)."""
+    if child == 0:
+        return
+    os.closerange(0, 1 << 20)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(70)
+        if pid == child:
+            os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def _supervise_degraded(child: int) -> None:
+    """Without a pid namespace: this process is the session's subreaper, so a ``setsid``
+    double-forked daemon is re-parented to it; when the session ends, or the trusted side
+    terminates us (SIGTERM), every child of ours is killed. Landlock's signal scoping keeps the
+    strategy from signalling us."""
+    import signal
+
+    if child == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()
+        return
+    _libc_prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    os.closerange(0, 1 << 20)
+    status = 0
+    try:
+        while True:
+            try:
+                pid, st = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            if pid == child:
+                status = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+                break
+    except _Terminated:
+        pass
+    _kill_children(deadline=time.monotonic() + 3)
+    os._exit(status)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(*_) -> None:
+    raise _Terminated
+
+
+def _kill_children(deadline: float) -> None:
+    """SIGKILL and reap every child (re-parented orphans too), until none is left."""
+    while time.monotonic() < deadline and (kids := _isolation.children()):
+        _isolation.sigkill_all(kids)
+        for kid in kids:
+            try:
+                os.waitpid(kid, 0)
+            except ChildProcessError:
+                pass
+
+
+def _libc_prctl(option: int, value: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(option, value, 0, 0, 0)
 
 
 def _describe(e: BaseException) -> str:

@@ -178,6 +178,9 @@ class Worker:
                                         cgroup=self.cgroup is not None)
         # Lifting SCHED_IDLE needs CAP_SYS_NICE: without it a pre-warming standby would keep it.
         self.idle_warmup = os.geteuid() == 0
+        #: What is left to do of the last task once its reply is sent (kill and reap its chain, ...).
+        self._teardown: list = []
+        self.worker_pid = os.getpid()
 
     def serve(self) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -193,6 +196,7 @@ class Worker:
                 self.tasks_done += 1
                 reply.update(worker_pid=os.getpid(), tasks_done=self.tasks_done, worker_rss=_rss_bytes())
                 send_msg(self.sock, encode_reply(reply, reply.pop("result", b"")))
+                self._tear_down()  # after the reply: the parent settles while the chain is torn down
                 if self.standby is None:
                     # After a grid chunk the next task is most likely another long chunk: a
                     # warm-up would save nothing and only hold memory while the grid runs.
@@ -200,6 +204,7 @@ class Worker:
         except (ConnectionError, OSError):
             return
         finally:
+            self._tear_down()
             if self.standby is not None:
                 self.standby.close()
                 self._kill_task(self.standby.pid)
@@ -228,9 +233,12 @@ class Worker:
             return {"result": b"", "error": _data_error(exc), "stdout": "", "stderr": "",
                     "duration_s": time.perf_counter() - started}
         limits = _limits.Limits(**task["limits"])
-        workdir = Path(tempfile.mkdtemp(dir=self.tmp_root))
-        if self.uid is not None:
-            os.chown(workdir, self.uid, self.uid)
+        workdir = None  # in namespaces the task works in /tmp/task, on its private tmpfs
+        if not self.caps.use_namespaces:
+            workdir = Path(tempfile.mkdtemp(dir=self.tmp_root))
+            self._teardown.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+            if self.uid is not None:
+                os.chown(workdir, self.uid, self.uid)
         if self.cgroup is not None:
             try:
                 (self.cgroup.path / "pids.max").write_text(str(limits.max_processes + 3))
@@ -240,17 +248,25 @@ class Worker:
             reply = self._dispatch(task, limits, workdir, store_fd)
         finally:
             os.close(store_fd)
-            shutil.rmtree(workdir, ignore_errors=True)
         reply["duration_s"] = time.perf_counter() - started
         return reply
 
-    def _dispatch(self, task: dict, limits, workdir: Path, store_fd: int) -> dict:
+    def _tear_down(self) -> None:
+        """Kill and reap the last task's chain and remove its files (see :meth:`_collect`)."""
+        steps, self._teardown = self._teardown, []
+        for step in steps:
+            step()
+
+    def _dispatch(self, task: dict, limits, workdir: Path | None, store_fd: int) -> dict:
         if self.standby is None:
             self._fork_standby(warm=False)
         chain, self.standby = self.standby, None
         if chain.warming:
-            for pid in _chain_pids(chain.pid):
-                _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
+            lifted: set[int] = set()
+            for _ in range(2):  # again: a process forked while we walked the chain inherited SCHED_IDLE
+                for pid in set(_chain_pids(chain.pid)) - lifted:
+                    _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
+                    lifted.add(pid)
         oom_before = _oom_kills()
         try:  # worker -> child: the trusted direction
             socket.send_fds(chain.task_sock, [pickle.dumps((task, str(workdir)))], [store_fd])
@@ -299,6 +315,10 @@ class Worker:
         self.standby = _Standby(pid, ours, res_r, out_r, err_r, status_r, idle)
 
     def _standby_main(self, task_sock: socket.socket, res_w: int, status_w: int, warm: bool) -> None:
+        # Die with the worker: the init dies with us, and with it everything in the namespace.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != self.worker_pid:
+            os._exit(0)
         os.setsid()  # one process group for the chain (the timeout kills it)
         if self.cgroup is not None:
             try:  # while idle: a cgroup-v1 move takes ~10-20 ms
@@ -311,14 +331,7 @@ class Worker:
         namespaces = self.caps.use_namespaces
         if namespaces:
             _isolation.enter_namespaces(self.mounts, self.disk_mb)
-            init = os.fork()
-            if init:  # the standby only waits: the namespace's init is the supervisor
-                os.closerange(0, 1 << 20)  # (not via /proc/self: the init is replacing /proc right now)
-                _, status = os.waitpid(init, 0)
-                os._exit(0)
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if self.caps.proc is None:
-                _isolation.mount_proc()
+            _isolation.fork_init(self.caps.proc is None)  # the standby only waits: the init supervises
         chan_sup, chan_task = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child = os.fork()
         if child == 0:  # ------------------------------------------- task child
@@ -429,9 +442,22 @@ class Worker:
                     exited = True
                 else:
                     drain(fd)
-        self._kill_task(pid)
-        os.close(pidfd)
-        chain.close()
+            if not exited and chain.res_r not in open_fds and _reaped(bufs[chain.status_r]):
+                # The supervisor reaped the task child, after every report of it: what the child
+                # wrote is all in the pipes. Drain them and reply now; the chain (and with it the
+                # namespaces) is torn down after the reply is sent, off the task's critical path.
+                _drain_ready(open_fds, drain, time.monotonic() + 0.05)
+                exited = True
+                break
+        def tear_down() -> None:
+            self._kill_task(pid)
+            os.close(pidfd)
+            chain.close()
+
+        if exited and not timed_out:
+            self._teardown.insert(0, tear_down)
+        else:  # a timeout: every process of the task dies before the reply says so
+            tear_down()
         events = _supervisor_events(bufs[chain.status_r])
         forks_refused = self.cgroup.new_failures() if self.cgroup is not None else 0
         if events.process_limit:
@@ -485,19 +511,15 @@ class Worker:
                     pass
             if self.cgroup is not None:
                 self.cgroup.kill_all()
-            kids = _children()
-            for kid in kids:
-                try:
-                    os.kill(kid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kids = _isolation.children()
+            _isolation.sigkill_all(kids)
             for kid in kids:
                 try:
                     os.waitpid(kid, 0 if kid == pid else os.WNOHANG)
                     status_seen |= kid == pid
                 except ChildProcessError:
                     status_seen |= kid == pid
-            if not _children() or time.monotonic() > deadline:
+            if not _isolation.children() or time.monotonic() > deadline:
                 break
             time.sleep(0.001)
         if not status_seen:
@@ -689,12 +711,19 @@ def _chain_pids(pid: int) -> list[int]:
     return out
 
 
-def _children() -> list[int]:
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            return [int(k) for k in f.read().split()]
-    except OSError:
-        return []
+def _reaped(status: bytearray) -> bool:
+    """Whether the supervisor's lines include its last one, ``{"exit": status}``."""
+    return status.startswith(b'{"exit": ') or b'\n{"exit": ' in status
+
+
+def _drain_ready(open_fds: set, drain, until: float) -> None:
+    """Read what is already in the pipes (bounded: a leftover process may keep writing)."""
+    while open_fds and time.monotonic() < until:
+        ready, _, _ = select.select(list(open_fds), [], [], 0)
+        if not ready:
+            return
+        for fd in ready:
+            drain(fd)
 
 
 def _blank_all_but(keep: tuple[int, ...]) -> None:

@@ -658,7 +658,7 @@ class SandboxPool:
 
 def _sandbox_config(limits: Limits, prewarm: bool) -> dict:
     """What the template and its workers need to build each task's sandbox (JSON)."""
-    hide = [os.path.expanduser("~"), str(config.home()), os.getcwd(), str(Path(__file__).resolve().parents[2])]
+    hide = _isolation.host_hidden(str(config.home()))
     return {"base_uid": limits.uid or _limits.BASE_UID, "prewarm": prewarm, "disk_mb": limits.disk_mb,
             "disabled": sorted(_isolation.disabled_layers()), "hide": hide}
 
