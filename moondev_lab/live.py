@@ -55,7 +55,7 @@ from .errors import ExchangeError, MoondevError, ReconciliationError
 from .eventlog import EventLog
 from .exchange.orders import ClientOrderId, Order
 from .risk import KillSwitch, RiskBreach, RiskGuard, RiskLimits
-from .sandbox._session import SessionError, StrategySession, bars_of
+from .sandbox._session import SessionError, SessionState, StepResult, StrategySession, bars_of
 from .sandbox.settings import BacktestSettings
 
 __all__ = ["LiveRunner", "LiveError", "RunnerState", "StrategySource", "load_strategy", "Route", "ROUTES",
@@ -604,23 +604,39 @@ class LiveRunner:
         self._times = np.concatenate([self._times[:seen], times])
         self._ohlcv = np.concatenate([self._ohlcv[:seen], ohlcv])
         end = self._base + len(self._times)
-        while self._n < end and self.state == RunnerState.TRADING:
-            self._step(min(chunk, end - self._n))
-            if self.kill_switch.engaged and self.state == RunnerState.TRADING:
-                self._stop(f"kill switch: {self.kill_switch.engaged}")
+        ahead = None  # paper: the chunk the session decides while this process settles the one before
+        try:
+            while self._n < end and self.state == RunnerState.TRADING:
+                lo = self._n
+                hi = ahead or min(lo + chunk, end)
+                if ahead is None:
+                    # the paper exchange's clock must not run ahead of the strategy: one chunk at a time
+                    position = self.route.position() if self.paper and self.exchange.bar < lo else None
+                    self.session.step_send(*self._bars(lo, hi), position=position)
+                result, ahead = self.session.step_result(), None
+                if self.paper and hi < end:
+                    # Paper fills follow the strategy's own broker's rules, so the next chunk's decisions
+                    # do not wait on this one's fills: send it now; its position is checked here instead.
+                    ahead = min(hi + chunk, end)
+                    self.session.step_send(*self._bars(hi, ahead), position=None)
+                self._step(lo, hi, result)
+                if self.paper and self.state == RunnerState.TRADING:
+                    self._check_position(result.position, f"at bar {hi - 1}")
+                if self.kill_switch.engaged and self.state == RunnerState.TRADING:
+                    self._stop(f"kill switch: {self.kill_switch.engaged}")
+        except SessionError as e:
+            ahead = None
+            self._stop(f"strategy session: {e}")
+        finally:
+            if ahead is not None and self.session.state == SessionState.RUNNING:
+                try:  # stopped with a chunk still out: take its answer, so the session stays in step
+                    self.session.step_result()
+                except SessionError:
+                    pass
         self._trim()
 
-    def _step(self, count: int) -> None:
-        lo, hi = self._n, self._n + count
-        if self.paper:  # the paper exchange's clock must not run ahead of the strategy: one chunk at a time
-            position = self.route.position() if self.exchange.bar < lo else None
-        else:
-            position = None
-        try:
-            result = self.session.step(*self._bars(lo, hi), position=position)
-        except SessionError as e:
-            self._stop(f"strategy session: {e}")
-            return
+    def _step(self, lo: int, hi: int, result: StepResult) -> None:
+        """Bars ``lo..hi-1`` through the route, with the session's decisions for them."""
         self._tags = result.tags
         self.strategy_start = result.start
         by_bar: dict[int, list] = {}

@@ -539,8 +539,11 @@ class PaperExchange:
 
 
 def _iso(t) -> str:
-    ts = pd.Timestamp(t)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    ts = t if isinstance(t, pd.Timestamp) else pd.Timestamp(t)
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    elif ts.utcoffset().total_seconds() != 0 or str(ts.tzinfo) != "UTC":  # (a UTC time: no conversion)
+        ts = ts.tz_convert("UTC")
     return ts.isoformat()
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .errors import MoondevError
 
+_NS_PER_DAY = 86_400 * 10**9
 
 class RiskBreach(MoondevError):
     """An order was refused by a risk limit or the kill switch; nothing was sent."""
@@ -84,19 +85,20 @@ class RiskGuard:
     def __init__(self, limits: RiskLimits, kill_switch: KillSwitch | None = None):
         self.limits = limits
         self.kill_switch = kill_switch or KillSwitch()
-        self._day: pd.Timestamp | None = None
+        self._day: int | None = None  # UTC days since the epoch
         self._day_start_equity: float | None = None
 
     def update_equity(self, equity: float, when=None) -> None:
         """Feed the account's equity; losing more than ``max_daily_loss`` today engages the kill switch."""
-        day = pd.Timestamp(when if when is not None else pd.Timestamp.now(tz="UTC"))
-        day = (day.tz_localize("UTC") if day.tzinfo is None else day.tz_convert("UTC")).normalize()
+        ts = when if isinstance(when, pd.Timestamp) else pd.Timestamp(when if when is not None else
+                                                                      pd.Timestamp.now(tz="UTC"))
+        day = ts.value // _NS_PER_DAY  # the UTC day (``value`` is UTC for an aware time; naive times are UTC)
         if self._day != day:
             self._day, self._day_start_equity = day, equity
         loss = self._day_start_equity - equity
         if self.limits.max_daily_loss is not None and loss > self.limits.max_daily_loss:
             self.kill_switch.engage(f"daily loss {loss:.2f} > max_daily_loss {self.limits.max_daily_loss:g} "
-                                    f"on {day:%Y-%m-%d}")
+                                    f"on {pd.Timestamp(day * _NS_PER_DAY, tz='UTC'):%Y-%m-%d}")
 
     def check(self, side: str, amount: float, price: float, *, position: float) -> None:
         """Raise ``RiskBreach`` if this order may not be sent; ``position`` is the signed current one."""

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from moondev_lab.data import DataPool
-from moondev_lab.live import LiveError, LiveRunner, RunnerState, StrategySource, load_strategy
+from moondev_lab.exchange.orders import ClientOrderId
+from moondev_lab.live import REPLAY_CHUNK, LiveError, LiveRunner, RunnerState, StrategySource, load_strategy
 from moondev_lab.models import OfflineModel
 from moondev_lab.paper import PaperExchange
 from moondev_lab.parity import LOOK_AHEAD, ROUNDING, check_parity, format_table
@@ -463,3 +464,18 @@ def test_load_strategy_reads_run_folders_and_files(run_dir, tmp_path):
     with pytest.raises(LiveError, match="not valid Python"):
         load_strategy(tmp_path / "broken.py")
     assert "SmaCross" in repr(src)
+
+
+def test_a_paper_account_changed_behind_the_strategy_stops_it_as_drift(tmp_path, btc):
+    # The paper replay sends the next chunk of bars before the last one is settled (pipelined), so
+    # the position check is the runner's own, after each chunk: an order it never sent shows up there.
+    runner, paper = _runner(tmp_path, btc)
+    with runner:
+        runner.replay(btc.iloc[:3000], finalize=False)
+        assert runner.state == RunnerState.TRADING
+        assert runner.route.position() == runner.position > 1  # long
+        foreign = ClientOrderId.make("someone-else", btc.index[3000], 0)
+        paper.create_order("BTC/USD", "market", "sell", 1.0, client_order_id=str(foreign))  # not the strategy's
+        runner.feed(btc.iloc[:9000])
+        assert runner.state == RunnerState.STOPPED and "position drift" in runner.stop_reason
+        assert runner.counts["bars"] <= 3000 + REPLAY_CHUNK  # at the end of the first chunk it was in

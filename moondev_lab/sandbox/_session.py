@@ -204,6 +204,7 @@ class StrategySession:
         self._proc: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._tags: list = []
+        self._step_bars = 0  # bars of the step sent and not yet answered (step_send / step_result)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> "StrategySession":
@@ -285,20 +286,33 @@ class StrategySession:
                             kind)
 
     def _call(self, msg: dict, timeout: float) -> dict:
+        self._send_op(msg)
+        return self._reply(msg["op"], timeout)
+
+    def _send_op(self, msg: dict) -> None:
         if self.state != SessionState.RUNNING or self._proc is None:
             raise SessionError(f"session is {self.state.value}", "crashed")
         try:
             _send(self._proc.stdin.fileno(), msg)
-            reply = _recv(self._proc.stdout.fileno(), time.monotonic() + timeout)
-        except TimeoutError:
-            raise self._fail(f"the strategy did not answer {msg['op']!r} within {timeout:.0f} s; "
-                             "its session was killed", "timeout") from None
-        except (EOFError, BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError):
             code = self._proc.poll() if self._proc else None
             raise self._fail(f"the strategy's session ended during {msg['op']!r} (exit status {code})",
                              "crashed") from None
+
+    def _reply(self, op: str, timeout: float) -> dict:
+        if self.state != SessionState.RUNNING or self._proc is None:
+            raise SessionError(f"session is {self.state.value}", "crashed")
+        try:
+            reply = _recv(self._proc.stdout.fileno(), time.monotonic() + timeout)
+        except TimeoutError:
+            raise self._fail(f"the strategy did not answer {op!r} within {timeout:.0f} s; "
+                             "its session was killed", "timeout") from None
+        except (EOFError, BrokenPipeError, OSError):
+            code = self._proc.poll() if self._proc else None
+            raise self._fail(f"the strategy's session ended during {op!r} (exit status {code})",
+                             "crashed") from None
         except (ValueError, RecursionError, UnicodeDecodeError) as e:
-            raise self._fail(f"the strategy's session sent an invalid reply to {msg['op']!r}: "
+            raise self._fail(f"the strategy's session sent an invalid reply to {op!r}: "
                              f"{str(e)[:200]}", "invalid_reply") from None
         if not isinstance(reply, dict):
             raise self._fail("the strategy's session sent an invalid reply", "invalid_reply")
@@ -322,10 +336,23 @@ class StrategySession:
 
     def step(self, times: np.ndarray, ohlcv: np.ndarray, *, position: float | None = None) -> StepResult:
         """Closed bars in, their decisions out. ``position``: the account's, checked against the shadow."""
-        reply = self._call({"op": "step", **encode_bars(times, ohlcv), "position": position},
-                           self.timeout + len(times) * self.per_bar_timeout)
+        self.step_send(times, ohlcv, position=position)
+        return self.step_result()
+
+    def step_send(self, times: np.ndarray, ohlcv: np.ndarray, *, position: float | None = None) -> None:
+        """The first half of :meth:`step`: the session decides these bars while the caller works on.
+
+        Exactly one :meth:`step_result` must follow before any other operation.
+        """
+        self._send_op({"op": "step", **encode_bars(times, ohlcv), "position": position})
+        self._step_bars = len(times)
+
+    def step_result(self) -> StepResult:
+        """The decisions of the bars :meth:`step_send` sent."""
+        bars, self._step_bars = self._step_bars, 0
+        reply = self._reply("step", self.timeout + bars * self.per_bar_timeout)
         try:
-            rows = _decisions(reply.get("decisions"), MAX_DECISIONS_PER_BAR * max(1, len(times)))
+            rows = _decisions(reply.get("decisions"), MAX_DECISIONS_PER_BAR * max(1, bars))
             new_tags = _list(reply.get("tags"), 100_000)
             self._tags += [t if t is None or isinstance(t, (str, int, float, bool)) else str(t) for t in new_tags]
             start = reply.get("start")
