@@ -46,6 +46,16 @@ def rss_mb(pid: int | None = None) -> float:
     return float("nan")
 
 
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and all its descendants: the session's first process is its pid namespace's
+    init, and the strategy runs in its child."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(p.memory_info().rss for p in procs) / 2**20
+
+
 def bench_replay(btc: pd.DataFrame) -> dict:
     from backtesting import Backtest
 
@@ -125,7 +135,7 @@ def bench_rss(n: int) -> dict:
             step = 10_000
             for end in range(step, n + 1, step):
                 runner.feed(data.iloc[:end])
-                samples.append((end, rss_mb(), rss_mb(child)))
+                samples.append((end, rss_mb(), tree_rss_mb(child)))
     warm = [s for s in samples if s[0] >= 20_000]
     first, last = warm[0], warm[-1]
     total = [(p + c) for _, p, c in warm]
