@@ -133,7 +133,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-IDEAS_CSV = ROOT.parent.parent / "shared" / "data" / "strategy_ideas.csv"
+IDEAS_CSV = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()),
+                 ROOT.parent / "shared") / "data" / "strategy_ideas.csv"  # a checkout or a worktree beside shared/
 
 
 def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
