@@ -34,7 +34,8 @@ START, END = "2023-05-01", "2023-06-01"
 sys.path.insert(0, str(REPO / "tests"))
 from strategies import sma_cross  # noqa: E402
 
-_WILD = '''
+# A wild script's own data loading and Backtest, as the runnable and optimizing files share it.
+_SCRIPT = '''
 import time
 import pandas as pd
 from backtesting import Backtest
@@ -44,7 +45,8 @@ df.columns = [c.strip().capitalize() for c in df.columns]
 df = df[["Open", "High", "Low", "Close", "Volume"]].loc["{start}":"{end}"]
 bt = Backtest(df, SmaCross, cash=1_000_000, commission=0.001, finalize_trades=True)
 t = time.perf_counter()
-stats = bt.run(n1={n1}, n2={n2})
+'''
+_WILD = _SCRIPT + '''stats = bt.run(n1={n1}, n2={n2})
 print("BT_SECONDS", time.perf_counter() - t)
 '''
 _FAILING = {
@@ -144,17 +146,7 @@ def baseline(files: list[Path], env: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
-_OPTIMIZE = '''
-import time
-import pandas as pd
-from backtesting import Backtest
-
-df = pd.read_csv({csv!r}, parse_dates=["datetime"], index_col="datetime")
-df.columns = [c.strip().capitalize() for c in df.columns]
-df = df[["Open", "High", "Low", "Close", "Volume"]].loc["{start}":"{end}"]
-bt = Backtest(df, SmaCross, cash=1_000_000, commission=0.001, finalize_trades=True)
-t = time.perf_counter()
-stats = bt.optimize(n1={n1}, n2={n2}, maximize={maximize})
+_OPTIMIZE = _SCRIPT + '''stats = bt.optimize(n1={n1}, n2={n2}, maximize={maximize})
 print("OPT_SECONDS", time.perf_counter() - t, stats._strategy)
 '''
 

@@ -56,6 +56,19 @@ def tree_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in procs) / 2**20
 
 
+def _paper_replay(frame: pd.DataFrame, settings: BacktestSettings) -> tuple[float, float, float, PaperExchange]:
+    """The SMA cross replayed on a fresh paper exchange: (seconds, before replay(), in replay(), the exchange)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        paper = PaperExchange(None, symbol="BTC/USD", settings=settings).start()
+        with LiveRunner(StrategySource(SMA_CROSS, {}, "SmaCross"), paper, symbol="BTC/USD", state_dir=tmp,
+                        settings=settings, warmup_bars=0) as runner:
+            t_open = time.perf_counter()
+            runner.replay(frame)
+            t_feed = time.perf_counter()
+        return time.perf_counter() - t, t_open - t, t_feed - t_open, paper
+
+
 def bench_replay(btc: pd.DataFrame) -> dict:
     from backtesting import Backtest
 
@@ -67,25 +80,11 @@ def bench_replay(btc: pd.DataFrame) -> dict:
     bt = time.perf_counter() - t
     # The paper broker's compiled kernel is built once per install (numba's on-disk cache under
     # $MOONDEV_LAB_HOME, fresh here): pay that on a short replay first, and time it apart.
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        paper = PaperExchange(None, symbol="BTC/USD", settings=settings).start()
-        with LiveRunner(StrategySource(SMA_CROSS, {}, "SmaCross"), paper, symbol="BTC/USD", state_dir=tmp,
-                        settings=settings, warmup_bars=0) as runner:
-            runner.replay(btc.iloc[:500])
-        first = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        paper = PaperExchange(None, symbol="BTC/USD", settings=settings).start()
-        with LiveRunner(StrategySource(SMA_CROSS, {}, "SmaCross"), paper, symbol="BTC/USD", state_dir=tmp,
-                        settings=settings, warmup_bars=0) as runner:
-            t_open = time.perf_counter()
-            runner.replay(btc)
-            t_feed = time.perf_counter()
-        live = time.perf_counter() - t
+    first, *_ = _paper_replay(btc.iloc[:500], settings)
+    live, t_start, t_bars, paper = _paper_replay(btc, settings)
     trades = len(paper.trades())
-    print(f"replay: backtest {bt:.3f} s, live replay {live:.3f} s (session start {t_open - t:.2f} s, "
-          f"bars {t_feed - t_open:.2f} s), ratio {live / bt:.1f}x (goal <= 10x); {trades} trades; "
+    print(f"replay: backtest {bt:.3f} s, live replay {live:.3f} s (runner built {t_start:.2f} s, "
+          f"replay() with the session's start {t_bars:.2f} s), ratio {live / bt:.1f}x (goal <= 10x); {trades} trades; "
           f"first 500-bar replay of this install (kernel compile) {first:.1f} s")
     return {"backtest_s": bt, "replay_s": live, "ratio": live / bt, "trades": trades, "first_use_s": first}
 

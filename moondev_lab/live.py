@@ -620,8 +620,6 @@ class LiveRunner:
                     ahead = min(hi + chunk, end)
                     self.session.step_send(*self._bars(hi, ahead), position=None)
                 self._step(lo, hi, result)
-                if self.paper and self.state == RunnerState.TRADING:
-                    self._check_position(result.position, f"at bar {hi - 1}")
                 if self.kill_switch.engaged and self.state == RunnerState.TRADING:
                     self._stop(f"kill switch: {self.kill_switch.engaged}")
         except SessionError as e:
@@ -656,6 +654,9 @@ class LiveRunner:
         self.position, self.equity = result.position, result.equity
         if result.stopped:
             self._stop(f"the strategy stopped: {result.stopped}")
+        if self.paper and self.state == RunnerState.TRADING:
+            # a paper chunk's next one was sent without the account's position: check it here
+            self._check_position(result.position, f"at bar {hi - 1}")
 
     def _bar(self, i: int, rows) -> None:
         reason = self.kill_switch.engaged

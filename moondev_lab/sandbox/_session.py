@@ -289,28 +289,30 @@ class StrategySession:
         self._send_op(msg)
         return self._reply(msg["op"], timeout)
 
-    def _send_op(self, msg: dict) -> None:
+    def _check_running(self) -> None:
         if self.state != SessionState.RUNNING or self._proc is None:
             raise SessionError(f"session is {self.state.value}", "crashed")
+
+    def _ended(self, op: str) -> SessionError:
+        code = self._proc.poll() if self._proc else None
+        return self._fail(f"the strategy's session ended during {op!r} (exit status {code})", "crashed")
+
+    def _send_op(self, msg: dict) -> None:
+        self._check_running()
         try:
             _send(self._proc.stdin.fileno(), msg)
         except (BrokenPipeError, OSError):
-            code = self._proc.poll() if self._proc else None
-            raise self._fail(f"the strategy's session ended during {msg['op']!r} (exit status {code})",
-                             "crashed") from None
+            raise self._ended(msg["op"]) from None
 
     def _reply(self, op: str, timeout: float) -> dict:
-        if self.state != SessionState.RUNNING or self._proc is None:
-            raise SessionError(f"session is {self.state.value}", "crashed")
+        self._check_running()
         try:
             reply = _recv(self._proc.stdout.fileno(), time.monotonic() + timeout)
         except TimeoutError:
             raise self._fail(f"the strategy did not answer {op!r} within {timeout:.0f} s; "
                              "its session was killed", "timeout") from None
         except (EOFError, BrokenPipeError, OSError):
-            code = self._proc.poll() if self._proc else None
-            raise self._fail(f"the strategy's session ended during {op!r} (exit status {code})",
-                             "crashed") from None
+            raise self._ended(op) from None
         except (ValueError, RecursionError, UnicodeDecodeError) as e:
             raise self._fail(f"the strategy's session sent an invalid reply to {op!r}: "
                              f"{str(e)[:200]}", "invalid_reply") from None
