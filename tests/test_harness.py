@@ -159,6 +159,52 @@ def test_fast_converters_give_exactly_what_the_generic_ones_gave(frame):
         assert _as_sample_csv(sample) == legacy.to_csv(index=False)
 
 
+_CSV_CALLS = [{}, {"index_col": 0}, {"index_col": "datetime"}, {"index_col": False}, {"parse_dates": True},
+              {"parse_dates": ["datetime"]}, {"parse_dates": [0]}, {"parse_dates": False, "index_col": 0},
+              {"parse_dates": True, "index_col": 0}, {"parse_dates": ["datetime"], "index_col": "datetime"},
+              {"parse_dates": [0], "index_col": "datetime"}]
+
+
+def test_redirected_read_csv_builds_exactly_the_frame_its_csv_text_parses_to(frame):
+    """A wild script's read_csv of a missing CSV: built from the pooled columns, equal to parsing the sample text."""
+    import io
+
+    from moondev_lab.sandbox.harness import _as_sample_csv, _sample_frame
+
+    odd = frame.iloc[:7].copy()
+    odd["Open"] = [1e16, 1e-5, 0.1, -0.0, float("inf"), float(2**60), np.nan]
+    samples = (frame, frame.set_axis(frame.index.tz_localize(None)), frame.set_axis(frame.index.tz_convert("Asia/Tokyo")), odd)
+    for sample in samples:
+        text = _as_sample_csv(sample)
+        volume = sample["Volume"].to_numpy().copy()
+        for kwargs in _CSV_CALLS:
+            built = _sample_frame(sample, kwargs)
+            assert built is not None, kwargs
+            pd.testing.assert_frame_equal(built, pd.read_csv(io.StringIO(text), **kwargs), check_exact=True)
+            built[" volume"] *= 2  # the script's own, writable copy: the pooled data never changes
+        np.testing.assert_array_equal(sample["Volume"].to_numpy(), volume)
+    # Anything else parses the text, so read_csv does whatever it does with it (a result, or its own error).
+    for kwargs in ({"usecols": ["datetime", " close"]}, {"sep": ";"}, {"parse_dates": True, "index_col": False},
+                   {"parse_dates": ["open"]}, {"index_col": [0]}, {"index_col": True}, {"parse_dates": [False]}):
+        assert _sample_frame(frame, kwargs) is None, kwargs
+    assert _sample_frame(frame.set_axis(frame.index + pd.Timedelta("1.5s")), {}) is None  # the text keeps whole seconds
+    wild = """
+import pandas as pd
+from backtesting import Backtest, Strategy
+a = pd.read_csv("/nowhere/BTC-USD-15m.csv", parse_dates=["datetime"], index_col="datetime")
+b = pd.read_csv("/nowhere/BTC-USD-15m.csv", usecols=["datetime", " close"])
+assert list(b.columns) == ["datetime", " close"] and len(a) == len(b) and (a[" close"].to_numpy() == b[" close"].to_numpy()).all()
+class Hold(Strategy):
+    def init(self): pass
+    def next(self):
+        if not self.position: self.buy()
+Backtest(a, Hold).run()
+"""
+    payload = execute({"op": "run", "code": wild}, frame)
+    assert payload["ok"], payload.get("error")
+    assert payload["csv_redirects"] == ["/nowhere/BTC-USD-15m.csv"] * 2
+
+
 def test_errors_are_classified(frame):
     assert execute({"op": "run", "code": "def f(:"}, frame)["error"]["kind"] == "syntax_error"
     assert execute({"op": "run", "code": "x = 1"}, frame)["error"]["kind"] == "no_strategy"
