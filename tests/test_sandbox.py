@@ -137,6 +137,21 @@ def test_data_error_and_run_file(pool, store, tmp_path):
     assert res.ok and res.strategy == "SmaCross"
 
 
+def test_run_file_uses_the_given_pool_even_before_its_first_worker(store, tmp_path):
+    """A pool is falsy (len 0) until a worker starts: run_file must still use it, not the default pool."""
+    import moondev_lab.sandbox as sandbox
+
+    path = tmp_path / "s.py"
+    path.write_text(SMA_CROSS)
+    default_before = sandbox._default
+    with SandboxPool(1) as fresh:
+        assert len(fresh) == 0
+        res = run_file(path, ref(store, 2), pool=fresh)
+        assert res.ok, res.error
+        assert res.worker_pid in fresh.pids()
+    assert sandbox._default is default_before  # no second, default pool was started
+
+
 def test_plot_html_comes_back_only_when_asked(pool, store):
     plain = pool.run(SMA_CROSS, ref(store))
     assert plain.ok and plain.plot_html is None
