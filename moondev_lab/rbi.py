@@ -522,7 +522,7 @@ _GRID_ENGINES = {"auto": RBI._grid_auto, "pool": RBI._grid_pool, "backtesting": 
 def run_rbi(ideas: str | Iterable[str] | None = None, model: Any = "auto", cfg: RBIConfig | None = None,
             ledger: Ledger | None = None, sandbox: Any = None, parallel: int | None = None,
             progress: bool = True, force: bool = False, executor: Any = None,
-            sources: Iterable[str] | None = None) -> RBIReport:
+            sources: Iterable[str] | None = None, *, fetcher: Any = None) -> RBIReport:
     """Run the whole RBI loop for one idea or many; see :class:`RBIConfig` for the knobs.
 
     ``force=True`` runs ideas again that are done (or were given up) on this symbol, timeframe and model.
@@ -532,6 +532,8 @@ def run_rbi(ideas: str | Iterable[str] | None = None, model: Any = "auto", cfg: 
     (:func:`moondev_lab.sources.extract_idea`, with ``model``). Every source is read before anything
     runs (a bad one raises its :class:`~moondev_lab.sources.SourceError`); its rules are the idea, and
     the ledger keeps the extracted text with its source (``Ledger.idea_sources``, ``IdeaResult.sources``).
+    ``fetcher``: the :class:`~moondev_lab.sources.Fetcher` that reads them (its timeout, size cap, and an
+    injectable ``requests`` session, e.g. a proxy's); a default one if None.
 
     >>> report = run_rbi(sources=["https://example.com/rsi-article"])        # doctest: +SKIP
     >>> report.results[0].sources[0]["kind"], report.results[0].sources[0]["sentences_used"][0]  # doctest: +SKIP
@@ -542,7 +544,7 @@ def run_rbi(ideas: str | Iterable[str] | None = None, model: Any = "auto", cfg: 
         from .sources import ideas_from_sources
 
         ledger = ledger if ledger is not None else Ledger()
-        ideas += [found.rules for found in ideas_from_sources(sources, ledger, model=model)]
+        ideas += [found.rules for found in ideas_from_sources(sources, ledger, model=model, fetcher=fetcher)]
     if not ideas:
         raise ValueError("give run_rbi an idea, or sources=[URL or file, ...]")
     if executor is not None:

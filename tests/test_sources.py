@@ -368,3 +368,20 @@ def test_a_youtube_source_is_kept_with_its_transcript(site):
     assert kept["kind"] == "youtube" and "9 EMA crosses above the 21 EMA" in kept["text"]
     assert "smash that like button" in kept["text"] and "smash" not in found.rules
     assert [s["text"] for s in kept["sentences_used"]] == [s.text for s in found.sentences_used]
+
+
+def test_run_rbi_reads_a_youtube_source_through_the_fetcher_it_is_given(site, tmp_path):
+    from moondev_lab.ledger import Ledger
+    from moondev_lab.rbi import RBIConfig, run_rbi
+
+    session = requests.Session()
+    session.mount("https://www.youtube.com", ToSite(site.url))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    report = run_rbi(sources=["https://www.youtube.com/watch?v=cap123"], model="offline",
+                     cfg=RBIConfig(max_optimize=0, max_debug=0), ledger=ledger, progress=False,
+                     fetcher=Fetcher(session=session, timeout=5))
+    (result,) = report.results
+    (kept,) = result.sources
+    assert kept["kind"] == "youtube" and kept["source"] == "https://www.youtube.com/watch?v=cap123"
+    assert "9 EMA crosses above the 21 EMA" in kept["text"] and "smash" not in result.idea
+    assert ledger.idea_sources(result.idea_id) == [kept]
