@@ -301,6 +301,38 @@ def cli(*args, timeout=300) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=timeout)
 
 
+def test_a_csv_the_sandbox_sees_but_may_not_read_gets_the_pooled_data(pool):
+    """A script's CSV outside what a task may read (Landlock) is redirected like a missing one, not an EACCES."""
+    import shutil
+    import tempfile
+
+    if not pool.layers:
+        pool.run(SMA_CROSS, DataRef("BTC/USD", "15m", **WINDOW))  # starts a worker, which reports the layers
+    if not pool.layers.get("landlock", "").startswith("on"):
+        pytest.skip(f"Landlock is not active here: {pool.layers.get('landlock')}")
+    top = next((d for d in ("/var/lib", "/var/cache", "/opt", "/srv") if os.access(d, os.W_OK)), None)
+    if top is None:  # /tmp, the home, the checkout and the cwd are hidden in the sandbox: the file would be missing
+        pytest.skip("no writable directory the sandbox shows but does not let a task read")
+    where = tempfile.mkdtemp(prefix="moondev-lab-test-", dir=top)
+    try:
+        csv_path = os.path.join(where, "BTC-USD-15m.csv")
+        with open(csv_path, "w") as f:
+            f.write("datetime, open, high, low, close, volume,\n2023-05-01 00:00:00,1,2,0.5,1.5,10,\n")
+        code = SMA_CROSS + f"""
+import pandas as pd
+from backtesting import Backtest
+df = pd.read_csv({csv_path!r}, parse_dates=["datetime"], index_col="datetime")
+print("ROWS", len(df))
+df.columns = [c.strip().capitalize() for c in df.columns]
+stats = Backtest(df[["Open", "High", "Low", "Close", "Volume"]], SmaCross).run()
+"""
+        res = pool.run(code, DataRef("BTC/USD", "15m", **WINDOW))
+        assert res.ok, res.error
+        assert "ROWS 1\n" not in res.stdout and int(res.stdout.split("ROWS ")[1].split()[0]) > 1000
+    finally:
+        shutil.rmtree(where)
+
+
 def test_cli_backtests_a_directory_as_a_table_csv_and_json(folder, tmp_path):
     window = ["--start", WINDOW["start"], "--end", WINDOW["end"]]
     out_dir = tmp_path / "out"

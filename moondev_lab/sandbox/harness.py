@@ -3,8 +3,9 @@
 The harness owns the data, the column names, position sizing and the
 ``Backtest(...)`` call. Generated code only defines a ``Strategy``. Code
 "from the wild" that reads its own CSV and calls ``Backtest(...).run()``
-still runs: its ``pd.read_csv`` of a missing file gets the pooled data, and
-its ``Backtest`` uses the pooled data and the harness's money settings.
+still runs: its ``pd.read_csv`` of a CSV it cannot read (missing, or outside what the
+sandbox may read) gets the pooled data, and its ``Backtest`` uses the pooled data and
+the harness's money settings.
 
 It runs inside the sandbox's task child, but is plain Python, so it also
 works in-process (that is how the tests check it against backtesting.py):
@@ -398,7 +399,9 @@ def _patched(capture: _Capture):
             path = Path(filepath_or_buffer)
             try:
                 missing = not path.is_file()
-            except OSError:
+                if not missing:  # a host file the sandbox may see but not read (Landlock): not there for the task
+                    path.open("rb").close()
+            except OSError:  # PermissionError included: the script gets the pooled data, never an EACCES crash
                 missing = True
             if missing:
                 capture.csv_redirects.append(str(filepath_or_buffer))
