@@ -188,6 +188,7 @@ def test_redirected_read_csv_builds_exactly_the_frame_its_csv_text_parses_to(fra
                    {"parse_dates": ["open"]}, {"index_col": [0]}, {"index_col": True}, {"parse_dates": [False]}):
         assert _sample_frame(frame, kwargs) is None, kwargs
     assert _sample_frame(frame.set_axis(frame.index + pd.Timedelta("1.5s")), {}) is None  # the text keeps whole seconds
+    assert _sample_frame(frame.iloc[:0], {}) is None
     wild = """
 import pandas as pd
 from backtesting import Backtest, Strategy

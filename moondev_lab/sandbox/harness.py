@@ -557,8 +557,8 @@ def _sample_frame(frame: pd.DataFrame, kwargs: dict) -> pd.DataFrame | None:
     text path. Writing and parsing the text cost ~10 ms a month of 15m bars in a warm task child, ~20 ms
     in a fresh one; this costs well under 1 ms.
     """
-    if set(kwargs) - {"parse_dates", "index_col"} or not isinstance(frame.index, pd.DatetimeIndex):
-        return None
+    if set(kwargs) - {"parse_dates", "index_col"} or not isinstance(frame.index, pd.DatetimeIndex) or not len(frame):
+        return None  # (a header-only text parses to columns of another dtype)
     parse_dates, index_col = kwargs.get("parse_dates", _NO_KEYWORD), kwargs.get("index_col", _NO_KEYWORD)
     if index_col in (0, "datetime") and not isinstance(index_col, bool):
         as_index = True
