@@ -477,7 +477,9 @@ class RBI:
         ideas = [i.strip() for i in ideas if i and i.strip()]
         t0 = time.perf_counter()
         # The pool's configured size: len() counts live workers, which is 0 before the first task.
-        slots = parallel or max(2, min(8, getattr(self.sandbox, "size", 2)))
+        # One more idea than workers: while every worker confirms (or runs) one idea's backtests, this process
+        # does the next idea's own work (fast runs, settlements, run folder) instead of waiting.
+        slots = parallel or max(2, min(8, getattr(self.sandbox, "size", 2) + 1))
         results: list[IdeaResult | None] = [None] * len(ideas)
         with ThreadPoolExecutor(max_workers=max(1, min(slots, len(ideas) or 1)), thread_name_prefix="rbi") as ex:
             futs = {ex.submit(self.run_one, text, force): k for k, text in enumerate(ideas)}

@@ -227,3 +227,13 @@ def test_plot_option_draws_the_run_folder_chart_for_saved_ideas_only_and_on_dema
     r = never.results[0]
     page = load_run(r.run_id, led).plot().to_html()
     assert "Bokeh" in page and f"run {r.run_id} (out-of-sample" in page
+
+
+def test_rbi_command_charts_flag_sets_the_plot_option():
+    from moondev_lab.cli import _rbi_config, build_parser
+
+    assert _rbi_config(build_parser().parse_args(["rbi", "an idea", "--charts", "saved"])).plot == "saved"
+    assert _rbi_config(build_parser().parse_args(["rbi", "an idea"])).plot == "all"  # the default: as before
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["rbi", "an idea", "--charts", "sometimes"])
+    assert e.value.code == 2
