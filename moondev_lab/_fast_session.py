@@ -134,10 +134,14 @@ class FastSession:
         return result
 
     def grid(self, code: str, grid: Mapping[str, Sequence], ref: Any, maximize: str):
-        """``(best run, best params, [(params, score or None)])`` of ``grid`` on ``ref``, or None (not a spec)."""
+        """``(best run, best params, [(params, score or None)], returns)`` of ``grid`` on ``ref``, or None
+        (not a spec). ``returns``: every combination's per-bar returns (bars x combinations, from the same
+        pass over the bars that scored it), for the overfitting pass's PBO."""
         import math
 
-        from .fast import _NotExact, _combos, _first_best, iter_scores
+        import numpy as np
+
+        from .fast import _NotExact, _combos, _first_best, _label, iter_scores
 
         plan = self.plan(code) if self._local(ref) else None
         if plan is None:
@@ -145,15 +149,18 @@ class FastSession:
         combos = _combos(grid)
         try:
             fg = self._fast_grid(plan, ref)
+            returns = np.zeros((len(fg.data), len(combos)))
             # full parameters: the FastGrid may have been built for a sibling code with other class defaults
-            scores = list(iter_scores(fg, [{**plan.defaults, **c} for c in combos], maximize))
+            scores = list(iter_scores(fg, [{**plan.defaults, **c} for c in combos], maximize, returns))
         except _NotExact as e:
             log.info("fast grid not exact for %s (%s)", plan.name, e)
             return None
         best = _first_best(scores)
         best_params = dict(combos[0 if best is None else best])
         run = self.run(code, ref, best_params)
-        return run, best_params, [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, scores)]
+        frame = pd.DataFrame(returns, index=fg.data.index, columns=[_label(c) for c in combos], copy=False)
+        return (run, best_params, [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, scores)],
+                frame)
 
     # ------------------------------------------------------------------ confirmation
     def confirm(self, kept: Sequence | None = None) -> None:
@@ -202,8 +209,11 @@ class FastSession:
 
     def flush(self) -> None:
         writes, self._writes = self._writes, []
-        for args, kwargs in writes:
-            self.ledger.add_code(*args, **kwargs)
+        if not writes:
+            return
+        with self.ledger.transaction():  # one commit for the idea's rows, not one each
+            for args, kwargs in writes:
+                self.ledger.add_code(*args, **kwargs)
 
 
 def _parsing(parse, code: str, attempts: int = 3):

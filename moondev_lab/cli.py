@@ -155,7 +155,8 @@ def _rbi_config(a: argparse.Namespace):
     from .rbi import RBIConfig
 
     given = {k: getattr(a, k, None) for k in ("symbol", "timeframe", "source", "max_debug", "max_optimize",
-                                             "grid_engine", "force", "min_trades", "walk_forward", "start", "end")}
+                                             "grid_engine", "force", "min_trades", "walk_forward", "start", "end",
+                                             "plot")}
     return RBIConfig(**{k: v for k, v in given.items() if v is not None})  # unset: RBIConfig's own default
 
 
@@ -653,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parameter grid: auto (default; the compiled fast path for the offline model's "
                              "strategies, confirmed in the sandbox, else the pool), the sandbox pool, or "
                              "backtesting.py's own Backtest.optimize")
+        sp.add_argument("--charts", dest="plot", choices=["all", "saved", "none"],
+                        help="which ok ideas get plot.html in their run folder: all (default), saved (out-of-sample "
+                             "above the save threshold) or none; `runs show N --plot` draws any on demand")
 
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")

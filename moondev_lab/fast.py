@@ -20,6 +20,8 @@ it is never executed in this process.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import html
 import itertools
 import logging
@@ -82,8 +84,7 @@ def plan_of(code: str) -> Plan | None:
     read (by AST, never executed) from ``code``, and requires the result to be ``code``
     byte for byte, so hand-edited or foreign code always takes the backtesting.py engine.
     """
-    from .models._codegen import generate, strategy_parts
-    from .models._parser import parse_idea
+    from .models._codegen import strategy_parts
     from .models.offline import class_params, set_class_param
 
     m = _IDEA.match(code or "")
@@ -91,25 +92,45 @@ def plan_of(code: str) -> Plan | None:
         return None
     idea = " ".join(line.strip() for line in m.group(1).splitlines())
     try:
-        spec, _ = parse_idea(idea)
-        if spec is None:
+        generated = _generated(idea)
+        if generated is None:
             return None
-        regen, name = generate(spec)
-        theirs, ours = class_params(code), class_params(regen)
+        spec, regen, name, ours = generated
+        theirs = class_params(code)
         if set(theirs) != set(ours):
             return None
         for k, v in theirs.items():
             if type(v) is not type(ours[k]):
                 return None
-            regen = set_class_param(regen, k, v)
+            if v != ours[k]:  # an equal value keeps the generator's text (each edit parses the code again)
+                regen = set_class_param(regen, k, v)
     except (SyntaxError, KeyError, ValueError):
         return None
     if regen != code:
         return None
+    spec = copy.deepcopy(spec)  # the cached one stays as generated
     spec.idea = idea
     parts = strategy_parts(spec)
     parts.params.update(theirs)
     return Plan(spec, parts, code, name)
+
+
+@functools.lru_cache(maxsize=512)
+def _generated(idea: str) -> tuple | None:
+    """``(spec, code, class name, class parameters)`` the offline model generates for ``idea``, or None.
+
+    Deterministic in the idea, so kept: an RBI idea's variants (debug, optimize, grid) all prove the same one.
+    Raises what parsing raises (SyntaxError, KeyError, ValueError), which :func:`plan_of` turns into None.
+    """
+    from .models._codegen import generate
+    from .models._parser import parse_idea
+    from .models.offline import class_params
+
+    spec, _ = parse_idea(idea)
+    if spec is None:
+        return None
+    regen, name = generate(spec)
+    return spec, regen, name, class_params(regen)
 
 
 def _plan_for(idea_or_code: str) -> tuple[Plan | None, str]:
@@ -249,6 +270,16 @@ class FastGrid:
         self._run(combo)
         return per_bar_returns(self._equity)
 
+    def score_and_returns(self, combo: Mapping[str, Any], maximize: str) -> tuple[float, np.ndarray]:
+        """:meth:`score` and :meth:`returns` of one combination from ONE pass over the bars (a grid keeping
+        its returns for PBO would otherwise run every combination twice)."""
+        if maximize not in self._FK.METRICS:
+            return self.score(combo, maximize), self.returns(combo)
+        from .sandbox._settle import per_bar_returns
+
+        m = self.metrics(combo)  # the one run; its equity stays in the buffer
+        return (m[maximize] if m["# Trades"] else math.nan), per_bar_returns(self._equity)
+
     def score(self, combo: Mapping[str, Any], maximize: str) -> float:
         """``Backtest.optimize``'s heatmap value: the metric, or NaN for a run without trades."""
         if maximize in self._FK.METRICS:
@@ -369,9 +400,11 @@ def iter_scores(fg: FastGrid, combos: Sequence[dict], maximize: str, returns: np
                 ) -> Iterator[float]:
     """Each combination's heatmap value, one at a time (one equity buffer for the whole grid)."""
     for j, combo in enumerate(combos):
-        yield fg.score(combo, maximize)
-        if returns is not None:
-            returns[:, j] = fg.returns(combo)
+        if returns is None:
+            yield fg.score(combo, maximize)
+        else:
+            value, returns[:, j] = fg.score_and_returns(combo, maximize)
+            yield value
 
 
 def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, symbol: str = "BTC/USD",

@@ -77,6 +77,9 @@ class RBIConfig:
     force: bool = False  # run ideas again even when done or given up on this symbol/timeframe/model
     min_trades: int = 10  # fewer out-of-sample trades than this: flagged "too few trades", ranked below
     walk_forward: int = 0  # issue 15: K rolling walk-forward folds over the whole range (0: none)
+    # which ok ideas get plot.html in their run folder (see PLOT_CHOICES): the chart is most of the parent's
+    # time per idea; without it, `runs show --plot` and IdeaResult.plot() draw it on demand from the same run
+    plot: str = "all"
 
 
 # ----- helpers ------------------------------------------------------------------------
@@ -139,6 +142,8 @@ class RBI:
         from .sandbox import SandboxPool
 
         self.cfg = cfg or RBIConfig()
+        if self.cfg.plot not in PLOT_CHOICES:  # here, not in the run folder's write, which never fails a run
+            raise ValueError(f"plot must be one of {', '.join(map(repr, PLOT_CHOICES))}, not {self.cfg.plot!r}")
         self.factory = factory or ModelFactory()
         self.model = self.factory.get(model) if isinstance(model, str) else model
         self.ledger = ledger or Ledger()
@@ -333,7 +338,7 @@ class RBI:
             if grid and math.prod(len(v) for v in grid.values()) > 1:
                 quick = fast.grid(best_code, grid, self.train, cfg.metric) if fast is not None else None
                 if quick is not None:
-                    g_run, g_params, res.grid = quick
+                    g_run, g_params, res.grid, res._grid_returns = quick  # the returns: for PBO, as the pool's
                     res.grid_engine = "fast"
                 else:
                     g_run, g_params, res.grid, res.grid_engine, res._grid_returns = self._grid(best_code, grid)
@@ -453,7 +458,8 @@ class RBI:
                     "backtests": {k: v.to_json() for k, v in res.backtests.items()}}
             (tmp / RESULT_FILE).write_text(json.dumps(full, default=str, allow_nan=True))
             try:
-                res.plot().save(tmp / "plot.html")
+                if PLOT_CHOICES[self.cfg.plot](res):
+                    res.plot().save(tmp / "plot.html")
             except Exception as e:  # a plot must never lose a run: say why it is missing
                 log.warning("run %s: no plot.html (%s: %s)", res.run_id, type(e).__name__, e)
                 (tmp / "plot_error.txt").write_text(f"{type(e).__name__}: {e}\n")
@@ -471,7 +477,9 @@ class RBI:
         ideas = [i.strip() for i in ideas if i and i.strip()]
         t0 = time.perf_counter()
         # The pool's configured size: len() counts live workers, which is 0 before the first task.
-        slots = parallel or max(2, min(8, getattr(self.sandbox, "size", 2)))
+        # One more idea than workers: while every worker confirms (or runs) one idea's backtests, this process
+        # does the next idea's own work (fast runs, settlements, run folder) instead of waiting.
+        slots = parallel or max(2, min(8, getattr(self.sandbox, "size", 2) + 1))
         results: list[IdeaResult | None] = [None] * len(ideas)
         with ThreadPoolExecutor(max_workers=max(1, min(slots, len(ideas) or 1)), thread_name_prefix="rbi") as ex:
             futs = {ex.submit(self.run_one, text, force): k for k, text in enumerate(ideas)}
@@ -488,6 +496,14 @@ class RBI:
 
 
 MODEL_UNAVAILABLE = "model_unavailable"
+
+#: ``RBIConfig.plot`` -> which ok ideas get ``plot.html`` written into their run folder. "all": every one;
+#: "saved": only those marked saved (out-of-sample above ``save_threshold``); "none": no chart. A run folder
+#: without one still has everything the chart is drawn from: ``runs show N --plot`` and ``IdeaResult.plot()``
+#: draw it on demand (the same chart, indicator panels included).
+PLOT_CHOICES = {"all": lambda res: True, "saved": lambda res: bool(res.saved), "none": lambda res: False}
+
+
 
 
 class ModelOutage(RuntimeError):

@@ -256,6 +256,30 @@ def test_grid_keeps_returns_on_request_and_streams_otherwise():
     assert np.allclose(eq.to_numpy(), bt["_equity_curve"]["Equity"].to_numpy(), rtol=1e-12)
 
 
+def test_one_pass_gives_the_score_and_the_returns_of_separate_runs():
+    # a grid keeping its returns (PBO) runs each combination once: the same score and returns as two runs
+    fg = FastGrid(plan_of(grid(CROSS, {"fast_n": [5]}, data=BTC.iloc[:1500]).code), BTC.iloc[:1500])
+    for combo in ({"fast_n": 5, "slow_n": 30}, {"fast_n": 10, "slow_n": 60}, {"fast_n": 3, "slow_n": 1400}):
+        for maximize in ("Return [%]", "Sharpe Ratio"):  # a kernel metric, and one that needs the settlement
+            value, returns = fg.score_and_returns(combo, maximize)
+            alone = fg.score(combo, maximize)
+            assert value == alone or (math.isnan(value) and math.isnan(alone))
+            assert np.array_equal(returns, fg.returns(combo))
+
+
+def test_plan_of_is_the_same_plan_for_any_parameter_values_and_refuses_edits():
+    from moondev_lab.models.offline import set_class_param
+
+    code = grid(CROSS, {"fast_n": [5]}, data=BTC.iloc[:500]).code
+    first = plan_of(code)
+    tuned = set_class_param(code, "fast_n", 7)
+    again = plan_of(tuned)  # from the generated code kept for the idea, with only fast_n edited
+    assert again.defaults == {**first.defaults, "fast_n": 7} and again.code == tuned and again.spec is not first.spec
+    assert plan_of(code).defaults == first.defaults  # the kept generation is not changed by a plan made from it
+    assert plan_of(tuned.replace("fast_n = 7", "fast_n = 7  # edited")) is None
+    assert plan_of(set_class_param(code, "fast_n", 7.0)) is None  # a float where the generator has an int
+
+
 def test_grid_errors_are_clear():
     with pytest.raises(ValueError, match="has no parameter 'nope'"):
         grid(CROSS, {"nope": [1, 2]}, data=BTC.iloc[:500])

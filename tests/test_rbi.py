@@ -202,3 +202,38 @@ def test_model_outage_is_retried_later_and_never_charged(sandbox, tmp_path):
         with RBI(model, cfg(), led, sandbox, factory) as rbi:
             assert rbi.run_one("10/30 SMA cross").status == "ok"
     assert led.experiment_by_id(exp.id).status == "done"
+
+
+def test_plot_option_draws_the_run_folder_chart_for_saved_ideas_only_and_on_demand(sandbox, tmp_path):
+    # RBIConfig.plot: the chart is most of the parent's time per idea; "saved" writes plot.html only for
+    # ideas marked saved, "none" for none; the chart is still drawn on demand from the run.
+    led = Ledger(tmp_path / "l.sqlite")
+    with pytest.raises(ValueError, match="plot must be one of"):
+        RBI("offline", cfg(plot="sometimes"), ledger=led, sandbox=sandbox)
+    ideas = [RSI_IDEA, "20/50 SMA crossover, long only"]
+    never = run_rbi(ideas, model="offline", cfg=cfg(plot="saved", save_threshold=1e9, runs_dir=tmp_path / "a"),
+                    ledger=led, sandbox=sandbox, progress=False, force=True)
+    always = run_rbi(ideas, model="offline", cfg=cfg(plot="saved", save_threshold=-1e9, runs_dir=tmp_path / "b"),
+                     ledger=led, sandbox=sandbox, progress=False, force=True)
+    none = run_rbi(ideas[:1], model="offline", cfg=cfg(plot="none", save_threshold=-1e9, runs_dir=tmp_path / "c"),
+                   ledger=led, sandbox=sandbox, progress=False, force=True)
+    for report, drawn in ((never, False), (always, True), (none, False)):
+        for r in report.results:
+            assert r.status == "ok", r.error
+            assert r.saved is (report is not never)
+            assert (Path(r.run_dir) / "plot.html").exists() is drawn
+            assert {p.name for p in Path(r.run_dir).iterdir()} >= {"strategy.py", "stats.json", "result.json"}
+    # on demand: the same chart, from the run loaded back
+    r = never.results[0]
+    page = load_run(r.run_id, led).plot().to_html()
+    assert "Bokeh" in page and f"run {r.run_id} (out-of-sample" in page
+
+
+def test_rbi_command_charts_flag_sets_the_plot_option():
+    from moondev_lab.cli import _rbi_config, build_parser
+
+    assert _rbi_config(build_parser().parse_args(["rbi", "an idea", "--charts", "saved"])).plot == "saved"
+    assert _rbi_config(build_parser().parse_args(["rbi", "an idea"])).plot == "all"  # the default: as before
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["rbi", "an idea", "--charts", "sometimes"])
+    assert e.value.code == 2
