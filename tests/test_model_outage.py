@@ -134,3 +134,20 @@ def test_registry_most_specific_class_and_causes():
 
     register_outage(Down, "our gateway is down")
     assert outage_reason(Down()) == "our gateway is down (Down)"
+
+
+def test_classifying_an_offline_failure_does_not_import_anthropic():
+    """Only an imported anthropic can have raised its errors: an offline run never pays its import to classify."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from moondev_lab.models._outage import outage_reason\n"
+             "assert outage_reason(ValueError('x')) is None\n"
+             "assert 'anthropic' not in sys.modules, 'classifying imported anthropic'\n"
+             "import anthropic, httpx\n"
+             "req = httpx.Request('POST', 'http://127.0.0.1/v1/messages')\n"
+             "print(outage_reason(anthropic.APIConnectionError(request=req)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "API connection failed (APIConnectionError)"
