@@ -109,6 +109,27 @@ def settled_result(task: dict, reply: dict, known=None):
     return result
 
 
+def early_settlement(task: dict, raw: bytes | bytearray):
+    """``(order_log, settlement)`` of an order log the task sent ahead of its result, or None.
+
+    Settled while the task child still computes its claimed stats. It is only a head start:
+    :func:`settled_result` uses it (as ``known``) only when the result's own order log has
+    exactly its decisions, and settles the result's log itself otherwise. Never raises.
+    """
+    from moondev_lab.broker import OrderLog, settle
+
+    from ._wire import parse_early
+
+    try:
+        d = parse_early(raw)
+        if d is None:
+            return None
+        log = OrderLog.from_dict(d)
+        return log, settle(log, data_frame(task["data"]), BacktestSettings(**task["settings"]))
+    except Exception:  # noqa: BLE001 - whatever the task child sent: the result's log is settled instead
+        return None
+
+
 def same_decisions(a, b) -> bool:
     """Two order logs with the same decisions, on the same bars (their labels aside: strategy name, params).
 
