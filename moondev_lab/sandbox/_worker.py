@@ -623,6 +623,14 @@ class _Supervisor:
     def _answer(self) -> None:
         note = _seccomp.receive(self.listener)
         if note is None:
+            if _seccomp.hung_up(self.listener):
+                # Everything under the filter is exiting: nothing more to answer. Watching the fd
+                # any longer (it stays readable) would spin this loop while the task child exits.
+                listener, self.listener = self.listener, None
+                try:
+                    os.close(listener)
+                except OSError:
+                    pass
             return
         nid, pid, nr, args = note
         if nr in self.watched:  # a write attempt: reported if Landlock will refuse it, then let through
