@@ -124,13 +124,13 @@ def _quiet_stdio() -> None:
 
 def _remove_leftovers() -> None:
     """Temp dirs and cgroups of workers that were killed before they could clean up."""
-    base = Path("/sys/fs/cgroup/pids/moondev_lab")
-    for d in base.glob("*") if base.is_dir() else ():
-        if d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+    for base in (Path("/sys/fs/cgroup/pids/moondev_lab"), Path("/sys/fs/cgroup/memory/moondev_lab")):
+        for d in base.glob("*") if base.is_dir() else ():
+            if d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
     for d in Path(tempfile.gettempdir()).glob("moondev_sandbox_*_*"):
         pid = d.name.split("_")[2]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
@@ -172,6 +172,7 @@ class Worker:
         self.read_dirs = tuple(_isolation.python_dirs())
         self.disk_mb = int(config.get("disk_mb", _limits.Limits.disk_mb))
         self.cgroup = _limits.PidsCgroup.create(str(os.getpid()), 64)
+        self.oom_group = _limits.OomCgroup.create(str(os.getpid()))
         self.tmp_root = Path(tempfile.mkdtemp(prefix=f"moondev_sandbox_{os.getpid()}_"))
         os.chmod(self.tmp_root, 0o711)
         base_uid = config.get("base_uid", _limits.BASE_UID)
@@ -213,6 +214,8 @@ class Worker:
                 self._kill_task(self.standby.pid)
             if self.cgroup is not None:
                 self.cgroup.remove()
+            if self.oom_group is not None:
+                self.oom_group.remove()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     def _pool(self, ref: dict):
@@ -270,7 +273,7 @@ class Worker:
                 for pid in set(_chain_pids(chain.pid)) - lifted:
                     _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
                     lifted.add(pid)
-        oom_before = _oom_kills()
+        oom_before = self._oom_kills()
         try:  # worker -> child: the trusted direction
             socket.send_fds(chain.task_sock, [pickle.dumps((task, str(workdir)))], [store_fd])
             chain.task_sock.shutdown(socket.SHUT_WR)
@@ -325,11 +328,12 @@ class Worker:
         if os.getppid() != self.worker_pid:
             os._exit(0)
         os.setsid()  # one process group for the chain (the timeout kills it)
-        if self.cgroup is not None:
-            try:  # while idle: a cgroup-v1 move takes ~10-20 ms
-                self.cgroup.add_self()
-            except OSError:
-                pass
+        for group in (self.cgroup, self.oom_group):
+            if group is not None:
+                try:  # while idle: a cgroup-v1 move takes ~10-20 ms
+                    group.add_self()
+                except OSError:
+                    pass
         if self.uid is not None:
             _limits.expose_python_install()  # as root: hide /root, bind the interpreter back
             _isolation.drop_uid(self.uid)
@@ -486,7 +490,7 @@ class Worker:
         elif bufs[chain.res_r]:
             result = bytes(bufs[chain.res_r])  # passed on unparsed: see _wire.encode_reply
         elif events.status is not None:
-            reply["error"] = _status_error(events.status, limits, _oom_kills() > oom_before)
+            reply["error"] = _status_error(events.status, limits, self._oom_kills() > oom_before)
         elif events.internal:
             reply["error"] = {**_err(ErrorKind.INTERNAL_ERROR, "SupervisorError", "the task's supervisor failed"),
                               "traceback": events.internal}
@@ -503,6 +507,11 @@ class Worker:
                 result = b""
         reply["result"] = result
         return reply
+
+    def _oom_kills(self) -> int:
+        """OOM kills in this worker's memory cgroup (only the current task is ever in it), else system-wide."""
+        count = self.oom_group.oom_kills() if self.oom_group is not None else None
+        return _oom_kills() if count is None else count
 
     def _kill_task(self, pid: int) -> None:
         """Kill the chain, its cgroup, and every orphan that came to us; reap them all.
