@@ -134,14 +134,7 @@ class PidsCgroup:
 
     def failures(self) -> int:
         """Total forks refused by ``pids.max`` since the group was made."""
-        try:
-            for line in (self.path / "pids.events").read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == "max":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+        return _cgroup_counter(self.path / "pids.events", "max") or 0
 
     def new_failures(self) -> int:
         now = self.failures()
@@ -172,6 +165,18 @@ class PidsCgroup:
 
 
 _CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup_counter(path: Path, key: str) -> int | None:
+    """The value of ``key`` in a cgroup file of ``key value`` lines; None if absent or unreadable."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 @dataclass
@@ -209,14 +214,7 @@ class OomCgroup:
 
     def oom_kills(self) -> int | None:
         """Processes of this group killed by an OOM killer since it was made; None if the kernel has no count."""
-        try:
-            for line in (self.path / "memory.oom_control").read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return None
+        return _cgroup_counter(self.path / "memory.oom_control", "oom_kill")
 
     def remove(self) -> None:
         try:
