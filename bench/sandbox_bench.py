@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -86,12 +87,13 @@ def bench_dispatch(home: str, repeats: int) -> dict:
     ref = DataRef(start="2023-03-01", end="2023-03-02", root=str(Path(home) / "store"))
     with SandboxPool(2) as pool:
         pool.run(SMA_CROSS, ref)  # start the template and a worker
-        warm = []
+        warm, timings = [], []
         for _ in range(repeats * 4):
             t = time.perf_counter()
             res = pool.run(SMA_CROSS, ref)
             warm.append(time.perf_counter() - t)
             assert res.ok, res.error
+            timings.append(res.timings)
     with tempfile.TemporaryDirectory() as d:
         script = Path(d) / "strategy.py"
         script.write_text(COLD_SCRIPT.format(csv=str(CSV)))
@@ -105,7 +107,12 @@ def bench_dispatch(home: str, repeats: int) -> dict:
     print(f"  warm pool      {warm_s * 1000:8.1f} ms  (min {min(warm) * 1000:.1f}, max {max(warm) * 1000:.1f}, n={len(warm)})")
     print(f"  cold process   {cold_s * 1000:8.1f} ms  (min {min(cold) * 1000:.1f}, max {max(cold) * 1000:.1f}, n={len(cold)})")
     print(f"  ratio          {cold_s / warm_s:8.1f}x faster   (goal >= 20x)   [cold stdout: {out.stdout.strip()}]")
-    return {"warm_ms": warm_s * 1000, "cold_ms": cold_s * 1000, "ratio": cold_s / warm_s}
+    split = {k: statistics.median(t[k] for t in timings) * 1000 for k in ("round_trip_s", "settle_ahead_s", "settle_s")}
+    ahead = sum(bool(t["settled_ahead"]) for t in timings)
+    print(f"  where it goes  round trip {split['round_trip_s']:.1f} ms (of which the trusted settlement made while the "
+          f"task child computes its claims: {split['settle_ahead_s']:.1f}), then settlement {split['settle_s']:.1f} ms "
+          f"(medians; settled ahead: {ahead}/{len(timings)})   load {os.getloadavg()[0]:.1f}")
+    return {"warm_ms": warm_s * 1000, "cold_ms": cold_s * 1000, "ratio": cold_s / warm_s, "split_ms": split}
 
 
 # --------------------------------------------------------------------------- layers
@@ -115,25 +122,31 @@ LAYER_CONFIGS = {"all layers": "", "no seccomp": "seccomp", "no Landlock": "land
 
 def bench_layers(home: str, runs: int) -> dict:
     """Dispatch latency with each sandbox layer switched off in turn (MOONDEV_LAB_SANDBOX_DISABLE),
-    and the cold ``python strategy.py`` baseline, in one run."""
+    and the cold ``python strategy.py`` baseline, in one run. One pool per configuration, all alive
+    at once, their runs interleaved."""
     from moondev_lab.sandbox import DataRef, SandboxPool
 
     ref = DataRef(start="2023-03-01", end="2023-03-02", root=str(Path(home) / "store"))
-    medians = {}
-    with warnings.catch_warnings():
+    times: dict[str, list] = {label: [] for label in LAYER_CONFIGS}
+    pools = {}
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")  # the degraded configurations warn, by design
         for label, disabled in LAYER_CONFIGS.items():
-            os.environ["MOONDEV_LAB_SANDBOX_DISABLE"] = disabled
-            with SandboxPool(2) as pool:
-                pool.run(SMA_CROSS, ref)
-                times = []
-                for _ in range(runs):
+            os.environ["MOONDEV_LAB_SANDBOX_DISABLE"] = disabled  # read when the pool starts
+            pools[label] = stack.enter_context(SandboxPool(2))
+            pools[label].run(SMA_CROSS, ref)
+        os.environ.pop("MOONDEV_LAB_SANDBOX_DISABLE", None)
+        # Interleaved in blocks of 5 sequential runs, so that the machine's load drifts over every
+        # configuration alike (one configuration after the other measured the drift, not the layers).
+        block = 5
+        for _ in range(max(1, runs // block)):
+            for label, pool in pools.items():
+                for _ in range(block):
                     t = time.perf_counter()
                     res = pool.run(SMA_CROSS, ref)
-                    times.append(time.perf_counter() - t)
+                    times[label].append(time.perf_counter() - t)
                     assert res.ok, res.error
-            medians[label] = statistics.median(times)
-    os.environ.pop("MOONDEV_LAB_SANDBOX_DISABLE", None)
+    medians = {label: statistics.median(v) for label, v in times.items()}
     with tempfile.TemporaryDirectory() as d:
         script = Path(d) / "strategy.py"
         script.write_text(COLD_SCRIPT.format(csv=str(CSV)))
@@ -148,7 +161,8 @@ def bench_layers(home: str, runs: int) -> dict:
     for label, m in medians.items():
         cost = "" if label == "all layers" else f"   layer cost {(full - m) * 1000:+6.2f} ms"
         print(f"  {label:<18} {m * 1000:7.1f} ms   {cold_s / m:5.1f}x faster than cold{cost}")
-    print(f"  cold process       {cold_s * 1000:7.1f} ms   (goal: all layers >= 20x faster: {cold_s / full:.1f}x)")
+    print(f"  cold process       {cold_s * 1000:7.1f} ms   (goal: all layers >= 20x faster: {cold_s / full:.1f}x)"
+          f"   load {os.getloadavg()[0]:.1f}")
     return {"medians_ms": {k: v * 1000 for k, v in medians.items()}, "cold_ms": cold_s * 1000,
             "ratio_all_layers": cold_s / full}
 

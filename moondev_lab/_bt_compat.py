@@ -195,24 +195,46 @@ class RecordingBacktest(Backtest):
     """
 
     max_events = DEFAULT_MAX_EVENTS
+    #: Called with the run's :class:`~moondev_lab.broker.OrderLog` as soon as its decisions are final
+    #: (right after the bar loop, before backtesting.py computes the stats), so that a trusted side can
+    #: start settling it meanwhile. Not called when the loop ends early (out of money); ``order_log``
+    #: after the run is the log to trust either way.
+    on_decided = None
 
     def __init__(self, data, strategy, **kwargs):
         super().__init__(data, strategy, **kwargs)
         self._broker_keywords = self._broker.keywords
         self._recorder: Recorder | None = None
+        self._run_broker: RecordingBroker | None = None
         self.order_log = None
 
     def _recording_broker(self, keywords: dict, **kwargs) -> RecordingBroker:
         self._recorder = Recorder(self.max_events)
-        return RecordingBroker(recorder=self._recorder, **keywords, **kwargs)
+        self._run_broker = RecordingBroker(recorder=self._recorder, **keywords, **kwargs)
+        return self._run_broker
 
     # Backtest.run reads ``_finalize_trades`` once, right after its bar loop: from then on,
     # Trade.close() calls are finalize_trades' own, not the strategy's.
     @property
     def _finalize_trades(self) -> bool:
-        if self._recorder is not None:
+        if self._recorder is not None and not self._recorder.finalizing:
             self._recorder.finalizing = True
+            if self.on_decided is not None:
+                self._decided()
         return self.__dict__["_finalize_value"]
+
+    def _decided(self) -> None:
+        """Hand the finished decisions to :attr:`on_decided` (a best effort: the run goes on regardless)."""
+        from .broker import OrderLog  # broker imports this module
+
+        equity = self._run_broker._equity  # NaN until the loop's first bar: Backtest.run's own ``start``
+        ran = np.flatnonzero(~np.isnan(equity))
+        if not len(ran):
+            return
+        log = OrderLog.from_rows(self._recorder.rows, tags=self._recorder.tags.values, start=int(ran[0]),
+                                 index=self._data.index, strategy=self._strategy.__name__,
+                                 params=dict(self.__dict__.get("_run_params", {})))
+        self.on_decided(log)
 
     @_finalize_trades.setter
     def _finalize_trades(self, value: bool) -> None:
@@ -222,6 +244,7 @@ class RecordingBacktest(Backtest):
         # Bound here, not in __init__: Backtest.optimize runs its grid on copy(self), whose
         # recorder must be the copy's own.
         self._broker = partial(self._recording_broker, self._broker_keywords)
+        self.__dict__["_run_params"] = kwargs
         stats = super().run(**kwargs)
         self.order_log = order_log_of(self._recorder, stats["_strategy"], self._data.index)
         return stats

@@ -252,6 +252,46 @@ print(json.dumps({"ok": True, "stats": {"Return [%]": 1e9, "# Trades": 77}}))
 """ + DO_NOTHING
 
 
+# The order log sent ahead of the result (settled while the task computes its claimed stats) is only a
+# head start: the result's own log is what is settled and compared, whatever came ahead of it.
+EARLY_WITHOUT_DECISIONS = """
+from moondev_lab import _bt_compat
+
+_real = _bt_compat.RecordingBacktest._decided
+
+def _forged(self):
+    rows, self._recorder.rows = self._recorder.rows, []
+    try:
+        _real(self)
+    finally:
+        self._recorder.rows = rows
+
+_bt_compat.RecordingBacktest._decided = _forged
+"""
+
+EARLY_JUNK = """
+class _Junk:
+    def to_dict(self):
+        return {"format": "not an order log", "n": -1}
+
+from moondev_lab import _bt_compat
+_bt_compat.RecordingBacktest._decided = lambda self: self.on_decided(_Junk())
+"""
+
+EARLY_ENDLESS_FRAME = """
+import os, struct, sys
+from moondev_lab import _bt_compat
+
+def _endless(self):
+    frame = sys._getframe()
+    while frame is not None and "early_w" not in frame.f_locals:
+        frame = frame.f_back
+    os.write(frame.f_locals["early_w"], struct.pack("!Q", 2**62) + b"{")
+
+_bt_compat.RecordingBacktest._decided = _endless
+"""
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("home") / "store"
@@ -286,6 +326,31 @@ def test_honest_run_is_settled_and_kept(pool, store):
     assert res.stats["Return [%]"] == truth["Return [%]"] and res.stats["# Trades"] == truth["# Trades"] > 0
     assert res.settled is not None and len(res.settled.trades) == len(res.trades)
     assert "settled" not in res.to_dict()
+
+
+def test_an_honest_run_is_settled_ahead_of_its_result(pool, store):
+    res = pool.run(sma_cross(), _ref(store))
+    assert res.ok and res.timings["settled_ahead"], (res.error, res.timings)
+    truth = _truth(store, sma_cross())
+    assert {k: res.stats[k] for k in truth if k != "_strategy"} == {k: v for k, v in truth.items() if k != "_strategy"}
+
+
+@pytest.mark.parametrize("forgery", [EARLY_WITHOUT_DECISIONS, EARLY_JUNK, EARLY_ENDLESS_FRAME],
+                         ids=["other-decisions", "junk", "endless-frame"])
+def test_a_forged_early_order_log_changes_nothing(pool, store, forgery):
+    res = pool.run(forgery + sma_cross(), _ref(store))
+    assert res.ok, res.error
+    assert not res.timings["settled_ahead"]  # the result's own log was settled instead
+    truth = _truth(store, sma_cross())
+    assert res.stats["Return [%]"] == truth["Return [%]"] and res.stats["# Trades"] == truth["# Trades"] > 0
+    assert pool.run(sma_cross(), _ref(store)).timings["settled_ahead"]  # and the worker still serves
+
+
+def test_claimed_stats_still_mismatch_when_the_early_log_is_true(pool, store):
+    code = PATCHED_STATS.replace(DO_NOTHING, sma_cross().split("import talib\n", 1)[1])
+    res = pool.run("from backtesting.lib import crossover\nimport talib\n" + code, _ref(store))
+    assert res.timings["settled_ahead"]
+    assert not res.ok and res.error.kind == ErrorKind.RESULT_MISMATCH and res.stats["Return [%]"] < 1e9
 
 
 def test_monkeypatched_stats_are_a_mismatch_with_the_true_stats(pool, store):

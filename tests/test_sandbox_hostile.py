@@ -127,6 +127,25 @@ def test_memory_error_while_encoding_is_a_memory_limit(pools, data):
     assert res.error.kind == ErrorKind.MEMORY_LIMIT, res.error
 
 
+@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK), reason="no writable cgroup-v1 memory hierarchy")
+def test_oom_kills_are_counted_per_task(pools, data):
+    from moondev_lab.sandbox._limits import OomCgroup
+
+    # The task's chain is in its worker's own memory cgroup, whose OOM-kill count classifies a SIGKILL
+    # (an OOM kill anywhere else on the machine is no longer blamed on this task).
+    res = pools[0].run(STRATEGY + "print(open('/proc/self/cgroup').read())", data)
+    assert res.ok, res.error
+    assert f"memory:/moondev_lab/{res.worker_pid}" in res.stdout, res.stdout
+    group = OomCgroup.create(f"test-{os.getpid()}")
+    try:
+        assert group is not None and group.oom_kills() == 0
+    finally:
+        group.remove()
+    assert not group.path.exists()
+    res = pools[0].run(STRATEGY + "import ctypes, os\nctypes.CDLL(None).kill(os.getpid(), 9)", data)  # past the hook
+    assert res.error.kind == ErrorKind.KILLED and "no out-of-memory kill" in res.error.message
+
+
 def test_sys_exit_and_os_exit(pools, data):
     assert pools[0].run(STRATEGY + "import sys\nsys.exit(3)", data).error.kind == ErrorKind.EXITED
     res = pools[0].run(STRATEGY + "import os\nos._exit(0)", data)

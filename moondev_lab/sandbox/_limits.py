@@ -134,14 +134,7 @@ class PidsCgroup:
 
     def failures(self) -> int:
         """Total forks refused by ``pids.max`` since the group was made."""
-        try:
-            for line in (self.path / "pids.events").read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == "max":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+        return _cgroup_counter(self.path / "pids.events", "max") or 0
 
     def new_failures(self) -> int:
         now = self.failures()
@@ -167,6 +160,65 @@ class PidsCgroup:
         self.kill_all()
         try:
             self.path.rmdir()
+        except OSError:
+            pass
+
+
+_CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup_counter(path: Path, key: str) -> int | None:
+    """The value of ``key`` in a cgroup file of ``key value`` lines; None if absent or unreadable."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@dataclass
+class OomCgroup:
+    """A cgroup-v1 memory group with no limit, only for its count of OOM kills.
+
+    The kernel counts, per memory cgroup, the processes any OOM killer (the system's too)
+    killed in it (``oom_kill`` in ``memory.oom_control``). A worker's task chain joins its
+    group at standby time, and only one task's chain is ever in it, so the count is per task:
+    a SIGKILL is then blamed on memory only when this task lost a process to an OOM kill, not
+    when any process on the machine did (``/proc/vmstat``'s ``oom_kill``, the fallback).
+
+    >>> group = OomCgroup.create("doc")                       # doctest: +SKIP
+    >>> group.oom_kills()                                     # doctest: +SKIP
+    0
+    """
+
+    path: Path
+
+    @classmethod
+    def create(cls, name: str) -> "OomCgroup | None":
+        """Make ``/sys/fs/cgroup/memory/moondev_lab/<name>``; None where unavailable (then: system-wide)."""
+        if not os.access(_CGROUP_MEMORY, os.W_OK):
+            return None
+        try:
+            path = _CGROUP_MEMORY / "moondev_lab" / name
+            path.mkdir(parents=True, exist_ok=True)
+            group = cls(path)
+            return group if group.oom_kills() is not None else group.remove()
+        except OSError:
+            return None
+
+    def add_self(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def oom_kills(self) -> int | None:
+        """Processes of this group killed by an OOM killer since it was made; None if the kernel has no count."""
+        return _cgroup_counter(self.path / "memory.oom_control", "oom_kill")
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()  # (a group with processes left refuses: the caller has killed them)
         except OSError:
             pass
 

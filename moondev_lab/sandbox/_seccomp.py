@@ -33,6 +33,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 
@@ -297,6 +298,17 @@ def receive(listener: int) -> tuple[int, int, int, tuple[int, ...]] | None:
         return None
     nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
     return nid, pid, nr, tuple(args)
+
+
+def hung_up(listener: int) -> bool:
+    """Whether every process under the filter has exited: no notification can come any more.
+
+    The listener then stays readable (``POLLHUP``), from the moment the last one starts to exit
+    (before its memory is torn down and it can be reaped): a supervisor must stop watching it.
+    """
+    poller = select.poll()
+    poller.register(listener, select.POLLIN | select.POLLHUP)
+    return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
 
 
 def refuse(listener: int, notification_id: int, code: int = errno.EPERM) -> None:

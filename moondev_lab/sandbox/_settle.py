@@ -41,9 +41,10 @@ def settled_result(task: dict, reply: dict, known=None):
     """The :class:`~moondev_lab.sandbox.pool.BacktestResult` of ``reply``, with settled stats, trades and equity.
 
     ``known``: ``(order_log, settlement)`` the caller already settled on this task's data and
-    settings (the fast path's, :mod:`moondev_lab._fast_session`). When the reply's decisions are
-    exactly that log's, settling them again would give that settlement, so it is used as is
-    (``result.settled is known[1]``); the claimed stats are checked against it all the same.
+    settings (the fast path's, :mod:`moondev_lab._fast_session`), or :func:`early_settlement`'s
+    ``(order_log, settlement, shown)``. When the reply's decisions are exactly that log's, settling
+    them again would give that settlement, so it is used as is (``result.settled is known[1]``);
+    the claimed stats are checked against it all the same.
     """
     from .pool import _to_result
 
@@ -60,23 +61,20 @@ def settled_result(task: dict, reply: dict, known=None):
         return _mismatch(result, "the reply carries no order log, so its results cannot be settled")
     from moondev_lab.broker import OrderLog, SettlementError, settle
 
-    from .harness import EQUITY_POINTS, equity_points, stats_to_dict, trades_to_records
-
+    shown = None
     try:
         log = OrderLog.from_dict(payload["order_log"])
         if known is not None and same_decisions(log, known[0]):
-            settlement = known[1]
+            settlement, shown = known[1], (known[2] if len(known) > 2 else None)
         else:
             settlement = settle(log, data_frame(task["data"]), BacktestSettings(**task["settings"]))
     except SettlementError as exc:
         return _mismatch(result, f"the order log cannot be settled: {exc}")
     except Exception as exc:  # noqa: BLE001 - whatever the task child put in its log must not crash the pool
         return _mismatch(result, f"the order log is malformed: {type(exc).__name__}: {str(exc)[:300]}")
-    stats = stats_to_dict(settlement.stats)
-    stats["_strategy"] = claimed.get("_strategy")  # the parameters it ran with: shown, never ranked
+    stats, result.trades, result.equity = shown or _shown(settlement, task)
+    stats = {**stats, "_strategy": claimed.get("_strategy")}  # the parameters it ran with: shown, never ranked
     result.stats = stats
-    result.trades = trades_to_records(settlement.trades)
-    result.equity = equity_points(settlement.equity, task.get("equity_points", EQUITY_POINTS))
     result.settled = settlement
     if task.get("indicators"):  # display-only claims; a bad payload costs the plot its indicators, not the run
         from ._wire import decode_indicators
@@ -107,6 +105,37 @@ def settled_result(task: dict, reply: dict, known=None):
         more = f" (and {len(differences) - _SHOWN_DIFFERENCES} more)" if len(differences) > _SHOWN_DIFFERENCES else ""
         return _mismatch(result, f"the strategy's own stats differ from the settled ones: {shown}{more}")
     return result
+
+
+def _shown(settlement, task: dict) -> tuple[dict, list, list]:
+    """A settlement as a result shows it: ``(stats, trades, equity)`` as JSON-able dicts and lists."""
+    from .harness import EQUITY_POINTS, equity_points, stats_to_dict, trades_to_records
+
+    return (stats_to_dict(settlement.stats), trades_to_records(settlement.trades),
+            equity_points(settlement.equity, task.get("equity_points", EQUITY_POINTS)))
+
+
+def early_settlement(task: dict, raw: bytes | bytearray):
+    """``(order_log, settlement, shown)`` of an order log the task sent ahead of its result, or None.
+
+    Settled (and converted for showing, :func:`_shown`) while the task child still computes its
+    claimed stats. It is only a head start:
+    :func:`settled_result` uses it (as ``known``) only when the result's own order log has
+    exactly its decisions, and settles the result's log itself otherwise. Never raises.
+    """
+    from moondev_lab.broker import OrderLog, settle
+
+    from ._wire import parse_early
+
+    try:
+        d = parse_early(raw)
+        if d is None:
+            return None
+        log = OrderLog.from_dict(d)
+        settlement = settle(log, data_frame(task["data"]), BacktestSettings(**task["settings"]))
+        return log, settlement, _shown(settlement, task)
+    except Exception:  # noqa: BLE001 - whatever the task child sent: the result's log is settled instead
+        return None
 
 
 def same_decisions(a, b) -> bool:

@@ -48,6 +48,29 @@ def _recv_exactly(sock: socket.socket, n: int, deadline: float | None = None) ->
     return buf
 
 
+#: First byte of a worker message that is not the reply but the task's order log, sent ahead of it
+#: (at most one per task; a reply's JSON header always starts with ``{``).
+EARLY_TAG = b"E"
+
+
+def parse_early(raw: bytes | bytearray) -> dict | None:
+    """The order-log dict of an early message (after :data:`EARLY_TAG`), or None if it is malformed.
+
+    Untrusted, like a result: size- and type-checked, never raises. It is only a hint (see
+    :func:`~moondev_lab.sandbox._settle.early_settlement`): what counts is the result's own log.
+
+    >>> parse_early(b'{"format": 1}'), parse_early(b"[" * 100_000)
+    ({'format': 1}, None)
+    """
+    try:
+        if len(raw) > MAX_RESULT:
+            return None
+        log = json.loads(bytes(raw))
+    except (ValueError, TypeError, RecursionError, MemoryError):
+        return None
+    return log if isinstance(log, dict) else None
+
+
 def encode_reply(reply: dict, result: bytes) -> bytes:
     """A worker's reply: its JSON header line, then the task child's result bytes, unparsed.
 

@@ -42,6 +42,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -52,10 +53,11 @@ from ._lean import without_pyarrow
 
 with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
     from . import _isolation, _limits, _refusals, _seccomp, harness
-from ._wire import encode_reply, parse_result, recv_msg, send_msg
+from ._wire import EARLY_TAG, encode_reply, parse_result, recv_msg, send_msg
 from .errors import ErrorKind
 
 _RESULT_CAP = 64 * 2**20
+_EARLY_HEADER = struct.Struct("!Q")
 _MAX_VIOLATIONS = 100
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
@@ -122,13 +124,13 @@ def _quiet_stdio() -> None:
 
 def _remove_leftovers() -> None:
     """Temp dirs and cgroups of workers that were killed before they could clean up."""
-    base = Path("/sys/fs/cgroup/pids/moondev_lab")
-    for d in base.glob("*") if base.is_dir() else ():
-        if d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+    for base in (Path("/sys/fs/cgroup/pids/moondev_lab"), Path("/sys/fs/cgroup/memory/moondev_lab")):
+        for d in base.glob("*") if base.is_dir() else ():
+            if d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
     for d in Path(tempfile.gettempdir()).glob("moondev_sandbox_*_*"):
         pid = d.name.split("_")[2]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
@@ -146,11 +148,12 @@ class _Standby:
     out_r: int
     err_r: int
     status_r: int       # written by the supervisor only
+    early_r: int        # the task child's order log as soon as its decisions are final (a hint)
     warming: bool
 
     def close(self) -> None:
         self.task_sock.close()
-        for fd in (self.res_r, self.out_r, self.err_r, self.status_r):
+        for fd in (self.res_r, self.out_r, self.err_r, self.status_r, self.early_r):
             os.close(fd)
 
 
@@ -169,6 +172,7 @@ class Worker:
         self.read_dirs = tuple(_isolation.python_dirs())
         self.disk_mb = int(config.get("disk_mb", _limits.Limits.disk_mb))
         self.cgroup = _limits.PidsCgroup.create(str(os.getpid()), 64)
+        self.oom_group = _limits.OomCgroup.create(str(os.getpid()))
         self.tmp_root = Path(tempfile.mkdtemp(prefix=f"moondev_sandbox_{os.getpid()}_"))
         os.chmod(self.tmp_root, 0o711)
         base_uid = config.get("base_uid", _limits.BASE_UID)
@@ -210,6 +214,8 @@ class Worker:
                 self._kill_task(self.standby.pid)
             if self.cgroup is not None:
                 self.cgroup.remove()
+            if self.oom_group is not None:
+                self.oom_group.remove()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     def _pool(self, ref: dict):
@@ -267,13 +273,13 @@ class Worker:
                 for pid in set(_chain_pids(chain.pid)) - lifted:
                     _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
                     lifted.add(pid)
-        oom_before = _oom_kills()
+        oom_before = self._oom_kills()
         try:  # worker -> child: the trusted direction
             socket.send_fds(chain.task_sock, [pickle.dumps((task, str(workdir)))], [store_fd])
             chain.task_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the standby died; _collect reports how
-        return self._collect(chain, task["timeout"], limits, oom_before)
+        return self._collect(chain, task["timeout"], limits, oom_before, bool(task.get("early")))
 
     # ------------------------------------------------------------------ the process chain
     def _fork_standby(self, warm: bool = True) -> None:
@@ -292,6 +298,7 @@ class Worker:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
+        early_r, early_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # ------------------------------------------------ standby
             try:
@@ -299,9 +306,9 @@ class Worker:
                 os.dup2(err_w, 2)
                 ours.close()
                 self.sock.close()
-                for fd in (res_r, out_r, err_r, status_r, out_w, err_w):
+                for fd in (res_r, out_r, err_r, status_r, early_r, out_w, err_w):
                     os.close(fd)
-                self._standby_main(theirs, res_w, status_w, warm)
+                self._standby_main(theirs, res_w, status_w, early_w, warm)
             except BaseException:  # noqa: BLE001 - never return into the worker's loop
                 import traceback
 
@@ -309,22 +316,24 @@ class Worker:
             os._exit(70)
         # -------------------------------------------------------------- worker side
         theirs.close()
-        for fd in (res_w, out_w, err_w, status_w):
+        for fd in (res_w, out_w, err_w, status_w, early_w):
             os.close(fd)
         idle = warm and self.idle_warmup and _set_idle_priority(pid, True)  # inherited by the chain
-        self.standby = _Standby(pid, ours, res_r, out_r, err_r, status_r, idle)
+        self.standby = _Standby(pid, ours, res_r, out_r, err_r, status_r, early_r, idle)
 
-    def _standby_main(self, task_sock: socket.socket, res_w: int, status_w: int, warm: bool) -> None:
+    def _standby_main(self, task_sock: socket.socket, res_w: int, status_w: int, early_w: int,
+                      warm: bool) -> None:
         # Die with the worker: the init dies with us, and with it everything in the namespace.
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != self.worker_pid:
             os._exit(0)
         os.setsid()  # one process group for the chain (the timeout kills it)
-        if self.cgroup is not None:
-            try:  # while idle: a cgroup-v1 move takes ~10-20 ms
-                self.cgroup.add_self()
-            except OSError:
-                pass
+        for group in (self.cgroup, self.oom_group):
+            if group is not None:
+                try:  # while idle: a cgroup-v1 move takes ~10-20 ms
+                    group.add_self()
+                except OSError:
+                    pass
         if self.uid is not None:
             _limits.expose_python_install()  # as root: hide /root, bind the interpreter back
             _isolation.drop_uid(self.uid)
@@ -340,7 +349,7 @@ class Worker:
             try:
                 chan_sup.close()
                 os.close(status_w)
-                self._task_main(task_sock, res_w, chan_task, warm, namespaces)
+                self._task_main(task_sock, res_w, early_w, chan_task, warm, namespaces)
             except BaseException:  # noqa: BLE001
                 status = 70
             finally:
@@ -349,6 +358,7 @@ class Worker:
         task_sock.close()
         chan_task.close()
         os.close(res_w)
+        os.close(early_w)
         _blank_all_but((status_w, chan_sup.fileno()))
         supervisor = _Supervisor(child, chan_sup, status_w, in_pid_namespace=namespaces)
         try:
@@ -359,15 +369,17 @@ class Worker:
             supervisor.emit({"internal": traceback.format_exc()[-4000:]})
         os._exit(0)
 
-    def _task_main(self, task_sock: socket.socket, res_w: int, chan: socket.socket, warm: bool,
+    def _task_main(self, task_sock: socket.socket, res_w: int, early_w: int, chan: socket.socket, warm: bool,
                    namespaces: bool) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Before the warm-up, which a task cuts short: the Landlock ruleset and the seccomp program
+        # (~2 ms) are then never built on the task's clock, however early it arrives.
+        prepared = _limits.prepare(self.caps, namespaces, self.read_dirs)
         if warm:
             try:
                 harness.warm_up(lambda: _readable(task_sock.fileno()), grid=False)
             except BaseException:  # noqa: BLE001 - a failed warm-up only costs speed
                 pass
-        prepared = _limits.prepare(self.caps, namespaces, self.read_dirs)  # before the task: off its clock
         msg, fds, _flags, _addr = socket.recv_fds(task_sock, 1 << 20, 1)
         if not msg:
             os._exit(0)
@@ -385,11 +397,11 @@ class Worker:
         else:
             ctx = _limits.TaskContext(
                 caps=self.caps, workdir=Path(_isolation.TASK_WORKDIR if namespaces else workdir),
-                namespaces=namespaces, store_root=os.path.realpath(ref["root"]), keep_fds=(res_w,),
+                namespaces=namespaces, store_root=os.path.realpath(ref["root"]), keep_fds=(res_w, early_w),
                 channel=chan, read_dirs=self.read_dirs, nproc_slack=3 if namespaces else 0,
                 default_disk_mb=self.disk_mb)
             _limits.enter_sandbox(_limits.Limits(**task["limits"]), ctx, prepared)
-            payload = _execute(task, frame)
+            payload = _execute(task, frame, _early_sender(early_w) if task.get("early") else None)
         data = _dump(payload)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -407,16 +419,17 @@ class Worker:
                          end=r.get("end")) for r in runs]
 
     # ------------------------------------------------------------------ waiting for it
-    def _collect(self, chain: _Standby, timeout: float, limits, oom_before: int) -> dict:
+    def _collect(self, chain: _Standby, timeout: float, limits, oom_before: int, forward_early: bool = False) -> dict:
         pid = chain.pid
         pidfd = os.pidfd_open(pid)
         caps = {chain.res_r: _RESULT_CAP, chain.out_r: limits.output_bytes, chain.err_r: limits.output_bytes,
-                chain.status_r: 1 << 20}
+                chain.status_r: 1 << 20, chain.early_r: _RESULT_CAP}
         bufs = {fd: bytearray() for fd in caps}
         truncated = {fd: False for fd in caps}
         open_fds = set(caps)
         deadline = time.monotonic() + timeout
         timed_out = exited = False
+        early = {"sent": not forward_early}
 
         def drain(fd: int) -> None:
             chunk = os.read(fd, 1 << 16)
@@ -427,6 +440,8 @@ class Worker:
             if len(chunk) > room:
                 truncated[fd] = True
             bufs[fd] += chunk[:max(room, 0)]
+            if fd == chain.early_r and not early["sent"]:
+                early["sent"] = _forward_early(self.sock, bufs[fd])
 
         while not exited or open_fds:
             left = deadline - time.monotonic()
@@ -475,7 +490,7 @@ class Worker:
         elif bufs[chain.res_r]:
             result = bytes(bufs[chain.res_r])  # passed on unparsed: see _wire.encode_reply
         elif events.status is not None:
-            reply["error"] = _status_error(events.status, limits, _oom_kills() > oom_before)
+            reply["error"] = _status_error(events.status, limits, self._oom_kills() > oom_before)
         elif events.internal:
             reply["error"] = {**_err(ErrorKind.INTERNAL_ERROR, "SupervisorError", "the task's supervisor failed"),
                               "traceback": events.internal}
@@ -492,6 +507,11 @@ class Worker:
                 result = b""
         reply["result"] = result
         return reply
+
+    def _oom_kills(self) -> int:
+        """OOM kills in this worker's memory cgroup (only the current task is ever in it), else system-wide."""
+        count = self.oom_group.oom_kills() if self.oom_group is not None else None
+        return _oom_kills() if count is None else count
 
     def _kill_task(self, pid: int) -> None:
         """Kill the chain, its cgroup, and every orphan that came to us; reap them all.
@@ -612,6 +632,14 @@ class _Supervisor:
     def _answer(self) -> None:
         note = _seccomp.receive(self.listener)
         if note is None:
+            if _seccomp.hung_up(self.listener):
+                # Everything under the filter is exiting: nothing more to answer. Watching the fd
+                # any longer (it stays readable) would spin this loop while the task child exits.
+                listener, self.listener = self.listener, None
+                try:
+                    os.close(listener)
+                except OSError:
+                    pass
             return
         nid, pid, nr, args = note
         if nr in self.watched:  # a write attempt: reported if Landlock will refuse it, then let through
@@ -681,10 +709,10 @@ def _supervisor_events(buf: bytearray) -> _Events:
     return events
 
 
-def _execute(task: dict, frame) -> dict:
+def _execute(task: dict, frame, early=None) -> dict:
     """harness.execute, plus what it cannot classify itself (an exception whose ``__str__`` raises)."""
     try:
-        return harness.execute(task, frame)
+        return harness.execute(task, frame, early)
     except MemoryError:
         return {"ok": False, "error": _err(ErrorKind.MEMORY_LIMIT, "MemoryError", "out of memory")}
     except BaseException as exc:  # noqa: BLE001 - str(exc) is what failed: never call it again
@@ -695,6 +723,40 @@ def _execute(task: dict, frame) -> dict:
         return {"ok": False, "error": _err(ErrorKind.STRATEGY_ERROR, name,
                                            "the strategy raised an exception that cannot be shown as text "
                                            "(its __str__ raised)")}
+
+
+def _forward_early(sock: socket.socket, buf: bytearray) -> bool:
+    """Pass the task child's early order log on to the parent once its frame is whole; True once sent.
+
+    Unparsed, as results are (the parent checks it, and uses it only to settle ahead of the
+    result, whose own order log it then compares): at most one message per task.
+    """
+    size = _EARLY_HEADER.size
+    if len(buf) < size:
+        return False
+    (n,) = _EARLY_HEADER.unpack_from(buf)
+    if n > _RESULT_CAP - size:
+        return True  # never whole: nothing to forward
+    if len(buf) < size + n:
+        return False
+    send_msg(sock, EARLY_TAG + bytes(buf[size:size + n]))
+    return True
+
+
+def _early_sender(fd: int):
+    """``harness.execute``'s ``early``: the order log, as one length-prefixed JSON frame on ``fd``, once."""
+    def send(log) -> None:
+        nonlocal fd
+        if fd < 0:
+            return
+        try:
+            data = json.dumps(log.to_dict()).encode()
+            _write_all(fd, _EARLY_HEADER.pack(len(data)) + data)  # (closes fd)
+        except Exception:  # noqa: BLE001 - only a hint: the result carries the log all the same
+            pass
+        fd = -1
+
+    return send
 
 
 def _chain_pids(pid: int) -> list[int]:

@@ -144,6 +144,11 @@ def _never() -> bool:
 _warm_up_should_stop: Callable[[], bool] = _never
 
 
+def _stop_warm_up_if_asked(_log) -> None:
+    if _warm_up_should_stop():
+        raise WarmUpInterrupted
+
+
 def warm_up(should_stop: Callable[[], bool] | None = None, *, grid: bool = True) -> None:
     """Run one tiny backtest so first-use work (lazy imports, caches) happens before a task.
 
@@ -162,7 +167,8 @@ def warm_up(should_stop: Callable[[], bool] | None = None, *, grid: bool = True)
         frame = pd.DataFrame({"Open": close, "High": close + 1, "Low": close - 1, "Close": close,
                               "Volume": 1.0}, index=idx)
         if not _warm_up_should_stop():
-            json.dumps(execute({"op": "run", "code": _WARMUP}, frame), default=str)
+            # early: checked once more after the bar loop, so a task never waits for the warm-up's stats
+            json.dumps(execute({"op": "run", "code": _WARMUP}, frame, early=_stop_warm_up_if_asked), default=str)
         if grid and not _warm_up_should_stop():
             execute({"op": "grid", "code": _WARMUP, "combos": [{}], "maximize": "SQN"}, frame)
     except WarmUpInterrupted:
@@ -607,7 +613,7 @@ def _pooled_with_extras(pooled: pd.DataFrame, data) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------- execution
-def execute(task: dict, frame) -> dict:
+def execute(task: dict, frame, early: Callable | None = None) -> dict:
     """Run one task on ``frame``; always returns a JSON-able payload, never raises.
 
     ``task``: ``op`` ("run", "grid" or "runs"), ``code``, optional ``params``,
@@ -615,6 +621,9 @@ def execute(task: dict, frame) -> dict:
     ``combos`` (list of param dicts) and ``maximize`` (a stats key).
     ``"runs"`` is a batch: ``runs`` lists ``{"code", "params"}``, ``frame`` is then one
     frame per run, and the payload's ``runs`` holds one "run" payload each.
+    ``early``: called with the order log of a run the harness itself makes, as soon as its
+    decisions are final (before its stats): a hint the parent may settle meanwhile; the
+    payload still carries the log (:attr:`~moondev_lab._bt_compat.RecordingBacktest.on_decided`).
     """
     if task.get("op") == "runs":
         return execute_batch(task, frame)
@@ -643,7 +652,9 @@ def execute(task: dict, frame) -> dict:
             else:
                 if capture.last_run is None or task.get("params"):
                     strategy = find_strategy(module.__dict__, module.__name__)
-                    harness_backtest(frame, strategy).run(**(task.get("params") or {}))
+                    bt = harness_backtest(frame, strategy)
+                    bt.on_decided = early
+                    bt.run(**(task.get("params") or {}))
                 payload = _run_payload(capture.last_run, capture.last_log, task)
             if task.get("plot") and task.get("op") != "grid" and capture.optimize_call is None:
                 payload.update(_plot_html(capture))

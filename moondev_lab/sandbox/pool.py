@@ -33,8 +33,9 @@ import psutil
 from .. import _registry, config
 from . import _isolation, _limits
 from ._limits import Limits
-from ._settle import confirm_score, data_frame, flag_grid, grid_chunk, settle_grid, settled_batch, settled_result
-from ._wire import decode_reply, recv_msg, send_msg
+from ._settle import (confirm_score, data_frame, early_settlement, flag_grid, grid_chunk, settle_grid, settled_batch,
+                      settled_result)
+from ._wire import EARLY_TAG, decode_reply, recv_msg, send_msg
 from .errors import ErrorKind, SandboxError, SandboxPoolClosed
 from .settings import BacktestSettings
 
@@ -84,7 +85,8 @@ class BacktestResult:
     #: Not a field: ``run(..., heatmap=key)``: ``[(params, settled score or None), ...]`` of every combination
     #: the code's own ``Backtest.optimize`` ran, in its order, as its ``return_heatmap=True`` Series lists them.
     heatmap = None
-    timings = None  # not a field: run()'s {"round_trip_s", "settle_s"} in the parent, for benches
+    #: Not a field: run()'s {"round_trip_s", "settle_s", "settle_ahead_s", "settled_ahead"} in the parent, for benches
+    timings = None
 
     ok: bool
     stats: dict = field(default_factory=dict)
@@ -201,15 +203,24 @@ class _WorkerHandle:
         self.tasks_done = 0
         self.rss = 0
 
-    def exchange(self, task: dict, timeout: float) -> bytearray:
-        """Send a task, and return the raw reply; the watchdog: all of it within ``timeout``."""
+    def exchange(self, task: dict, timeout: float, early: Callable | None = None) -> bytearray:
+        """Send a task, and return the raw reply; the watchdog: all of it within ``timeout``.
+
+        ``early(raw)`` is called with the task's order log if it comes ahead of the reply
+        (tasks with ``early``: see :func:`~moondev_lab.sandbox._settle.early_settlement`).
+        """
         deadline = time.monotonic() + timeout
         self.sock.settimeout(timeout)
         send_msg(self.sock, pickle.dumps(task))
-        raw = recv_msg(self.sock, deadline)
-        if raw is None:
-            raise ConnectionError("the worker closed its connection")
-        return raw
+        while True:
+            raw = recv_msg(self.sock, deadline)
+            if raw is None:
+                raise ConnectionError("the worker closed its connection")
+            if raw[:1] != EARLY_TAG:
+                return raw
+            if early is not None:
+                early(memoryview(raw)[1:])
+                early = None  # one per task
 
     def note(self, reply: dict) -> None:
         tasks_done, rss = reply.get("tasks_done"), reply.get("worker_rss")
@@ -416,14 +427,15 @@ class SandboxPool:
             with self._cond:
                 self._retired = [p for p in self._retired if Path(f"/proc/{p}").exists()] + [w.pid]
 
-    def _request(self, task: dict) -> dict:
+    def _request(self, task: dict, early: Callable | None = None) -> dict:
         """One task on one worker. Never raises for anything a worker or task sends back:
         a dead or silent worker is ``worker_crashed``, a reply that cannot be handled is
-        ``result_invalid``; either way the worker is released and replaced."""
+        ``result_invalid``; either way the worker is released and replaced.
+        ``early``: see :meth:`_WorkerHandle.exchange`."""
         w = self._acquire()
         stage = "exchange"
         try:
-            raw = w.exchange(task, task["timeout"] + _GRACE_S)
+            raw = w.exchange(task, task["timeout"] + _GRACE_S, early)
             stage = "decode"
             reply = decode_reply(raw)
             del raw
@@ -480,12 +492,25 @@ class SandboxPool:
             extra["heatmap"] = heatmap
         if report_optimize:
             extra["optimize"] = "report"
-        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot, **extra)
+        # early: the task sends its order log as soon as its decisions are final, and it is settled here
+        # while the task child computes its claimed stats (the result's own log must have its decisions).
+        task = self._task("run", code, data, timeout, limits, settings, params=dict(params or {}), plot=plot,
+                          early=True, **extra)
+        ahead: dict = {}
+
+        def settle_ahead(raw) -> None:
+            t = time.perf_counter()
+            ahead["known"] = early_settlement(task, raw)
+            ahead["s"] = time.perf_counter() - t
+
         started = time.perf_counter()
-        reply = self._request(task)
+        reply = self._request(task, settle_ahead)
         replied = time.perf_counter()
-        result = settled_result(task, reply)
-        result.timings = {"round_trip_s": replied - started, "settle_s": time.perf_counter() - replied}
+        result = settled_result(task, reply, known=ahead.get("known"))
+        known = ahead.get("known")
+        result.timings = {"round_trip_s": replied - started, "settle_s": time.perf_counter() - replied,
+                          "settle_ahead_s": ahead.get("s", 0.0),  # (within the round trip)
+                          "settled_ahead": known is not None and result.settled is known[1]}
         return result
 
     def run_batch(self, runs: list[tuple[str, DataRef, dict | None]], *, timeout: float = 60,
