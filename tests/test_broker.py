@@ -335,6 +335,17 @@ def test_an_honest_run_is_settled_ahead_of_its_result(pool, store):
     assert {k: res.stats[k] for k in truth if k != "_strategy"} == {k: v for k, v in truth.items() if k != "_strategy"}
 
 
+def test_a_scripts_own_run_is_settled_ahead_too(pool, store):
+    """A wild script's own ``Backtest(...).run()`` (bulk files) gets the same head start."""
+    script = sma_cross() + ("\nif __name__ == '__main__':\n    from backtesting import Backtest\n"
+                            "    import pandas as pd\n"
+                            "    print(Backtest(pd.read_csv('BTC-USD-15m.csv'), SmaCross).run())\n")
+    res = pool.run(script, _ref(store))
+    assert res.ok and res.timings["settled_ahead"], (res.error, res.timings)
+    truth = _truth(store, sma_cross())
+    assert {k: res.stats[k] for k in truth if k != "_strategy"} == {k: v for k, v in truth.items() if k != "_strategy"}
+
+
 @pytest.mark.parametrize("forgery", [EARLY_WITHOUT_DECISIONS, EARLY_JUNK, EARLY_ENDLESS_FRAME],
                          ids=["other-decisions", "junk", "endless-frame"])
 def test_a_forged_early_order_log_changes_nothing(pool, store, forgery):

@@ -370,6 +370,9 @@ class _Capture:
         self.optimize_call: dict | None = None
         self.optimize_note = ""
         self.optimize_backtest = None
+        # execute()'s ``early``: handed to the first run that is not a grid combination (a script's own run, or
+        # the harness's), so the parent settles it while this process computes the claimed stats.
+        self.early: Callable | None = None
 
 
 @contextlib.contextmanager
@@ -433,6 +436,8 @@ def _patched(capture: _Capture):
             super().__init__(_pooled_with_extras(capture.frame, data), strategy, **kwargs)
 
         def run(self, **kwargs):
+            if capture.early is not None and capture.optimizing is None:
+                self.on_decided, capture.early = capture.early, None  # one order log ahead per task
             stats = super().run(**kwargs)
             capture.last_run, capture.last_log = stats, self.order_log
             capture.last_backtest = self
@@ -621,8 +626,8 @@ def execute(task: dict, frame, early: Callable | None = None) -> dict:
     ``combos`` (list of param dicts) and ``maximize`` (a stats key).
     ``"runs"`` is a batch: ``runs`` lists ``{"code", "params"}``, ``frame`` is then one
     frame per run, and the payload's ``runs`` holds one "run" payload each.
-    ``early``: called with the order log of a run the harness itself makes, as soon as its
-    decisions are final (before its stats): a hint the parent may settle meanwhile; the
+    ``early``: called with the order log of the task's first run (the script's own, or the one the
+    harness makes), as soon as its decisions are final (before its stats): a hint the parent may settle meanwhile; the
     payload still carries the log (:attr:`~moondev_lab._bt_compat.RecordingBacktest.on_decided`).
     """
     if task.get("op") == "runs":
@@ -632,6 +637,7 @@ def execute(task: dict, frame, early: Callable | None = None) -> dict:
     settings = BacktestSettings(**(task.get("settings") or {}))
     capture = _Capture(frame, settings)
     capture.heatmap_key = task.get("heatmap") if task.get("op") != "grid" else None
+    capture.early = early if task.get("op") != "grid" else None
     try:
         code = extract_code(task["code"])
         compiled = compile(code, "<strategy>", "exec")
@@ -652,9 +658,7 @@ def execute(task: dict, frame, early: Callable | None = None) -> dict:
             else:
                 if capture.last_run is None or task.get("params"):
                     strategy = find_strategy(module.__dict__, module.__name__)
-                    bt = harness_backtest(frame, strategy)
-                    bt.on_decided = early
-                    bt.run(**(task.get("params") or {}))
+                    harness_backtest(frame, strategy).run(**(task.get("params") or {}))
                 payload = _run_payload(capture.last_run, capture.last_log, task)
             if task.get("plot") and task.get("op") != "grid" and capture.optimize_call is None:
                 payload.update(_plot_html(capture))
