@@ -156,7 +156,7 @@ def _rbi_config(a: argparse.Namespace):
 
     given = {k: getattr(a, k, None) for k in ("symbol", "timeframe", "source", "max_debug", "max_optimize",
                                              "grid_engine", "force", "min_trades", "walk_forward", "start", "end",
-                                             "plot")}
+                                             "plot", "confirm")}
     return RBIConfig(**{k: v for k, v in given.items() if v is not None})  # unset: RBIConfig's own default
 
 
@@ -657,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--charts", dest="plot", choices=["all", "saved", "none"],
                         help="which ok ideas get plot.html in their run folder: all (default), saved (out-of-sample "
                              "above the save threshold) or none; `runs show N --plot` draws any on demand")
+        sp.add_argument("--confirm", choices=["all", "kept"],
+                        help="with the fast grid engine, which runs backtesting.py confirms in the sandbox: all "
+                             "(default) or kept (the results kept and shown: in-sample, out-of-sample, quarters)")
 
     sp = add(sub, "rbi", cmd_rbi, "research, backtest and rank trading ideas")
     sp.add_argument("idea", nargs="?", help="an idea in quotes")

@@ -234,6 +234,8 @@ def test_rbi_command_charts_flag_sets_the_plot_option():
 
     assert _rbi_config(build_parser().parse_args(["rbi", "an idea", "--charts", "saved"])).plot == "saved"
     assert _rbi_config(build_parser().parse_args(["rbi", "an idea"])).plot == "all"  # the default: as before
+    assert _rbi_config(build_parser().parse_args(["rbi", "an idea", "--confirm", "kept"])).confirm == "kept"
+    assert _rbi_config(build_parser().parse_args(["rbi", "an idea"])).confirm == "all"
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["rbi", "an idea", "--charts", "sometimes"])
     assert e.value.code == 2
