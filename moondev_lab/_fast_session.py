@@ -141,7 +141,7 @@ class FastSession:
 
         import numpy as np
 
-        from .fast import _NotExact, _combos, _first_best, _label, iter_scores
+        from .fast import _NotExact, _combos, _first_best, iter_scores, returns_frame
 
         plan = self.plan(code) if self._local(ref) else None
         if plan is None:
@@ -158,9 +158,8 @@ class FastSession:
         best = _first_best(scores)
         best_params = dict(combos[0 if best is None else best])
         run = self.run(code, ref, best_params)
-        frame = pd.DataFrame(returns, index=fg.data.index, columns=[_label(c) for c in combos], copy=False)
         return (run, best_params, [(dict(c), None if math.isnan(v) else float(v)) for c, v in zip(combos, scores)],
-                frame)
+                returns_frame(returns, fg.data.index, combos))
 
     # ------------------------------------------------------------------ confirmation
     def confirm(self, kept: Sequence | None = None) -> None:

@@ -524,15 +524,24 @@ def _fast_grid(plan: Plan, data, settings, params, combos, maximize, keep_return
     best = _first_best(scores)
     best_params = dict(combos[0 if best is None else best])
     stats = fg.settle(best_params).stats
-    frame = None
-    if returns is not None:
-        frame = pd.DataFrame(returns, index=data.index, columns=[_label(c) for c in combos], copy=False)
+    frame = None if returns is None else returns_frame(returns, data.index, combos)
     return GridResult(params, best_params, stats, _heatmap(params, combos, scores, maximize), plan.code,
                       settings.kwargs(), maximize, "fast", returns=frame)
 
 
 def _label(combo: Mapping) -> str:
     return ",".join(f"{k}={v}" for k, v in combo.items())
+
+
+def returns_frame(returns: np.ndarray, index: pd.Index, combos: Sequence[Mapping]) -> pd.DataFrame:
+    """A grid's per-bar returns (bars x combinations) on ``index``, one ``k=v,...`` column per combination.
+
+    The matrix as it is (no second copy of bars x combinations).
+
+    >>> returns_frame(np.zeros((2, 1)), pd.RangeIndex(2), [{"n": 5}]).columns.tolist()
+    ['n=5']
+    """
+    return pd.DataFrame(returns, index=index, columns=[_label(c) for c in combos], copy=False)
 
 
 def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, keep_returns=False) -> GridResult:

@@ -484,7 +484,8 @@ class BacktestingEvaluator:
     With ``keep_returns=False`` a grid is ``Backtest(...).optimize(**params, maximize=...)`` (backtesting.py's
     own parallel optimiser); with ``keep_returns=True`` every combination is a ``Backtest.run`` whose per-bar
     equity returns are kept, which CSCV needs (slow: one full backtest per combination; the compiled fast
-    path, ``ml.grid(..., keep_returns=True)``, keeps them at compiled speed for spec strategies). Indicators warm up inside each slice, as they would on that data alone.
+    path, ``ml.grid(..., keep_returns=True)``, keeps them at compiled speed for spec strategies).
+    Indicators warm up inside each slice, as they would on that data alone.
     ``Backtest(...)`` gets the sandbox harness's :class:`~moondev_lab.sandbox.BacktestSettings` (default
     costs included) updated with ``backtest_kwargs``.
 

@@ -226,8 +226,6 @@ def per_bar_returns(equity) -> "np.ndarray":
     >>> per_bar_returns([100.0, 110.0, 99.0]).round(3).tolist()
     [0.0, 0.1, -0.1]
     """
-    import numpy as np
-
     eq = np.asarray(equity, dtype=float)
     out = np.zeros(len(eq))
     with np.errstate(divide="ignore", invalid="ignore"):

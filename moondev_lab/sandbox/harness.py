@@ -308,13 +308,26 @@ def iso_times(index: pd.Index) -> list:
     >>> iso_times(pd.DatetimeIndex(["2023-01-01 00:15"], tz="UTC"))
     ['2023-01-01T00:15:00+00:00']
     """
-    if isinstance(index, pd.DatetimeIndex) and str(index.tz) in ("UTC", "None") and not index.hasnans:
-        values = (index.tz_localize(None) if index.tz is not None else index).to_numpy()
-        seconds = values.astype("datetime64[s]")
-        if (seconds == values).all():
+    if isinstance(index, pd.DatetimeIndex) and str(index.tz) in ("UTC", "None"):
+        seconds = _whole_seconds(index)
+        if seconds is not None:
             text = np.datetime_as_string(seconds, unit="s").tolist()
             return [t + "+00:00" for t in text] if index.tz is not None else text
     return [to_jsonable(t) for t in index]
+
+
+def _naive_utc(index: pd.DatetimeIndex) -> pd.DatetimeIndex:
+    """The times in UTC without a zone, as the sample CSV writes them."""
+    return index.tz_convert("UTC").tz_localize(None) if index.tz is not None else index
+
+
+def _whole_seconds(index: pd.DatetimeIndex) -> np.ndarray | None:
+    """The times as naive-UTC ``datetime64[s]``, or None if any is NaT or falls between two seconds."""
+    if index.hasnans:
+        return None
+    values = _naive_utc(index).to_numpy()
+    seconds = values.astype("datetime64[s]")
+    return seconds if (seconds == values).all() else None
 
 
 def equity_points(curve: pd.DataFrame, max_points: int = EQUITY_POINTS) -> list[dict]:
@@ -540,7 +553,7 @@ def _as_sample_csv(frame: pd.DataFrame) -> str:
     The text is ``DataFrame.to_csv``'s (floats as their shortest repr), written by joining strings:
     ``to_csv`` took ~7 us a row, most of a wild script's overhead on a month of 15m bars.
     """
-    idx = frame.index.tz_convert("UTC").tz_localize(None) if frame.index.tz is not None else frame.index
+    idx = _naive_utc(frame.index)
     values = [frame[col].to_numpy(dtype=float) for col in _OHLCV]
     if any(np.isnan(v).any() for v in values):  # to_csv writes NaN as an empty field; repr would not
         out = pd.DataFrame({"datetime": idx.strftime("%Y-%m-%d %H:%M:%S")})
@@ -588,10 +601,8 @@ def _sample_frame(frame: pd.DataFrame, kwargs: dict) -> pd.DataFrame | None:
         parse = True
     else:
         return None  # e.g. True with index_col=False: read_csv raises its own error
-    idx = frame.index.tz_convert("UTC").tz_localize(None) if frame.index.tz is not None else frame.index
-    values = idx.to_numpy()
-    seconds = values.astype("datetime64[s]")
-    if idx.hasnans or not (seconds == values).all():
+    seconds = _whole_seconds(frame.index)
+    if seconds is None:
         return None  # the text holds "%Y-%m-%d %H:%M:%S": let the parse of that text decide
     if parse:
         times = pd.DatetimeIndex(seconds.astype("datetime64[us]"), name="datetime")  # read_csv's unit for them
@@ -599,7 +610,7 @@ def _sample_frame(frame: pd.DataFrame, kwargs: dict) -> pd.DataFrame | None:
         times = pd.Index([t.replace("T", " ") for t in np.datetime_as_string(seconds, unit="s").tolist()],
                          dtype="str", name="datetime")
     columns = {name: frame[col].to_numpy(dtype=float, copy=True) for name, col in zip(_SAMPLE_COLUMNS[1:], _OHLCV)}
-    columns[_SAMPLE_COLUMNS[-1]] = np.full(len(idx), np.nan)
+    columns[_SAMPLE_COLUMNS[-1]] = np.full(len(seconds), np.nan)
     if as_index:
         return pd.DataFrame(columns, index=times)
     return pd.DataFrame({"datetime": times, **columns})

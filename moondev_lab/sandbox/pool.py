@@ -506,8 +506,8 @@ class SandboxPool:
         started = time.perf_counter()
         reply = self._request(task, settle_ahead)
         replied = time.perf_counter()
-        result = settled_result(task, reply, known=ahead.get("known"))
         known = ahead.get("known")
+        result = settled_result(task, reply, known=known)
         result.timings = {"round_trip_s": replied - started, "settle_s": time.perf_counter() - replied,
                           "settle_ahead_s": ahead.get("s", 0.0),  # (within the round trip)
                           "settled_ahead": known is not None and result.settled is known[1]}
@@ -709,12 +709,9 @@ def _returns_frame(returns, task: dict, combos: list[dict]):
     """The kept returns as a DataFrame on the task's bars, one column per combination (``k=v,...``)."""
     if returns is None:
         return None
-    import pandas as pd
+    from ..fast import returns_frame
 
-    from ..fast import _label
-
-    return pd.DataFrame(returns, index=data_frame(task["data"]).index, columns=[_label(c) for c in combos],
-                        copy=False)  # the matrix as it is: no second copy of bars x combinations
+    return returns_frame(returns, data_frame(task["data"]).index, combos)
 
 
 def _first_best(scores: list) -> int:
