@@ -368,7 +368,7 @@ def backtest_files(paths: Iterable[str | Path], data: DataRef | None = None, *,
     data = data or DataRef()
     started = time.perf_counter()
     own_pool = pool is None
-    pool = SandboxPool() if pool is None else pool  # not `pool or`: a pool with no workers yet is falsy (len 0)
+    pool = SandboxPool() if pool is None else pool
     results: dict[int, FileResult] = {}
     interrupted = False
     executor = ThreadPoolExecutor(pool.size, thread_name_prefix="backtest-files")

@@ -547,7 +547,7 @@ def returns_frame(returns: np.ndarray, index: pd.Index, combos: Sequence[Mapping
 def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, keep_returns=False) -> GridResult:
     from .sandbox import default_pool as default_sandbox
 
-    pool = default_sandbox() if pool is None else pool  # an unused pool is falsy (len() counts workers)
+    pool = default_sandbox() if pool is None else pool
     out = pool.optimize(code, params, ref, maximize=maximize, timeout=timeout, settings=settings, fast=False,
                         keep_returns=keep_returns)
     if out.result is None or not out.result.ok:

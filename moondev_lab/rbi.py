@@ -150,7 +150,6 @@ class RBI:
         self.model = self.factory.get(model) if isinstance(model, str) else model
         self.ledger = ledger or Ledger()
         self._own_sandbox = sandbox is None
-        # `is None`, not `or`: a SandboxPool is falsy until its first task (len() counts live workers)
         self.sandbox = SandboxPool() if sandbox is None else sandbox
         self.runs_dir = Path(self.cfg.runs_dir or config.runs_dir())
         frame = default_pool().get(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source,

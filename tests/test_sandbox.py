@@ -138,14 +138,14 @@ def test_data_error_and_run_file(pool, store, tmp_path):
 
 
 def test_run_file_uses_the_given_pool_even_before_its_first_worker(store, tmp_path):
-    """A pool is falsy (len 0) until a worker starts: run_file must still use it, not the default pool."""
+    """A pool has len 0 until a worker starts: it is still a pool (truthy), and run_file uses it."""
     import moondev_lab.sandbox as sandbox
 
     path = tmp_path / "s.py"
     path.write_text(SMA_CROSS)
     default_before = sandbox._default
     with SandboxPool(1) as fresh:
-        assert len(fresh) == 0
+        assert len(fresh) == 0 and bool(fresh)  # so `pool or default_pool()` anywhere keeps this pool
         res = run_file(path, ref(store, 2), pool=fresh)
         assert res.ok, res.error
         assert res.worker_pid in fresh.pids()

@@ -46,5 +46,5 @@ def run_file(path: str | Path, data: DataRef | None = None, params: dict | None 
     >>> res = run_file("strategy.py", DataRef("BTC/USD", "15m"))       # doctest: +SKIP
     """
     code = Path(path).read_text(encoding="utf-8", errors="replace")
-    pool = pool if pool is not None else default_pool()  # not `pool or`: a pool without workers yet has len 0
+    pool = pool if pool is not None else default_pool()
     return pool.run(code, data, params, timeout=timeout, limits=limits, settings=settings, indicators=indicators)

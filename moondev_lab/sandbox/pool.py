@@ -368,6 +368,11 @@ class SandboxPool:
         with self._cond:
             return len(self._idle) + len(self._busy)
 
+    def __bool__(self) -> bool:
+        # len() counts live workers, 0 before the first task: without this a pool would be falsy then,
+        # and ``pool or default_pool()`` would quietly use another pool.
+        return True
+
     def shrink(self) -> int:
         """Stop every idle worker (memory pressure); they restart on demand."""
         with self._cond:
