@@ -7,7 +7,8 @@ Two things live here:
   :class:`~moondev_lab.broker.OrderLog`. It swaps ``self._broker`` per instance for a
   :class:`RecordingBroker` (a ``_Broker`` subclass); nothing process-wide is patched.
 - :func:`compute_stats`, backtesting.py's own ``_stats.compute_stats``, fed with
-  trades and equity that the trusted broker settled.
+  trades and equity that the trusted broker settled, and the pieces of it that
+  :mod:`moondev_lab._exact_stats` reuses (``geometric_mean``, ``data_period``, ``_Stats``).
 
 >>> from moondev_lab._bt_compat import RecordingBacktest
 >>> bt = RecordingBacktest(df, SmaCross, cash=1e6)                # doctest: +SKIP
@@ -27,7 +28,10 @@ import backtesting
 import numpy as np
 import pandas as pd
 from backtesting import Backtest
+from backtesting._stats import _Stats
 from backtesting._stats import compute_stats as _bt_compute_stats
+from backtesting._stats import geometric_mean
+from backtesting._util import _data_period as data_period
 from backtesting._util import _Indicator, _indicator_warmup_nbars
 from backtesting.backtesting import _Broker
 
@@ -289,6 +293,16 @@ def compute_stats(trades: list, equity: np.ndarray, ohlc: pd.DataFrame, warmup_n
         return _bt_compute_stats(trades=trades, equity=equity, ohlc_data=ohlc,
                                  strategy_instance=_StatsStrategy(len(ohlc), warmup_nbars, indicators),
                                  risk_free_rate=0.0)
+
+
+def stats_strategy(n_bars: int, warmup_nbars: int, indicators=()) -> _StatsStrategy:
+    """The ``_strategy`` of stats computed from settled trades (see :func:`compute_stats`)."""
+    return _StatsStrategy(n_bars, warmup_nbars, indicators)
+
+
+def stats_series(stats: dict) -> pd.Series:
+    """``compute_stats``' result type (backtesting's ``_Stats``, for its repr) of a dict of stats."""
+    return _Stats(stats, dtype=object)
 
 
 def strategy_indicators(strategy) -> list:

@@ -5,7 +5,7 @@ close and cancel it made, each with the bar of the ``next()`` call that made it.
 :func:`settle` replays such a log against the real OHLCV data with backtesting.py
 0.6.6's ``_Broker`` fill rules (compiled with numba, see
 :mod:`moondev_lab._broker_kernel`) and computes the trades, the equity curve and
-backtesting.py's stats itself, with backtesting's own ``compute_stats``. Because the
+backtesting.py's stats itself (``compute_stats``' values, see :mod:`moondev_lab._exact_stats`). Because the
 settlement runs in a process that never ran the strategy's code, a strategy cannot
 fake its results: only its decisions cross the sandbox boundary.
 
@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import _bt_compat
+from . import _bt_compat, _exact_stats
 from .errors import MoondevError
 from .sandbox.settings import BacktestSettings
 
@@ -257,7 +257,7 @@ def settle(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None 
     >>> s.trades[["EntryBar", "ExitBar", "PnL"]].head(2)          # doctest: +SKIP
     """
     state, curve, trades, start, status = _replay(log, data, settings)
-    stats = _bt_compat.compute_stats(trades, curve, data, max(start - 1, 0), indicators)
+    stats = _exact_stats.compute_stats(trades, curve, data, max(start - 1, 0), indicators)
     stats["_strategy"] = _StrategyRef(log.strategy, log.params)
     cnt = state["cnt"]
     from . import _broker_kernel as K
