@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import threading
 import time
@@ -129,7 +130,16 @@ def _strategy_class(tree: ast.Module) -> ast.ClassDef | None:
 
 
 def class_params(code: str) -> dict[str, int | float]:
-    """Public numeric class attributes of the Strategy subclass, in source order."""
+    """Public numeric class attributes of the Strategy subclass, in source order.
+
+    >>> class_params("class S(Strategy): n = 10; k = -1.5; _hidden = 3")
+    {'n': 10, 'k': -1.5}
+    """
+    return dict(_class_params(code))  # a fresh dict: callers edit theirs
+
+
+@functools.lru_cache(maxsize=512)  # an idea's loop asks again for the same few codes (~2 ms a parse)
+def _class_params(code: str) -> tuple[tuple[str, int | float], ...]:
     cls = _strategy_class(ast.parse(code))
     out: dict[str, int | float] = {}
     for stmt in cls.body if cls else []:
@@ -140,7 +150,7 @@ def class_params(code: str) -> dict[str, int | float]:
                 v = ast.Constant(-v.operand.value)
             if isinstance(v, ast.Constant) and type(v.value) in (int, float):
                 out[stmt.targets[0].id] = v.value
-    return out
+    return tuple(out.items())
 
 
 def set_class_param(code: str, name: str, value: int | float) -> str:
