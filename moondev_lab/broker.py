@@ -93,7 +93,13 @@ class OrderLog:
                   strategy: str = "", params: dict | None = None) -> "OrderLog":
         """From ``(bar, kind, size, limit, stop, sl, tp, ref, tag)`` rows (what the recorder collects)."""
         cols = list(zip(*rows)) if rows else [()] * len(_COLUMNS)
-        arrays = {name: np.array(col, dtype=dtype) for (name, dtype), col in zip(_COLUMNS.items(), cols)}
+        return cls.from_columns(cols, start=start, index=index, tags=tags, strategy=strategy, params=params)
+
+    @classmethod
+    def from_columns(cls, columns: Sequence, *, start: int, index: pd.Index, tags: Iterable = (),
+                     strategy: str = "", params: dict | None = None) -> "OrderLog":
+        """From the nine columns of :meth:`from_rows`' rows, as arrays or sequences (each copied)."""
+        arrays = {name: np.array(col, dtype=dtype) for (name, dtype), col in zip(_COLUMNS.items(), columns)}
         first, last = (_time_key(index[0]), _time_key(index[-1])) if len(index) else (None, None)
         return cls(**arrays, tags=tuple(tags), start=int(start), n_bars=len(index), first_time=first,
                    last_time=last, strategy=str(strategy), params=dict(params or {}))

@@ -254,8 +254,8 @@ class FastGrid:
         _, ev = self._run(combo)
         k = int(self._nev[0])
         cols = [a[:k] for a in self._ev] + [np.full(k, -1, np.int64)]
-        return OrderLog.from_rows(list(zip(*cols)), start=ev.start, index=self.data.index, strategy=self.plan.name,
-                                  params=self._params(combo))
+        return OrderLog.from_columns(cols, start=ev.start, index=self.data.index, strategy=self.plan.name,
+                                     params=self._params(combo))
 
     def settle(self, combo: Mapping[str, Any]):
         """The full result of one combination: trades, equity and backtesting's 33 stats (a Settlement)."""
