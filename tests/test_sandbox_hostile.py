@@ -157,6 +157,23 @@ def test_output_is_capped(pools, data):
     assert res.ok and res.stdout_truncated and len(res.stdout) == 1000
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["namespaces", "no user namespaces"])
+def test_a_task_cannot_reach_the_next_tasks_chain(request, data, mode):
+    # The next task's chain is forked while a task runs, in the worker's other lane: another uid,
+    # pids cgroup and memory cgroup. A task that kills every process it may signal leaves it alone.
+    pool = request.getfixturevalue("pools")[0] if mode == "namespaces" else \
+        request.getfixturevalue("degraded_pools")[0]
+    killer = STRATEGY + "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass\nprint(os.getuid())\n"
+    first = pool.run(killer, data)
+    after = [pool.run(STRATEGY + "import os\nprint(os.getuid())", data) for _ in range(2)]
+    assert all(r.ok for r in after), [r.error for r in after]
+    assert first.worker_pid == after[0].worker_pid == after[1].worker_pid  # one worker, no restart
+    if mode == "no user namespaces":  # the outer uid is visible: it alternates between the two lanes
+        uids = [int(r.stdout.split()[-1]) for r in after]
+        assert abs(uids[0] - uids[1]) == 2**22, uids
+
+
 def test_tasks_run_as_a_per_worker_uid(pools, data):
     a = pools[0].run(STRATEGY + "import os\nprint(os.getuid())", data)
     b = pools[1].run(STRATEGY + "import os\nprint(os.getuid())", data)

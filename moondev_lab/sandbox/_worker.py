@@ -17,6 +17,9 @@
   copy-on-write (low PSS); the parent hands each new worker a socket via SCM_RIGHTS.
 * The whole chain is forked *before* the task arrives (namespaces, mounts and the
   warm-up all happen while the worker is idle), so a task only pays its lockdown.
+  The next task's chain is forked as soon as a task starts, in the worker's other
+  *lane* (its own uid, pids cgroup and memory cgroup): back-to-back tasks never wait
+  for a chain, and a running task cannot signal, trace or count against the next one.
 * The init is the task's trusted supervisor: it mounts the fresh ``/proc``, reaps,
   answers seccomp notifications (recording each refusal), watches the process
   count, and reports to the worker on a pipe the task cannot write. When it exits
@@ -138,10 +141,34 @@ def _remove_leftovers() -> None:
 
 
 # ----------------------------------------------------------------------------- worker
+#: A worker's second lane's uid is this far above its first (pids are below 2**22): unique on the machine.
+_LANE_UID_STRIDE = 2**22
+
+
+@dataclass
+class _Lane:
+    """Where one process chain lives: its uid (as root), pids cgroup and memory cgroup.
+
+    A worker has two, so that the next task's chain can be set up while a task runs
+    without sharing the running task's uid (signals, ptrace, RLIMIT_NPROC), process
+    limit or OOM count.
+    """
+
+    uid: int | None
+    cgroup: "_limits.PidsCgroup | None"
+    oom_group: "_limits.OomCgroup | None"
+
+    def remove(self) -> None:
+        for group in (self.cgroup, self.oom_group):
+            if group is not None:
+                group.remove()
+
+
 @dataclass
 class _Standby:
     """The next task's process chain, forked ahead of time, and the worker's ends of its pipes."""
 
+    lane: _Lane
     pid: int            # the standby process (outside the task's pid namespace)
     task_sock: socket.socket
     res_r: int
@@ -171,15 +198,19 @@ class Worker:
         self.mounts = _isolation.MountPlan.for_host(tuple(config.get("hide", ())))
         self.read_dirs = tuple(_isolation.python_dirs())
         self.disk_mb = int(config.get("disk_mb", _limits.Limits.disk_mb))
-        self.cgroup = _limits.PidsCgroup.create(str(os.getpid()), 64)
-        self.oom_group = _limits.OomCgroup.create(str(os.getpid()))
         self.tmp_root = Path(tempfile.mkdtemp(prefix=f"moondev_sandbox_{os.getpid()}_"))
         os.chmod(self.tmp_root, 0o711)
         base_uid = config.get("base_uid", _limits.BASE_UID)
-        # Unique per worker across every pool on the machine: no two live workers share a pid.
-        self.uid = base_uid + os.getpid() if os.geteuid() == 0 else None
-        self.layers = _isolation.layers(self.caps, root_uid=base_uid if self.uid is not None else None,
-                                        cgroup=self.cgroup is not None)
+        # Unique per worker and lane across every pool on the machine: no two live workers share a pid.
+        root = os.geteuid() == 0
+        self.lanes = tuple(
+            _Lane(uid=base_uid + os.getpid() + k * _LANE_UID_STRIDE if root else None,
+                  cgroup=_limits.PidsCgroup.create(f"{os.getpid()}" + (f".{k}" if k else ""), 64),
+                  oom_group=_limits.OomCgroup.create(f"{os.getpid()}" + (f".{k}" if k else "")))
+            for k in range(2))
+        self.layers = _isolation.layers(self.caps, root_uid=base_uid if root else None,
+                                        cgroup=self.lanes[0].cgroup is not None)
+        self._last_lane = 1  # the first chain goes to lane 0
         # Lifting SCHED_IDLE needs CAP_SYS_NICE: without it a pre-warming standby would keep it.
         self.idle_warmup = os.geteuid() == 0
         #: What is left to do of the last task once its reply is sent (kill and reap its chain, ...).
@@ -190,7 +221,7 @@ class Worker:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a task come to us to be killed
         try:
-            self._fork_standby()
+            self._fork_standby(self._next_lane())
             while True:
                 raw = recv_msg(self.sock)
                 if raw is None:
@@ -201,21 +232,17 @@ class Worker:
                 reply.update(worker_pid=os.getpid(), tasks_done=self.tasks_done, worker_rss=_rss_bytes())
                 send_msg(self.sock, encode_reply(reply, reply.pop("result", b"")))
                 self._tear_down()  # after the reply: the parent settles while the chain is torn down
-                if self.standby is None:
-                    # After a grid chunk the next task is most likely another long chunk: a
-                    # warm-up would save nothing and only hold memory while the grid runs.
-                    self._fork_standby(warm=task.get("op") != "grid")
+                if self.standby is None:  # no spare was forked while the task ran
+                    self._fork_standby(self._next_lane(), warm=_warm_after(task))
         except (ConnectionError, OSError):
             return
         finally:
             self._tear_down()
             if self.standby is not None:
                 self.standby.close()
-                self._kill_task(self.standby.pid)
-            if self.cgroup is not None:
-                self.cgroup.remove()
-            if self.oom_group is not None:
-                self.oom_group.remove()
+                self._kill_task(self.standby.pid, self.standby.lane)
+            for lane in self.lanes:
+                lane.remove()
             shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     def _pool(self, ref: dict):
@@ -239,15 +266,18 @@ class Worker:
             return {"result": b"", "error": _data_error(exc), "stdout": "", "stderr": "",
                     "duration_s": time.perf_counter() - started}
         limits = _limits.Limits(**task["limits"])
+        if self.standby is None:
+            self._fork_standby(self._next_lane(), warm=False)
+        lane = self.standby.lane
         workdir = None  # in namespaces the task works in /tmp/task, on its private tmpfs
         if not self.caps.use_namespaces:
             workdir = Path(tempfile.mkdtemp(dir=self.tmp_root))
             self._teardown.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
-            if self.uid is not None:
-                os.chown(workdir, self.uid, self.uid)
-        if self.cgroup is not None:
+            if lane.uid is not None:
+                os.chown(workdir, lane.uid, lane.uid)
+        if lane.cgroup is not None:
             try:
-                (self.cgroup.path / "pids.max").write_text(str(limits.max_processes + 3))
+                (lane.cgroup.path / "pids.max").write_text(str(limits.max_processes + 3))
             except OSError:
                 pass
         try:
@@ -264,25 +294,33 @@ class Worker:
             step()
 
     def _dispatch(self, task: dict, limits, workdir: Path | None, store_fd: int) -> dict:
-        if self.standby is None:
-            self._fork_standby(warm=False)
         chain, self.standby = self.standby, None
+        self._last_lane = self.lanes.index(chain.lane)
         if chain.warming:
             lifted: set[int] = set()
+            _set_autogroup_nice(str(chain.pid), 0)
             for _ in range(2):  # again: a process forked while we walked the chain inherited SCHED_IDLE
                 for pid in set(_chain_pids(chain.pid)) - lifted:
                     _set_idle_priority(pid, False)  # a starved warm-up must not delay the task
                     lifted.add(pid)
-        oom_before = self._oom_kills()
+        oom_before = self._oom_kills(chain.lane)
         try:  # worker -> child: the trusted direction
             socket.send_fds(chain.task_sock, [pickle.dumps((task, str(workdir)))], [store_fd])
             chain.task_sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the standby died; _collect reports how
+        # The next task's chain, in the other lane, while this one runs: its set-up (fork, namespaces,
+        # warm-up) then never delays a task that arrives right after this one's reply.
+        self._fork_standby(self._next_lane(), warm=_warm_after(task), running=chain, inherited=(store_fd,))
         return self._collect(chain, task["timeout"], limits, oom_before, bool(task.get("early")))
 
+    def _next_lane(self) -> _Lane:
+        """The lane the last dispatched chain is not in (that chain may still be running)."""
+        return self.lanes[1 - self._last_lane]
+
     # ------------------------------------------------------------------ the process chain
-    def _fork_standby(self, warm: bool = True) -> None:
+    def _fork_standby(self, lane: _Lane, warm: bool = True, running: _Standby | None = None,
+                      inherited: tuple[int, ...] = ()) -> None:
         """Fork the next task's process chain now, and let its task child pre-warm while idle.
 
         A fresh fork pays ~20 ms of copy-on-write page faults the first time it
@@ -290,7 +328,9 @@ class Worker:
         task exists (as trusted code, still unsandboxed), then blocks until the
         worker sends it the task. As root the warm-up runs under SCHED_IDLE, so it
         only uses CPU nobody else wants, and it stops within a few bars once the
-        task arrives (the worker lifts SCHED_IDLE first).
+        task arrives (the worker lifts SCHED_IDLE first). ``running``: the chain of the
+        task now running, whose pipes (and the ``inherited`` descriptors) the new chain must
+        not hold.
         """
         warm = warm and self.prewarm
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -306,9 +346,11 @@ class Worker:
                 os.dup2(err_w, 2)
                 ours.close()
                 self.sock.close()
-                for fd in (res_r, out_r, err_r, status_r, early_r, out_w, err_w):
+                if running is not None:
+                    running.close()
+                for fd in (*inherited, res_r, out_r, err_r, status_r, early_r, out_w, err_w):
                     os.close(fd)
-                self._standby_main(theirs, res_w, status_w, early_w, warm)
+                self._standby_main(lane, theirs, res_w, status_w, early_w, warm)
             except BaseException:  # noqa: BLE001 - never return into the worker's loop
                 import traceback
 
@@ -319,24 +361,29 @@ class Worker:
         for fd in (res_w, out_w, err_w, status_w, early_w):
             os.close(fd)
         idle = warm and self.idle_warmup and _set_idle_priority(pid, True)  # inherited by the chain
-        self.standby = _Standby(pid, ours, res_r, out_r, err_r, status_r, early_r, idle)
+        self.standby = _Standby(lane, pid, ours, res_r, out_r, err_r, status_r, early_r, idle)
 
-    def _standby_main(self, task_sock: socket.socket, res_w: int, status_w: int, early_w: int,
+    def _standby_main(self, lane: _Lane, task_sock: socket.socket, res_w: int, status_w: int, early_w: int,
                       warm: bool) -> None:
         # Die with the worker: the init dies with us, and with it everything in the namespace.
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != self.worker_pid:
             os._exit(0)
         os.setsid()  # one process group for the chain (the timeout kills it)
-        for group in (self.cgroup, self.oom_group):
+        if warm and self.idle_warmup:
+            # setsid made the chain an autogroup of its own, which the scheduler shares the CPU with
+            # as with any other, SCHED_IDLE or not: at nice 19 a standby really only takes idle CPU
+            # (the worker puts it back to 0 with the task).
+            _set_autogroup_nice("self", 19)
+        for group in (lane.cgroup, lane.oom_group):
             if group is not None:
                 try:  # while idle: a cgroup-v1 move takes ~10-20 ms
                     group.add_self()
                 except OSError:
                     pass
-        if self.uid is not None:
+        if lane.uid is not None:
             _limits.expose_python_install()  # as root: hide /root, bind the interpreter back
-            _isolation.drop_uid(self.uid)
+            _isolation.drop_uid(lane.uid)
         namespaces = self.caps.use_namespaces
         if namespaces:
             _isolation.enter_namespaces(self.mounts, self.disk_mb)
@@ -465,7 +512,7 @@ class Worker:
                 exited = True
                 break
         def tear_down() -> None:
-            self._kill_task(pid)
+            self._kill_task(pid, chain.lane)
             os.close(pidfd)
             chain.close()
 
@@ -474,7 +521,7 @@ class Worker:
         else:  # a timeout: every process of the task dies before the reply says so
             tear_down()
         events = _supervisor_events(bufs[chain.status_r])
-        forks_refused = self.cgroup.new_failures() if self.cgroup is not None else 0
+        forks_refused = chain.lane.cgroup.new_failures() if chain.lane.cgroup is not None else 0
         if events.process_limit:
             forks_refused = max(forks_refused, 1)
         reply = {"stdout": _text(bufs[chain.out_r]), "stderr": _text(bufs[chain.err_r]),
@@ -490,7 +537,7 @@ class Worker:
         elif bufs[chain.res_r]:
             result = bytes(bufs[chain.res_r])  # passed on unparsed: see _wire.encode_reply
         elif events.status is not None:
-            reply["error"] = _status_error(events.status, limits, self._oom_kills() > oom_before)
+            reply["error"] = _status_error(events.status, limits, self._oom_kills(chain.lane) > oom_before)
         elif events.internal:
             reply["error"] = {**_err(ErrorKind.INTERNAL_ERROR, "SupervisorError", "the task's supervisor failed"),
                               "traceback": events.internal}
@@ -508,19 +555,20 @@ class Worker:
         reply["result"] = result
         return reply
 
-    def _oom_kills(self) -> int:
-        """OOM kills in this worker's memory cgroup (only the current task is ever in it), else system-wide."""
-        count = self.oom_group.oom_kills() if self.oom_group is not None else None
+    def _oom_kills(self, lane: _Lane) -> int:
+        """OOM kills in a lane's memory cgroup (only one chain is ever in it), else system-wide."""
+        count = lane.oom_group.oom_kills() if lane.oom_group is not None else None
         return _oom_kills() if count is None else count
 
-    def _kill_task(self, pid: int) -> None:
-        """Kill the chain, its cgroup, and every orphan that came to us; reap them all.
+    def _kill_task(self, pid: int, lane: _Lane) -> None:
+        """Kill the chain, its lane's cgroup, and every orphan that came to us; reap them all.
 
         With namespaces, killing the chain kills the pid namespace's init and so every
         process of the task. Without them, escaped processes (setsid daemons) are
-        re-parented to this worker, their subreaper: everything that is our child now
-        belongs to a finished task (the next standby is forked afterwards).
+        re-parented to this worker, their subreaper: every child of ours but the next
+        task's standby (forked by us, never by a task) belongs to a finished task.
         """
+        spare = {self.standby.pid} if self.standby is not None and self.standby.pid != pid else set()
         deadline = time.monotonic() + 3
         status_seen = False
         while True:
@@ -529,9 +577,9 @@ class Worker:
                     target()
                 except (ProcessLookupError, PermissionError):
                     pass
-            if self.cgroup is not None:
-                self.cgroup.kill_all()
-            kids = _isolation.children()
+            if lane.cgroup is not None:
+                lane.cgroup.kill_all()
+            kids = [k for k in _isolation.children() if k not in spare]
             _isolation.sigkill_all(kids)
             for kid in kids:
                 try:
@@ -539,7 +587,7 @@ class Worker:
                     status_seen |= kid == pid
                 except ChildProcessError:
                     status_seen |= kid == pid
-            if not _isolation.children() or time.monotonic() > deadline:
+            if not set(_isolation.children()) - spare or time.monotonic() > deadline:
                 break
             time.sleep(0.001)
         if not status_seen:
@@ -759,6 +807,15 @@ def _early_sender(fd: int):
     return send
 
 
+def _warm_after(task: dict) -> bool:
+    """Whether the chain for the task after ``task`` should pre-warm.
+
+    After a grid chunk the next task is most likely another long chunk: a warm-up would
+    save nothing and only hold memory while the grid runs.
+    """
+    return task.get("op") != "grid"
+
+
 def _chain_pids(pid: int) -> list[int]:
     """The standby and its descendants (init, task child) as this worker sees them."""
     out, todo = [], [pid]
@@ -811,6 +868,15 @@ def _set_idle_priority(pid: int, idle: bool) -> bool:
         return True
     except OSError:
         return False
+
+
+def _set_autogroup_nice(pid: str, nice: int) -> None:
+    """The nice value of a process's autogroup (its session's share of the CPU); a best effort."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroups in this kernel, or not allowed: only speed is at stake
+        pass
 
 
 def _readable(fd: int) -> bool:
