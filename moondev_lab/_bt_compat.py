@@ -8,7 +8,7 @@ Two things live here:
   :class:`RecordingBroker` (a ``_Broker`` subclass); nothing process-wide is patched.
 - :func:`compute_stats`, backtesting.py's own ``_stats.compute_stats``, fed with
   trades and equity that the trusted broker settled, and the pieces of it that
-  :mod:`moondev_lab._exact_stats` reuses (``geometric_mean``, ``data_period``, ``_Stats``).
+  :mod:`moondev_lab._exact_stats` reuses (``data_period``, ``_Stats``, the stand-in strategy).
 
 >>> from moondev_lab._bt_compat import RecordingBacktest
 >>> bt = RecordingBacktest(df, SmaCross, cash=1e6)                # doctest: +SKIP
@@ -30,7 +30,6 @@ import pandas as pd
 from backtesting import Backtest
 from backtesting._stats import _Stats
 from backtesting._stats import compute_stats as _bt_compute_stats
-from backtesting._stats import geometric_mean
 from backtesting._util import _data_period as data_period
 from backtesting._util import _Indicator, _indicator_warmup_nbars
 from backtesting.backtesting import _Broker

@@ -9,8 +9,8 @@ reduction a stat comes from is still pandas' or numpy's own, on a Series or arra
 same values in the same order, so each stat is the same float (and the same type).
 
 Anything this module does not mirror exactly (a non-datetime or unsorted index, a time
-zone other than UTC, weekly or coarser bars, non-finite equity) goes to backtesting's own
-``compute_stats``. ``tests/test_exact_stats.py`` checks the two against each other, stat
+zone other than UTC, weekly or coarser bars, non-finite or non-positive equity) goes to
+backtesting's own ``compute_stats``. ``tests/test_exact_stats.py`` checks the two against each other, stat
 for stat and frame for frame, on random runs and on the edge cases.
 
 >>> import numpy as np, pandas as pd

@@ -311,7 +311,10 @@ class Worker:
             pass  # the standby died; _collect reports how
         # The next task's chain, in the other lane, while this one runs: its set-up (fork, namespaces,
         # warm-up) then never delays a task that arrives right after this one's reply.
-        self._fork_standby(self._next_lane(), warm=_warm_after(task), running=chain, inherited=(store_fd,))
+        try:
+            self._fork_standby(self._next_lane(), warm=_warm_after(task), running=chain, inherited=(store_fd,))
+        except OSError:  # e.g. no memory for a fork now: this task's reply first, a standby after it
+            pass
         return self._collect(chain, task["timeout"], limits, oom_before, bool(task.get("early")))
 
     def _next_lane(self) -> _Lane:
@@ -339,7 +342,14 @@ class Worker:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         early_r, early_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # nothing forked: nothing of it may stay open
+            ours.close()
+            theirs.close()
+            for fd in (res_r, res_w, out_r, out_w, err_r, err_w, status_r, status_w, early_r, early_w):
+                os.close(fd)
+            raise
         if pid == 0:  # ------------------------------------------------ standby
             try:
                 os.dup2(out_w, 1)
