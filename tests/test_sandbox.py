@@ -226,3 +226,16 @@ def test_a_malformed_result_is_classified_not_raised():
     assert failed["error"]["kind"] == "strategy_error"
     worker_error = decode_reply(b'{"error": {"kind": "timeout", "message": "t"}}\n')
     assert worker_error["error"]["kind"] == "timeout" and worker_error["payload"] is None
+
+
+def test_leftover_cgroups_of_dead_workers_are_removed_in_both_lane_forms(tmp_path):
+    from moondev_lab.sandbox._worker import _remove_leftovers
+
+    dead = 4_194_303  # above any pid this machine hands out (pid_max is at most 2**22)
+    assert not os.path.exists(f"/proc/{dead}")
+    base = tmp_path / "moondev_lab"
+    names = [str(dead), f"{dead}.1", str(os.getpid()), f"{os.getpid()}.1", "not-a-worker"]
+    for name in names:
+        (base / name).mkdir(parents=True)
+    _remove_leftovers((base,))
+    assert sorted(p.name for p in base.iterdir()) == sorted(names[2:])

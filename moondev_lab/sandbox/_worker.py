@@ -125,11 +125,15 @@ def _quiet_stdio() -> None:
     os.close(devnull)
 
 
-def _remove_leftovers() -> None:
+_CGROUP_BASES = (Path("/sys/fs/cgroup/pids/moondev_lab"), Path("/sys/fs/cgroup/memory/moondev_lab"))
+
+
+def _remove_leftovers(cgroup_bases: tuple[Path, ...] = _CGROUP_BASES) -> None:
     """Temp dirs and cgroups of workers that were killed before they could clean up."""
-    for base in (Path("/sys/fs/cgroup/pids/moondev_lab"), Path("/sys/fs/cgroup/memory/moondev_lab")):
+    for base in cgroup_bases:
         for d in base.glob("*") if base.is_dir() else ():
-            if d.name.isdigit() and not Path(f"/proc/{d.name}").exists():
+            pid = d.name.partition(".")[0]  # a worker's lanes: <pid> and <pid>.1
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 try:
                     d.rmdir()
                 except OSError:
@@ -203,16 +207,16 @@ class Worker:
         base_uid = config.get("base_uid", _limits.BASE_UID)
         # Unique per worker and lane across every pool on the machine: no two live workers share a pid.
         root = os.geteuid() == 0
+        names = (str(os.getpid()), f"{os.getpid()}.1")  # _remove_leftovers knows both forms
         self.lanes = tuple(
             _Lane(uid=base_uid + os.getpid() + k * _LANE_UID_STRIDE if root else None,
-                  cgroup=_limits.PidsCgroup.create(f"{os.getpid()}" + (f".{k}" if k else ""), 64),
-                  oom_group=_limits.OomCgroup.create(f"{os.getpid()}" + (f".{k}" if k else "")))
-            for k in range(2))
+                  cgroup=_limits.PidsCgroup.create(name, 64), oom_group=_limits.OomCgroup.create(name))
+            for k, name in enumerate(names))
         self.layers = _isolation.layers(self.caps, root_uid=base_uid if root else None,
                                         cgroup=self.lanes[0].cgroup is not None)
         self._last_lane = 1  # the first chain goes to lane 0
         # Lifting SCHED_IDLE needs CAP_SYS_NICE: without it a pre-warming standby would keep it.
-        self.idle_warmup = os.geteuid() == 0
+        self.idle_warmup = root
         #: What is left to do of the last task once its reply is sent (kill and reap its chain, ...).
         self._teardown: list = []
         self.worker_pid = os.getpid()
