@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from ._batch_memory import TreeWatch, kill_tree, parent_of
 from ._batch_pool import worker_sandbox
+from ._tempdirs import owned_tempdir
 from .ledger import Idea, Ledger, LedgerError
 from .results import RESULT_MIME, read_results
 
@@ -214,7 +215,7 @@ def run_direct(item: dict, spec: IdeaSpec) -> dict:
     from .sandbox import Limits
 
     t0 = time.perf_counter()
-    runs = Path(tempfile.mkdtemp(prefix="moondev-batch-"))
+    runs = owned_tempdir("batch")
     pool = None
     try:
         pool = worker_sandbox(spec.sandbox_size)
@@ -286,7 +287,7 @@ def run_notebook(item: dict, spec: IdeaSpec) -> dict:
     from .memory import read_ledger
 
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="moondev-batch-nb-"))
+    tmp = owned_tempdir("batch-notebook")
     out = tmp / "idea.ipynb"
     params = {"idea": item["idea"], **spec.parameters}
     kernel: list[int] = []

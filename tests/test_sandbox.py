@@ -5,9 +5,12 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import psutil
 import pytest
@@ -239,3 +242,19 @@ def test_leftover_cgroups_of_dead_workers_are_removed_in_both_lane_forms(tmp_pat
         (base / name).mkdir(parents=True)
     _remove_leftovers((base,))
     assert sorted(p.name for p in base.iterdir()) == sorted(names[2:])
+
+
+def test_temp_dirs_of_dead_processes_are_removed_and_live_ones_kept():
+    from moondev_lab._tempdirs import owned_tempdir
+
+    dead = 4_194_303  # above any pid this machine hands out
+    root = Path(tempfile.gettempdir())
+    stale, live = root / f"moondev_test-kind_{dead}_x", root / f"moondev_test-kind_{os.getpid()}_y"
+    for d in (stale, live):
+        (d / "sub").mkdir(parents=True, exist_ok=True)
+    try:
+        fresh = owned_tempdir("test-kind")
+        assert not stale.exists() and live.exists() and fresh.name.startswith(f"moondev_test-kind_{os.getpid()}_")
+    finally:
+        for d in (stale, live, *root.glob(f"moondev_test-kind_{os.getpid()}_*")):
+            shutil.rmtree(d, ignore_errors=True)

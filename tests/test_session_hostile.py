@@ -122,9 +122,19 @@ def test_a_killed_runner_takes_its_session_with_it(env, disable, tmp_path):
     for _ in range(200):  # dying is asynchronous: under a loaded suite, exits took over 2 s once
         alive = [p for p in session if os.path.exists(f"/proc/{p}")]
         if not alive:
-            return
+            break
         time.sleep(0.05)
-    raise AssertionError(f"session processes survived the runner: {[(p, hb._comm(str(p))) for p in alive]}")
+    else:
+        raise AssertionError(f"session processes survived the runner: {[(p, hb._comm(str(p))) for p in alive]}")
+    # The killed runner could not remove its session's temp dir; the next session's open() does.
+    import tempfile
+
+    from moondev_lab._tempdirs import remove_dead_tempdirs
+
+    left = list(Path(tempfile.gettempdir()).glob(f"moondev_session_{proc.pid}_*"))
+    assert left, "the runner's session had no temp dir named for it"
+    remove_dead_tempdirs("session")
+    assert not any(d.exists() for d in left)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -50,7 +50,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import config
+from .._tempdirs import owned_tempdir
 from ..errors import MoondevError
 from . import _isolation, _limits
 from .settings import BacktestSettings
@@ -211,7 +211,7 @@ class StrategySession:
         """Start the child and load the strategy (its code runs only inside the sandbox)."""
         if self.state != SessionState.NEW:
             raise SessionError(f"session is {self.state.value}; open() works once", "crashed")
-        self._workdir = Path(tempfile.mkdtemp(prefix="moondev_session_"))
+        self._workdir = owned_tempdir("session")  # a killed runner's is removed by the next one
         env = _limits.scrubbed_env(PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         err = open(self._workdir / "stderr.txt", "wb")
         try:

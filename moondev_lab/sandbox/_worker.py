@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._tempdirs import owned_tempdir, remove_dead_tempdirs
 from ._lean import without_pyarrow
 
 with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
@@ -138,10 +139,7 @@ def _remove_leftovers(cgroup_bases: tuple[Path, ...] = _CGROUP_BASES) -> None:
                     d.rmdir()
                 except OSError:
                     pass
-    for d in Path(tempfile.gettempdir()).glob("moondev_sandbox_*_*"):
-        pid = d.name.split("_")[2]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(d, ignore_errors=True)
+    remove_dead_tempdirs("sandbox")
 
 
 # ----------------------------------------------------------------------------- worker
@@ -202,7 +200,7 @@ class Worker:
         self.mounts = _isolation.MountPlan.for_host(tuple(config.get("hide", ())))
         self.read_dirs = tuple(_isolation.python_dirs())
         self.disk_mb = int(config.get("disk_mb", _limits.Limits.disk_mb))
-        self.tmp_root = Path(tempfile.mkdtemp(prefix=f"moondev_sandbox_{os.getpid()}_"))
+        self.tmp_root = owned_tempdir("sandbox")
         os.chmod(self.tmp_root, 0o711)
         base_uid = config.get("base_uid", _limits.BASE_UID)
         # Unique per worker and lane across every pool on the machine: no two live workers share a pid.
