@@ -71,14 +71,14 @@ class FastSession:
         if code not in self._plans:
             from .fast import plan_of
 
-            self._plans[code] = _parsing(plan_of, code)
+            self._plans[code] = plan_of(code)
         return self._plans[code]
 
     def _class_params(self, code: str) -> dict:
         if code not in self._params:
             from .models.offline import class_params
 
-            self._params[code] = _parsing(class_params, code)
+            self._params[code] = class_params(code)
         return self._params[code]
 
     def _fast_grid(self, plan, ref):
@@ -213,22 +213,6 @@ class FastSession:
         with self.ledger.transaction():  # one commit for the idea's rows, not one each
             for args, kwargs in writes:
                 self.ledger.add_code(*args, **kwargs)
-
-
-def _parsing(parse, code: str, attempts: int = 3):
-    """``parse(code)`` (it calls ``ast.parse``), again when CPython 3.11 raises its spurious thread race.
-
-    Two threads building AST objects at once (the RBI loop runs ideas on threads) can trip
-    "AST constructor recursion depth mismatch" (cpython gh-106905): the code is fine, the
-    shared counter was not. The same parse again succeeds.
-    """
-    for attempt in range(attempts):
-        try:
-            return parse(code)
-        except SystemError as e:
-            if "recursion depth mismatch" not in str(e) or attempt == attempts - 1:
-                raise
-            log.info("ast.parse hit CPython's thread race (%s); parsing again", e)
 
 
 def _fast_result(order_log, fg, settings, class_params: dict, params: dict, name: str):

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ._ast_parse import parse as parse_python
+
 from .sandbox import BacktestResult, BacktestSettings, DataRef, SandboxPool
 
 #: Money settings a script may set on its own ``Backtest(...)`` call.
@@ -78,7 +80,7 @@ def script_settings(code: str) -> dict:
     {}
     """
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except (SyntaxError, ValueError):
         return {}
     constants: dict = {}

@@ -25,6 +25,8 @@ import ast
 import re
 from dataclasses import dataclass, field
 
+from ._ast_parse import parse as parse_python
+
 __all__ = ["CodeExtractionError", "CodeSyntaxError", "NoCodeFound", "StrategyNotFound", "ExtractedCode",
            "Finding", "DataUse", "extract_code", "extract_strategy", "find_strategy_classes", "static_check",
            "describe_data_use"]
@@ -106,7 +108,7 @@ def strip_think(text: str) -> str:
 
 def _parses(code: str) -> SyntaxError | None:
     try:
-        ast.parse(code)
+        parse_python(code)
     except SyntaxError as e:
         return e
     return None
@@ -157,11 +159,11 @@ def extract_code(text: str, *, require_strategy: bool = False) -> str:
             worst = max(blocks, key=lambda b: (b.lang in ("python", "py", "python3"), len(b.code)))
             raise _syntax_error(worst.code, _parses(worst.code),
                                 "the code block" + ("" if worst.closed else " (unclosed fence: was the reply cut off?)"))
-        code = max(good, key=lambda b: (bool(_strategy_classes(ast.parse(b.code))), b.lang in ("python", "py", "python3"),
+        code = max(good, key=lambda b: (bool(_strategy_classes(parse_python(b.code))), b.lang in ("python", "py", "python3"),
                                         len(b.code))).code
     code = code.strip("\n") + "\n"
     if require_strategy:
-        _one_strategy(ast.parse(code))
+        _one_strategy(parse_python(code))
     return code
 
 
@@ -169,7 +171,7 @@ def _has_statements(code: str) -> bool:
     """Prose like ``Done`` parses as an expression; real code has a def, class, import or assignment."""
     return any(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom, ast.Assign, ast.If,
                               ast.For, ast.While, ast.With, ast.AugAssign, ast.AnnAssign))
-               for n in ast.parse(code).body)
+               for n in parse_python(code).body)
 
 
 _PY_HINT = re.compile(r"^\s*(import \w|from [\w.]+ import|def \w+\(|class \w+[(:])", re.M)
@@ -220,7 +222,7 @@ def _one_strategy(tree: ast.Module) -> str:
 
 def find_strategy_classes(code: str) -> list[str]:
     """Names of all Strategy subclasses (direct or via a local base), in source order."""
-    return [c.name for c in _strategy_classes(ast.parse(code))]
+    return [c.name for c in _strategy_classes(parse_python(code))]
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,7 @@ def extract_strategy(text: str) -> ExtractedCode:
     'B'
     """
     code = extract_code(text)
-    return ExtractedCode(code, _one_strategy(ast.parse(code)))
+    return ExtractedCode(code, _one_strategy(parse_python(code)))
 
 
 # ----------------------------------------------------------------------- static checks
@@ -283,7 +285,7 @@ def static_check(code: str) -> list[Finding]:
     ['error: line 1: calls eval() (evaluates arbitrary code)']
     """
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError as e:
         return [Finding("error", e.lineno or 0, f"does not parse: {e.msg}")]
     out: list[Finding] = []
@@ -372,7 +374,7 @@ def describe_data_use(code: str) -> DataUse:
     "loads its own data: line 2: pd.read_csv('/x/BTC.csv'); calls Backtest(...) itself on line(s) 3"
     """
     use = DataUse()
-    tree = ast.parse(code)
+    tree = parse_python(code)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             fn = node.func

@@ -107,6 +107,8 @@ def load_strategy(target: str | Path) -> StrategySource:
     """
     import ast
 
+    from ._ast_parse import parse as parse_python
+
     path = Path(target)
     params: dict = {}
     dataset: dict = {}
@@ -132,7 +134,7 @@ def load_strategy(target: str | Path) -> StrategySource:
     except (OSError, UnicodeDecodeError) as e:
         raise LiveError(f"{code_path}: unreadable ({e})") from None
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError as e:
         raise LiveError(f"{code_path}: not valid Python (line {e.lineno}: {e.msg})") from None
     classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]

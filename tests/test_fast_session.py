@@ -180,23 +180,3 @@ def test_a_run_that_forges_the_later_runs_of_its_batch_claims_nothing(sandbox):
     assert first.ok
     assert not forged.ok and forged.error.kind.value == "result_mismatch" and "no order log" in forged.error.message
     assert forged.stats.get("Return [%]") != 1e6
-
-
-def test_cpython_ast_thread_race_is_parsed_again_and_other_errors_raise():
-    from moondev_lab._fast_session import _parsing
-
-    calls = []
-
-    def flaky(code):
-        calls.append(code)
-        if len(calls) == 1:  # what CPython 3.11 raises when two threads build AST objects at once (gh-106905)
-            raise SystemError("AST constructor recursion depth mismatch (before=39, after=27)")
-        return plan_of(code)
-
-    assert _parsing(flaky, CODE) is not None and len(calls) == 2
-
-    def broken(code):
-        raise SystemError("something else")
-
-    with pytest.raises(SystemError, match="something else"):
-        _parsing(broken, CODE)

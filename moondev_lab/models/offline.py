@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from .._ast_parse import parse as parse_python
 from ..codeextract import CodeExtractionError, extract_strategy
 from ..signals import is_fraction, valid_params
 from ._codegen import generate
@@ -140,7 +141,7 @@ def class_params(code: str) -> dict[str, int | float]:
 
 @functools.lru_cache(maxsize=512)  # an idea's loop asks again for the same few codes (~2 ms a parse)
 def _class_params(code: str) -> tuple[tuple[str, int | float], ...]:
-    cls = _strategy_class(ast.parse(code))
+    cls = _strategy_class(parse_python(code))
     out: dict[str, int | float] = {}
     for stmt in cls.body if cls else []:
         if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
@@ -155,7 +156,7 @@ def _class_params(code: str) -> tuple[tuple[str, int | float], ...]:
 
 def set_class_param(code: str, name: str, value: int | float) -> str:
     """``code`` with the class attribute ``name = ...`` set to ``value``, all else byte-identical."""
-    cls = _strategy_class(ast.parse(code))
+    cls = _strategy_class(parse_python(code))
     for stmt in cls.body if cls else []:
         if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name) and stmt.targets[0].id == name:
             lines = code.splitlines(keepends=True)
