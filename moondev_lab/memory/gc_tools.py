@@ -155,6 +155,7 @@ def freeze_after_imports() -> int:
 
     >>> freeze_after_imports() >= 0
     True
+    >>> gc.unfreeze()  # (the example's process goes on as before)
     """
     gc.collect()
     gc.freeze()
