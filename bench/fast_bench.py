@@ -196,8 +196,8 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
             if box > 0:
                 floors[label] = n / (box / cores) * 60
                 print(f"  CPU: parent {own:.1f} s, sandbox (the machine less the parent) {box:.1f} s; floor on "
-                      f"{cores} cores: sandbox alone {box / cores:.1f} s ({n / (box / cores) * 60:.0f} ideas/min), parent + sandbox "
-                      f"{(own + box) / cores:.1f} s ({n / ((own + box) / cores) * 60:.0f} ideas/min)")
+                      f"{cores} cores: sandbox alone {box / cores:.1f} s ({floors[label]:.0f} ideas/min), "
+                      f"parent + sandbox {(own + box) / cores:.1f} s ({n / ((own + box) / cores) * 60:.0f} ideas/min)")
     for base_label in (k for k in rates if "today" in k):
         base = rates[base_label]
         for label, rate in rates.items():

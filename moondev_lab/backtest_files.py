@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Iterable
 
 from ._ast_parse import parse as parse_python
-
 from .sandbox import BacktestResult, BacktestSettings, DataRef, SandboxPool
 
 #: Money settings a script may set on its own ``Backtest(...)`` call.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ast
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -40,19 +40,11 @@ def test_threads_reading_strategies_at_once_all_get_the_same_answer():
     codes = [model.write_code(idea, model.research(idea)).code
              for idea in ("Buy when RSI(14) < 30, sell when RSI > 70, 2% stop", "20/50 SMA crossover",
                           "MACD signal cross with 1.5 ATR stop", "Bollinger band mean reversion")]
-    want = [(extract_strategy(c).strategy_name, _class_params.__wrapped__(c)) for c in codes]
-    got, errors = [], []
 
-    def work():
-        try:
-            for _ in range(25):
-                got.append([(extract_strategy(c).strategy_name, _class_params.__wrapped__(c)) for c in codes])
-        except Exception as e:  # noqa: BLE001 - collected and reported below
-            errors.append(e)
+    def read_all():
+        return [(extract_strategy(c).strategy_name, _class_params.__wrapped__(c)) for c in codes]
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(got) == 100 and all(g == want for g in got)
+    want = read_all()
+    with ThreadPoolExecutor(4) as threads:  # a failed parse raises here, from its thread
+        got = list(threads.map(lambda _: read_all(), range(100)))
+    assert len(got) == 100 and all(g == want for g in got)

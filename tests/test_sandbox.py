@@ -231,10 +231,13 @@ def test_a_malformed_result_is_classified_not_raised():
     assert worker_error["error"]["kind"] == "timeout" and worker_error["payload"] is None
 
 
+_DEAD_PID = 4_194_303  # above any pid this machine hands out (pid_max is at most 2**22)
+
+
 def test_leftover_cgroups_of_dead_workers_are_removed_in_both_lane_forms(tmp_path):
     from moondev_lab.sandbox._worker import _remove_leftovers
 
-    dead = 4_194_303  # above any pid this machine hands out (pid_max is at most 2**22)
+    dead = _DEAD_PID
     assert not os.path.exists(f"/proc/{dead}")
     base = tmp_path / "moondev_lab"
     names = [str(dead), f"{dead}.1", str(os.getpid()), f"{os.getpid()}.1", "not-a-worker"]
@@ -247,7 +250,7 @@ def test_leftover_cgroups_of_dead_workers_are_removed_in_both_lane_forms(tmp_pat
 def test_temp_dirs_of_dead_processes_are_removed_and_live_ones_kept():
     from moondev_lab._tempdirs import owned_tempdir
 
-    dead = 4_194_303  # above any pid this machine hands out
+    dead = _DEAD_PID
     root = Path(tempfile.gettempdir())
     stale, live = root / f"moondev_test-kind_{dead}_x", root / f"moondev_test-kind_{os.getpid()}_y"
     for d in (stale, live):

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._tempdirs import owned_tempdir, remove_dead_tempdirs
+from .._tempdirs import owned_tempdir
 from ._lean import without_pyarrow
 
 with without_pyarrow():  # harness imports pandas: keep libarrow out of every warm process
@@ -130,7 +130,7 @@ _CGROUP_BASES = (Path("/sys/fs/cgroup/pids/moondev_lab"), Path("/sys/fs/cgroup/m
 
 
 def _remove_leftovers(cgroup_bases: tuple[Path, ...] = _CGROUP_BASES) -> None:
-    """Temp dirs and cgroups of workers that were killed before they could clean up."""
+    """Cgroups of workers that were killed before they could clean up (their temp dirs: ``owned_tempdir``)."""
     for base in cgroup_bases:
         for d in base.glob("*") if base.is_dir() else ():
             pid = d.name.partition(".")[0]  # a worker's lanes: <pid> and <pid>.1
@@ -139,7 +139,6 @@ def _remove_leftovers(cgroup_bases: tuple[Path, ...] = _CGROUP_BASES) -> None:
                     d.rmdir()
                 except OSError:
                     pass
-    remove_dead_tempdirs("sandbox")
 
 
 # ----------------------------------------------------------------------------- worker
