@@ -12,8 +12,11 @@
    fixed seed from strategy_ideas.csv: RBIConfig(grid_engine="auto") with confirm="kept" and
    confirm="all" (the fast runs confirmed in one batched sandbox task per idea), plot="saved" and
    plot="all", against today's loop, grid_engine="pool" (plot="all" as it ran, and plot="saved");
-   same process, same sandbox pool, same ideas, one run each (only this part runs then). Each run
-   prints the parent's and the sandbox's CPU seconds and the floor they set on this many cores.
+   same process, same sandbox pool, same ideas, one run each (only this part runs then; ``--runs`` picks
+   sides). Each run prints the parent's and the sandbox's CPU seconds and the floor they set on this many
+   cores; with confirm="kept", the runs it confirmed are then timed as plain ``Backtest.run`` in-process:
+   backtesting.py's own share, the least a loop confirming them can spend. ``--start``/``--end`` set the
+   data range (default Jan-Apr 2023, to keep today's loop short; the RBI loop's own default is the whole series).
 5. vectorbt (bench-only extra: ``pip install -e '.[bench]'``), when it imports: the same 100-combination
    SMA grid with its ``Portfolio.from_signals`` in a fresh process with an empty numba cache (first
    compile) and again warm; skipped with a message when it is absent. Its fills follow its own
@@ -22,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -138,7 +142,14 @@ IDEAS_CSV = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared"
                  ROOT.parent / "shared") / "data" / "strategy_ideas.csv"  # a checkout or a worktree beside shared/
 
 
-def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
+#: ``--runs`` names -> (grid engine, confirm, plot): "kept" confirms what the issue lists as shown; plot "saved"
+#: draws plot.html for the saved ideas only (the rest on demand); "pool" is today's loop (the pool grid, every run
+#: sandboxed) as it ran ("pool-all") and with the same chart option ("pool-saved")
+RUNS = {"kept-saved": ("auto", "kept", "saved"), "all-saved": ("auto", "all", "saved"), "all-all": ("auto", "all", "all"),
+        "pool-all": ("pool", "all", "all"), "pool-saved": ("pool", "all", "saved")}
+
+
+def ideas_per_minute(n: int, start: str, end: str, seed: int, names: list[str] | None = None) -> None:
     """Both grid engines on the same sampled ideas, in a scratch MOONDEV_LAB_HOME; compile paid before timing."""
     import pandas as pd
 
@@ -166,18 +177,15 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
 
     outage_reason(None)  # its registry imports anthropic once per process: paid here, not by the first side timed
     rates, floors, cores = {}, {}, os.cpu_count() or 2
-    # (engine, confirm, plot): "kept" confirms what the issue lists as shown; plot "saved" draws plot.html for the
-    # saved ideas only (the rest on demand); today's loop (the pool grid, every run sandboxed) as it ran, and with
-    # the same chart option
-    runs = [("auto", "kept", "saved"), ("auto", "all", "saved"), ("auto", "all", "all"), ("pool", "all", "all"),
-            ("pool", "all", "saved")]
+    runs = [RUNS[k] for k in (names or RUNS)]
+    confirmed: list = []  # the backtesting.py runs confirm="kept" asks of the sandbox: timed in-process at the end
     with SandboxPool() as pool:
         for engine, confirm, plot in runs:
             label = (f"grid_engine={engine!r}" + (f", confirm={confirm!r}" if engine == "auto" else " (today's loop)")
                      + f", plot={plot!r}")
             cfg = RBIConfig(start=start, end=end, grid_engine=engine, confirm=confirm, plot=plot, force=True)
             tasks = pool.stats().tasks
-            with RBI("offline", cfg, sandbox=pool) as rbi:
+            with RBI("offline", cfg, sandbox=pool) as rbi, _recording(confirmed if confirm == "kept" else None):
                 cpu0, t = _machine_cpu(), time.perf_counter()
                 own0 = time.process_time()
                 report = rbi.run_many(ideas, progress=False, force=True)
@@ -205,6 +213,54 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int) -> None:
                 print(f"{label} is {rate / base:.2f}x the ideas/minute of {base_label}")
                 if label in floors:  # the sandbox's backtesting.py runs alone, with a parent that cost nothing
                     print(f"  (its sandbox work alone allows at most {floors[label] / base:.2f}x)")
+    if confirmed:
+        cpu = _plain_backtests(confirmed)
+        rate = n / (cpu / cores) * 60
+        print(f"the {len(confirmed)} runs confirm='kept' confirmed, as plain Backtest.run in this process (no sandbox): "
+              f"{cpu:.1f} CPU-s -> at most {rate:.0f} ideas/min on {cores} cores with nothing else to do"
+              + "".join(f"; {rate / rates[k]:.2f}x {k}" for k in rates if "today" in k))
+
+
+@contextlib.contextmanager
+def _recording(into: list | None):
+    """Record ``(code, DataRef, params, settings)`` of every run a FastSession confirms (``into`` None: nothing)."""
+    from moondev_lab._fast_session import FastSession
+
+    if into is None:
+        yield
+        return
+    real = FastSession.confirm
+
+    def confirm(self, kept=None):
+        shown = [p for p in self.pending if kept is None or any(p.result is k for k in kept)]
+        into.extend((p.code, p.ref, p.params, self.settings) for p in shown)
+        return real(self, kept)
+
+    FastSession.confirm = confirm
+    try:
+        yield
+    finally:
+        FastSession.confirm = real
+
+
+def _plain_backtests(runs: list) -> float:
+    """CPU seconds of ``Backtest(frame, Strategy, **settings).run(**params)`` for each recorded run, in this process:
+    backtesting.py's own work, the least any loop confirming those runs must spend."""
+    from backtesting import Backtest
+
+    from moondev_lab.sandbox._settle import data_frame
+    from moondev_lab.sandbox.harness import find_strategy, silence_progress
+
+    silence_progress()
+    total = 0.0
+    for code, ref, params, settings in runs:
+        namespace = {"__name__": "bench_strategy"}
+        exec(compile(code, "<strategy>", "exec"), namespace)
+        bt = Backtest(data_frame(ref.resolved()), find_strategy(namespace, "bench_strategy"), **settings.kwargs())
+        t = time.process_time()
+        bt.run(**(params or {}))
+        total += time.process_time() - t
+    return total
 
 
 def _machine_cpu() -> float:
@@ -228,13 +284,18 @@ def main() -> None:
     ap.add_argument("--start", default="2023-01-01", help="the RBI part's data range")
     ap.add_argument("--end", default="2023-04-30")
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"with --ideas, which sides to run: any of {', '.join(RUNS)}")
     a = ap.parse_args()
     if a.child == "vectorbt":
         return _vectorbt_child()
     if a.child:
         return _child(a.child)
     if a.ideas:
-        return ideas_per_minute(a.ideas, a.start, a.end, a.seed)
+        names = [r.strip() for r in a.runs.split(",") if r.strip()]
+        unknown = [r for r in names if r not in RUNS]
+        if unknown:
+            ap.error(f"unknown --runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+        return ideas_per_minute(a.ideas, a.start, a.end, a.seed, names)
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as cache:
         cold = fresh("cold", cache)

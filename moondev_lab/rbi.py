@@ -66,7 +66,7 @@ class RBIConfig:
     # with grid_engine "auto", which fast runs backtesting.py confirms (one sandbox task per idea): "all": every
     # run the loop made (first run, each candidate, the grid's best, out-of-sample, each quarter); "kept": only
     # the results kept and shown (the in-sample run kept, out-of-sample, each quarter), the searched-over losers
-    # scored by the kernel like a grid's other cells (with --charts saved: 5.9x today's ideas/min, against 4.4x)
+    # scored by the kernel like a grid's other cells (with --charts saved, the fastest sweep: bench/README.md)
     confirm: str = "all"
     metric: str = "Return [%]"
     target: float = 20.0  # the optimize loop stops once in-sample reaches this
