@@ -185,7 +185,7 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int, names: list[str] |
                      + f", plot={plot!r}")
             cfg = RBIConfig(start=start, end=end, grid_engine=engine, confirm=confirm, plot=plot, force=True)
             tasks = pool.stats().tasks
-            with RBI("offline", cfg, sandbox=pool) as rbi, _recording(confirmed if confirm == "kept" else None):
+            with RBI("offline", cfg, sandbox=pool) as rbi, _recording(pool, confirmed if confirm == "kept" else None):
                 cpu0, t = _machine_cpu(), time.perf_counter()
                 own0 = time.process_time()
                 report = rbi.run_many(ideas, progress=False, force=True)
@@ -222,25 +222,26 @@ def ideas_per_minute(n: int, start: str, end: str, seed: int, names: list[str] |
 
 
 @contextlib.contextmanager
-def _recording(into: list | None):
-    """Record ``(code, DataRef, params, settings)`` of every run a FastSession confirms (``into`` None: nothing)."""
-    from moondev_lab._fast_session import FastSession
+def _recording(pool, into: list | None):
+    """Record ``(code, DataRef, params, settings)`` of every run ``pool`` is asked to confirm (``into`` None: nothing).
 
+    The fast session's confirmations are the only batches the RBI loop sends (``SandboxPool.run_batch``), so
+    this records exactly what was confirmed, on this one pool object.
+    """
     if into is None:
         yield
         return
-    real = FastSession.confirm
+    real = pool.run_batch
 
-    def confirm(self, kept=None):
-        shown = [p for p in self.pending if kept is None or any(p.result is k for k in kept)]
-        into.extend((p.code, p.ref, p.params, self.settings) for p in shown)
-        return real(self, kept)
+    def run_batch(runs, **kwargs):
+        into.extend((code, ref, params, kwargs.get("settings") or pool.settings) for code, ref, params in runs)
+        return real(runs, **kwargs)
 
-    FastSession.confirm = confirm
+    pool.run_batch = run_batch
     try:
         yield
     finally:
-        FastSession.confirm = real
+        del pool.run_batch  # the class's method again
 
 
 def _plain_backtests(runs: list) -> float:
