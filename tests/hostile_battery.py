@@ -25,7 +25,9 @@ from typing import Callable
 SECRET = "sk-ant-hostile-battery-0123456789"
 STRATEGY = ("from backtesting import Strategy\nclass S(Strategy):\n    def init(self): pass\n"
             "    def next(self): pass\n")
-MARK = "mdlab-hostile"
+#: The name the cases give their processes (``comm``: at most 15 characters) and files. One per test
+#: process, so that parallel test workers running cases at once never take each other's for survivors.
+MARK = f"mdlab-h{os.getpid() % 100_000}"
 
 
 @dataclass
@@ -282,6 +284,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def warm(data, *pools) -> None:
+    """One benign run on each pool, so that a cold worker's first imports (seconds on a busy machine)
+    are not charged to the first case's short timeout."""
+    for pool in pools:
+        res = pool.run(STRATEGY, data, timeout=60)
+        assert res.ok, res.error
+
+
 def run_case(pool, other_pool, data, env: Env, name: str) -> str | None:
     """None when the case was contained (and the pool still runs a benign strategy), else why not."""
     from moondev_lab.sandbox import Limits
@@ -405,6 +415,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with SandboxPool(1) as pool, SandboxPool(1) as other:
+                warm(data, pool, other)
                 results = {name: run_case(pool, other, data, env, name)
                            for name, case in CASES.items() if mode in case.modes}
                 layers = pool.run(STRATEGY, data).layers

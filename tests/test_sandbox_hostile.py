@@ -32,6 +32,7 @@ def data(env) -> DataRef:
 @pytest.fixture(scope="module")
 def pools(env):
     with SandboxPool(1) as pool, SandboxPool(1) as other:
+        hb.warm(DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-02", root=str(env.store)), pool, other)
         yield pool, other
 
 
@@ -42,7 +43,7 @@ def degraded_pools(env):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pool, other = SandboxPool(1), SandboxPool(1)
-            pool.run(STRATEGY, DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-02", root=str(env.store)))
+            hb.warm(DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-02", root=str(env.store)), pool, other)
         try:
             yield pool, other, caught
         finally:

@@ -88,7 +88,7 @@ import hostile_battery as hb
 from moondev_lab.data import DataPool
 from moondev_lab.sandbox._session import StrategySession, bars_of
 t, o = bars_of(DataPool({store!r}).get("BTC/USD", "15m").iloc[:100])
-code = hb._FORK + "libc.prctl(15, b'" + hb.MARK + "', 0, 0, 0)\\n" + hb.STRATEGY.replace(
+code = hb._FORK + "libc.prctl(15, b'{mark}', 0, 0, 0)\\n" + hb.STRATEGY.replace(
     "def next(self): pass", "def next(self):\\n        while True: pass")
 s = StrategySession(code, timeout=60, load_timeout=30).open()
 s.start(t[:50], o[:50])
@@ -104,10 +104,11 @@ def test_a_killed_runner_takes_its_session_with_it(env, disable, tmp_path):
     import os
     import signal
     import subprocess
+    import tempfile
     import time
 
     script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(tests=str(Path(__file__).parent), store=str(env.store)))
+    script.write_text(RUNNER.format(tests=str(Path(__file__).parent), store=str(env.store), mark=hb.MARK))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "MOONDEV_LAB_SANDBOX_DISABLE": disable})
     try:
@@ -116,6 +117,9 @@ def test_a_killed_runner_takes_its_session_with_it(env, disable, tmp_path):
         while not (session := _descendants(proc.pid)) or not any(hb._comm(str(p)) == hb.MARK for p in session):
             assert time.monotonic() < deadline, "the strategy never started spinning"
             time.sleep(0.05)
+        # Looked up while the runner lives: once it is dead, any session opened meanwhile (another
+        # xdist worker's) may sweep its dir first.
+        left = list(Path(tempfile.gettempdir()).glob(f"moondev_session_{proc.pid}_*"))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -127,11 +131,8 @@ def test_a_killed_runner_takes_its_session_with_it(env, disable, tmp_path):
     else:
         raise AssertionError(f"session processes survived the runner: {[(p, hb._comm(str(p))) for p in alive]}")
     # The killed runner could not remove its session's temp dir; the next session's open() does.
-    import tempfile
-
     from moondev_lab._tempdirs import remove_dead_tempdirs
 
-    left = list(Path(tempfile.gettempdir()).glob(f"moondev_session_{proc.pid}_*"))
     assert left, "the runner's session had no temp dir named for it"
     remove_dead_tempdirs("session")
     assert not any(d.exists() for d in left)

@@ -107,6 +107,8 @@ class GCWatcher:
 
     def full_per_minute_above(self, limit: float, now: float) -> bool:
         """``full_per_minute(now) > limit`` in O(1): is the k-th latest full collection recent?"""
+        if limit == float("inf"):  # a threshold set never to alert (int() of it would raise)
+            return False
         times = self.full_times
         k = int(limit) + 1 if limit >= 0 else 0
         if k <= 0:
