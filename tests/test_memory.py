@@ -345,7 +345,7 @@ def test_gc_window_values_and_full_per_minute_above_match_the_slow_forms():
     w.full_times.clear()
     w.full_times.extend([0.0, 10.0, 50.0, 55.0, 59.0])
     for now in (59.0, 65.0, 112.0, 200.0):
-        for limit in (0, 1, 2.5, 3, 4, 10, float("inf")):  # inf: a threshold set to never alert
+        for limit in (0, 1, 2.5, 3, 4, 10, float("inf"), float("nan")):  # inf: a threshold set to never alert
             assert w.full_per_minute_above(limit, now) == (w.full_per_minute(now) > limit), (now, limit)
     assert w.full_per_minute(65.0) == 4.0
 

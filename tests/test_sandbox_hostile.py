@@ -30,20 +30,20 @@ def data(env) -> DataRef:
 
 
 @pytest.fixture(scope="module")
-def pools(env):
+def pools(data):
     with SandboxPool(1) as pool, SandboxPool(1) as other:
-        hb.warm(DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-02", root=str(env.store)), pool, other)
+        hb.warm(data, pool, other)
         yield pool, other
 
 
 @pytest.fixture(scope="module")
-def degraded_pools(env):
+def degraded_pools(data):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOONDEV_LAB_SANDBOX_DISABLE", "userns")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pool, other = SandboxPool(1), SandboxPool(1)
-            hb.warm(DataRef("BTC/USD", "15m", start="2023-03-01", end="2023-03-02", root=str(env.store)), pool, other)
+            hb.warm(data, pool, other)
         try:
             yield pool, other, caught
         finally:

@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 import gc
+import math
 import time
 from bisect import bisect_left
 from collections import deque
@@ -107,10 +108,9 @@ class GCWatcher:
 
     def full_per_minute_above(self, limit: float, now: float) -> bool:
         """``full_per_minute(now) > limit`` in O(1): is the k-th latest full collection recent?"""
-        if limit == float("inf"):  # a threshold set never to alert (int() of it would raise)
-            return False
         times = self.full_times
-        k = int(limit) + 1 if limit >= 0 else 0
+        # inf (a threshold set never to alert) or nan: int() would raise, so the slow form decides
+        k = int(limit) + 1 if math.isfinite(limit) and limit >= 0 else 0
         if k <= 0:
             return self.full_per_minute(now) > limit
         # Times are appended in order: if the k-th latest is within 60 s, so are the k-1 after it.
