@@ -30,6 +30,29 @@ import pandas as pd
 from . import _bt_compat
 
 _DAY_NS = 86_400 * 10**9
+
+#: ``compute_stats``' stats, in its order (``Commissions [$]`` only in a run that paid some): the names a
+#: grid may maximize and the RBI loop may rank by.
+STAT_NAMES = ("Start", "End", "Duration", "Exposure Time [%]", "Equity Final [$]", "Equity Peak [$]",
+              "Commissions [$]", "Return [%]", "Buy & Hold Return [%]", "Return (Ann.) [%]", "Volatility (Ann.) [%]",
+              "CAGR [%]", "Sharpe Ratio", "Sortino Ratio", "Calmar Ratio", "Alpha [%]", "Beta", "Max. Drawdown [%]",
+              "Avg. Drawdown [%]", "Max. Drawdown Duration", "Avg. Drawdown Duration", "# Trades", "Win Rate [%]",
+              "Best Trade [%]", "Worst Trade [%]", "Avg. Trade [%]", "Max. Trade Duration", "Avg. Trade Duration",
+              "Profit Factor", "Expectancy [%]", "SQN", "Kelly Criterion")
+
+
+def check_stat(name: str, error: type[Exception] = ValueError) -> str:
+    """``name`` if it is one of :data:`STAT_NAMES`, else ``error`` saying which names there are.
+
+    >>> check_stat("Sharpe Ratio")
+    'Sharpe Ratio'
+    >>> check_stat("Sharpe")
+    Traceback (most recent call last):
+    ValueError: 'Sharpe' is not one of backtesting.py's stats: Start, End, Duration, ...
+    """
+    if name not in STAT_NAMES:
+        raise error(f"{name!r} is not one of backtesting.py's stats: {', '.join(STAT_NAMES)}")
+    return name
 _RISK_FREE = 0.0  # as _bt_compat.compute_stats passes it
 
 

@@ -30,13 +30,14 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from . import config
+from .errors import MoondevError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FastSession", "FastMismatch"]
 
 
-class FastMismatch(Exception):
+class FastMismatch(MoondevError):
     """A confirmation run disagreed with the fast path (a bug): what differed, for each such run."""
 
 

@@ -45,12 +45,14 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
     """Files named by ``paths``: files as given, a directory's entries (sorted), glob matches.
 
     A directory's sub-directories are returned too, so they get their own row. A path that
-    does not exist and matches no glob raises ``FileNotFoundError`` before anything runs.
+    does not exist and matches no glob, or only empty directories, raise ``FileNotFoundError``
+    before anything runs.
 
     >>> collect_files(["setup.cfg-does-not-exist"])                   # doctest: +SKIP
     Traceback (most recent call last):
     FileNotFoundError: no such file, directory or glob match: setup.cfg-does-not-exist
     """
+    paths = list(paths)
     found: list[Path] = []
     for raw in paths:
         p = Path(raw)
@@ -63,6 +65,8 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"no such file, directory or glob match: {raw}")
             found += [Path(m) for m in matches]
+    if not found:  # only empty directories: nothing to run, and an empty table would say nothing
+        raise FileNotFoundError(f"no files in {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))  # a file named twice runs once
 
 
@@ -312,7 +316,7 @@ class BacktestFilesReport:
         """The table for a terminal: errors cut to their start."""
         rows = [{**row, "error": _short(row["error"])} for row in self.rows()]
         cols = [c for c in COLUMNS if c not in ("settings", "optimize") or any(r[c] for r in rows)]
-        widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in cols} if rows else {}
+        widths = {c: max([len(c), *(len(_cell(r[c])) for r in rows)]) for c in cols}
         lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
         lines += ["  ".join(_cell(r[c]).ljust(widths[c]) for c in cols) for r in rows]
         return "\n".join(lines) + f"\n{self.summary()}"

@@ -343,7 +343,10 @@ def _batch_notebook_params(a: argparse.Namespace) -> int:
 
         params = pd.read_csv(p, dtype=str).to_dict("records")
     else:
-        params = json.loads(p.read_text())
+        try:
+            params = json.loads(p.read_text())
+        except ValueError as e:  # name the file: a bare JSON position says nothing on the command line
+            raise ValueError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(params, list) or not all(isinstance(x, dict) for x in params):
         raise ValueError(f"{p}: expected a JSON list of parameter objects, or a CSV with one run per row")
     client = cluster = None

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 from ._ast_parse import parse as parse_python
+from .errors import MoondevError
 
 __all__ = ["CodeExtractionError", "CodeSyntaxError", "NoCodeFound", "StrategyNotFound", "ExtractedCode",
            "Finding", "DataUse", "extract_code", "extract_strategy", "find_strategy_classes", "static_check",
@@ -33,7 +34,7 @@ __all__ = ["CodeExtractionError", "CodeSyntaxError", "NoCodeFound", "StrategyNot
 
 
 # ------------------------------------------------------------------------------ errors
-class CodeExtractionError(Exception):
+class CodeExtractionError(MoondevError):
     """The reply holds no usable strategy code. ``reason`` is a short machine-readable tag."""
 
     reason = "extraction"

@@ -432,7 +432,10 @@ def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, sym
     from .models.offline import class_params
     from .rbi import RBIConfig, param_grid
 
+    from ._exact_stats import check_stat
+
     t0 = time.perf_counter()
+    check_stat(maximize, FastGridError)
     if walk_forward and (isinstance(walk_forward, bool) or not isinstance(walk_forward, (int, np.integer))
                          or walk_forward < 1):
         raise FastGridError(f"walk_forward needs a number of folds >= 1, got {walk_forward!r}")

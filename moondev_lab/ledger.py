@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pandas as pd
 
 from . import config
+from .errors import MoondevError
 
 #: Version 1 is the schema of the first releases (no user_version set, ideas keyed on text only).
 _SCHEMA_V1 = """
@@ -143,8 +144,8 @@ def _loads(s: str | None) -> Any:
     return None if s is None else json.loads(s)
 
 
-class LedgerError(ValueError):
-    """A ledger that cannot be used: newer than this code, or a missing run."""
+class LedgerError(MoondevError, ValueError):
+    """A ledger that cannot be used (not a ledger, newer than this code), a missing run, or an unreadable run folder."""
 
 
 @dataclass(frozen=True)
@@ -190,15 +191,22 @@ class Ledger:
         self.failure_budget = failure_budget
         # Re-entrant: a transaction() holds it while the calls inside it take it again.
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=busy_timeout_s)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout_s)
+        except sqlite3.DatabaseError as e:  # a directory at this path, an unreadable one, ...
+            raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
         self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        if self.path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._upgrade()
-        self.ledger_id: str = self._one("SELECT value FROM meta WHERE key='ledger_id'")[0]
+        try:
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            if self.path != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._upgrade()
+            self.ledger_id: str = self._one("SELECT value FROM meta WHERE key='ledger_id'")[0]
+        except sqlite3.DatabaseError as e:  # another file at this path, or a damaged one: say which, touch nothing
+            self._db.close()
+            raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
 
     def _upgrade(self) -> None:
         """Run the missing migrations, all in one transaction: an upgrade is complete or absent."""

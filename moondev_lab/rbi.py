@@ -36,6 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import config
+from .errors import MoondevError
 from .ledger import Experiment, Ledger
 from .models._outage import outage_reason
 from .models.offline import class_params
@@ -146,6 +147,9 @@ class RBI:
             raise ValueError(f"plot must be one of {', '.join(map(repr, PLOT_CHOICES))}, not {self.cfg.plot!r}")
         if self.cfg.confirm not in ("kept", "all"):  # likewise: inside an idea's run it would fail every idea
             raise ValueError(f"confirm must be 'kept' or 'all', not {self.cfg.confirm!r}")
+        from ._exact_stats import check_stat
+
+        check_stat(self.cfg.metric)  # likewise: an unknown metric would rank every run as NaN
         self.factory = factory or ModelFactory()
         self.model = self.factory.get(model) if isinstance(model, str) else model
         self.ledger = ledger or Ledger()
@@ -501,7 +505,7 @@ MODEL_UNAVAILABLE = "model_unavailable"
 PLOT_CHOICES = {"all": lambda res: True, "saved": lambda res: bool(res.saved), "none": lambda res: False}
 
 
-class ModelOutage(RuntimeError):
+class ModelOutage(MoondevError, RuntimeError):
     """The model could not be reached (network, HTTP 5xx/429 after retries): not the idea's fault."""
 
 

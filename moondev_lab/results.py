@@ -613,8 +613,10 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
     >>> r = load_run(3)                               # doctest: +SKIP
     >>> r.stats["Return [%]"], r.plot()               # doctest: +SKIP
     """
-    from .ledger import Ledger
+    from .ledger import Ledger, LedgerError
 
+    if isinstance(run_id, bool) or not isinstance(run_id, (int, np.integer, str)) or not str(run_id).isdigit():
+        raise LedgerError(f"a run id is a whole number, as `moondev-lab runs ls` lists them, not {run_id!r}")
     led = ledger if ledger is not None else Ledger()
     row = led.run(int(run_id))
     res = IdeaResult(row["idea"], row["status"], idea_id=row["idea_id"], run_id=row["id"],
@@ -629,7 +631,10 @@ def load_run(run_id: int, ledger: Any = None) -> IdeaResult:
     if folder is not None and (folder / "strategy.py").exists():
         res.code = StrategyCode((folder / "strategy.py").read_text())
     if folder is not None and (folder / RESULT_FILE).exists():
-        saved = json.loads((folder / RESULT_FILE).read_text())
+        try:
+            saved = json.loads((folder / RESULT_FILE).read_text())
+        except ValueError as e:  # a damaged or hand-edited file: name it, not only the JSON position
+            raise LedgerError(f"{folder / RESULT_FILE}: unreadable ({e})") from None
         res.metric = saved.get("metric", res.metric)
         res.grid = [(p, s) for p, s in saved.get("grid", [])]
         res.grid_engine = saved.get("grid_engine")

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..errors import MoondevError
 from ._timeframes import timeframe_ms
 from .ingest import from_ccxt
 from .store import SeriesNotFound, Store
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class FetchError(RuntimeError):
+class FetchError(MoondevError, RuntimeError):
     """Fetching gave up; ``.result`` says what was stored before that."""
 
     def __init__(self, message: str, result: "FetchResult"):

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from ..codeextract import CodeExtractionError, extract_strategy
+from ..errors import MoondevError
 from ._pricing import cost_usd
 from ._ratelimit import TokenBucket, parse_retry_after
 from .spec import CodeResult, ResearchResult, Usage
@@ -97,11 +98,11 @@ _STAT_KEYS = ("Return [%]", "Buy & Hold Return [%]", "Sharpe Ratio", "Sortino Ra
               "# Trades", "Win Rate [%]", "Profit Factor", "Expectancy [%]", "Exposure Time [%]", "SQN")
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(MoondevError, RuntimeError):
     """The requested model cannot be used here (no API key, or the client library is missing)."""
 
 
-class ModelCallFailed(Exception):
+class ModelCallFailed(MoondevError):
     """A model call that failed after the SDK's retries; ``__cause__`` is the SDK's exception."""
 
 

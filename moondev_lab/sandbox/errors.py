@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass
 
+from ..errors import MoondevError
+
 
 class ErrorKind(str, enum.Enum):
     """Why a sandboxed task failed. A ``str`` enum, so ``kind == "timeout"`` works."""
@@ -67,7 +69,7 @@ class SandboxError:
                    str(d.get("traceback", "")))
 
 
-class SandboxViolation(PermissionError):
+class SandboxViolation(MoondevError, PermissionError):
     """Raised inside the sandbox when code tries something forbidden.
 
     A ``PermissionError`` so that library code that handles ``OSError``
@@ -79,5 +81,5 @@ class SandboxViolation(PermissionError):
         self.kind = ErrorKind(kind)
 
 
-class SandboxPoolClosed(RuntimeError):
+class SandboxPoolClosed(MoondevError, RuntimeError):
     """The pool was closed; create a new one."""

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..codeextract import NoCodeFound, StrategyNotFound
+from ..errors import MoondevError
 from ._script_optimize import OptimizeReached
 from ._script_optimize import describe as describe_optimize
 from .errors import ErrorKind, SandboxViolation
@@ -133,7 +134,7 @@ class Warmup(Strategy):
 """
 
 
-class WarmUpInterrupted(Exception):
+class WarmUpInterrupted(MoondevError):
     """Raised inside the warm-up backtest when real work has arrived."""
 
 

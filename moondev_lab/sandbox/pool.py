@@ -591,6 +591,9 @@ class SandboxPool:
         started = time.perf_counter()
         if not isinstance(maximize, str):
             raise TypeError("maximize must be the name of a stats field, e.g. 'Return [%]'")
+        from .._exact_stats import check_stat
+
+        check_stat(maximize)  # before any task: else every combination's settlement fails on it
         if not grid:
             raise ValueError("Need some strategy parameters to optimize")
         names = list(grid)
