@@ -534,6 +534,9 @@ def cmd_trade(a: argparse.Namespace) -> int:
     limits = RiskLimits(max_position=a.max_position, max_order_value=a.max_order_value, max_daily_loss=a.max_daily_loss)
     if a.live and a.replay:
         raise LiveError("--replay runs on the paper exchange; drop --live")
+    from .exchange.registry import get_spec
+
+    get_spec(a.exchange)  # paper trading never calls it, but a name it does not know is a typo to report
     events = []
 
     def on_event(kind: str, data: dict) -> None:

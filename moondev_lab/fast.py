@@ -555,6 +555,10 @@ def _sandbox_grid(code, ref, settings, params, combos, maximize, pool, timeout, 
                         keep_returns=keep_returns)
     if out.result is None or not out.result.ok:
         err = out.result.error if out.result is not None else (out.errors[0] if out.errors else "no result")
+        if getattr(err, "traceback", None):  # the root exception and the strategy's line, not only the wrapper
+            from .results import explain_error
+
+            err = explain_error(err, code)
         raise FastGridError(f"the grid failed in the sandbox: {err}")
     scores = [math.nan if s is None else float(s) for _, s in out.heatmap]  # settled, in grid order
     stats = pd.Series(out.result.stats, dtype=object)

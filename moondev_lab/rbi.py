@@ -150,6 +150,14 @@ class RBI:
         from ._exact_stats import check_stat
 
         check_stat(self.cfg.metric)  # likewise: an unknown metric would rank every run as NaN
+        for name, least in (("max_debug", 0), ("max_optimize", 0), ("max_grid", 1), ("min_trades", 0),
+                            ("walk_forward", 0)):  # a negative loop bound would end every idea in a crash
+            value = getattr(self.cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+        if not 0 < self.cfg.train_fraction < 1 or not self.cfg.timeout > 0:
+            raise ValueError(f"train_fraction must be between 0 and 1 and timeout above 0, not "
+                             f"{self.cfg.train_fraction!r} and {self.cfg.timeout!r}")
         self.factory = factory or ModelFactory()
         self.model = self.factory.get(model) if isinstance(model, str) else model
         self.ledger = ledger or Ledger()

@@ -131,6 +131,9 @@ def test_an_unknown_stat_to_maximize_or_rank_by_is_refused_before_any_work(tmp_p
         ml.grid("Buy when the 10/30 SMA cross up, sell on the cross down", {"fast_n": [5, 10]}, maximize="Sharpe")
     with pytest.raises(ValueError, match="'sharpe ratio' is not one of"):
         RBI("offline", RBIConfig(metric="sharpe ratio"), sandbox=object())
+    for bad in (dict(train_fraction=1.0), dict(timeout=0), dict(max_grid=0), dict(max_debug=True)):
+        with pytest.raises(ValueError, match="must be"):
+            RBI("offline", RBIConfig(**bad), sandbox=object())
     pool = SandboxPool()  # not started: the check comes first
     with pytest.raises(ValueError, match="'Return' is not one of"):
         pool.optimize("class S: pass", {"n": [1, 2]}, None, maximize="Return")
@@ -159,3 +162,37 @@ def test_the_stat_names_are_backtesting_pys_own():
         warnings.simplefilter("ignore")
         stats = Backtest(GOOG.iloc[:200], Hold, commission=.002, finalize_trades=True).run()
     assert tuple(k for k in stats.index if not k.startswith("_")) == STAT_NAMES
+
+
+def test_importing_a_missing_file_says_so_before_asking_for_a_symbol(tmp_path):
+    one_error_line(cli("data", "import", tmp_path / "nothing.csv", home=tmp_path), f"no such file: {tmp_path}")
+
+
+@pytest.mark.parametrize("flag, value, says", [("--max-debug", "-1", "max_debug must be a whole number >= 0"),
+                                               ("--max-optimize", "-2", "max_optimize must be"),
+                                               ("--min-trades", "-5", "min_trades must be")])
+def test_a_negative_loop_bound_is_one_error_line_not_a_crashed_idea(tmp_path, flag, value, says):
+    one_error_line(cli("rbi", flag, value, "buy when RSI(14) < 30, sell when RSI > 70", home=tmp_path), says)
+
+
+def test_a_grid_that_fails_in_the_sandbox_shows_the_root_exception_and_the_strategy_line(tmp_path, monkeypatch):
+    """backtesting.py wraps an indicator's error as 'See traceback above.'; the grid's error says what it was."""
+    import moondev_lab as ml
+    from moondev_lab.fast import FastGridError
+    from moondev_lab.sandbox import SandboxPool
+
+    monkeypatch.setenv("MOONDEV_LAB_HOME", str(tmp_path))
+    with SandboxPool(size=1) as pool, pytest.raises(FastGridError) as raised:
+        ml.grid("Buy when the 10/30 SMA cross up, sell on the cross down", {"fast_n": ["a", "b"]},
+                start="2023-03-01", end="2023-03-10", confirm=False, pool=pool)
+    text = str(raised.value)
+    assert "[strategy_error] TypeError" in text and "at strategy line" in text and "self.fast_n" in text
+    assert 'raised as RuntimeError: Indicator "SMA(fast)" error' in text
+
+
+def test_paper_trading_on_an_exchange_nobody_registered_is_one_error_line(tmp_path):
+    strategy = tmp_path / "s.py"
+    strategy.write_text("from backtesting import Strategy\nclass S(Strategy):\n    def init(self): pass\n"
+                        "    def next(self): pass\n")
+    one_error_line(cli("trade", strategy, "--exchange", "binanse", home=tmp_path), "no exchange 'binanse' registered")
+    assert not (tmp_path / "s-live").exists()  # nothing was started

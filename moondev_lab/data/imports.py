@@ -62,6 +62,8 @@ def import_file(path: str | Path, *, symbol: str | None = None, timeframe: str |
                 store: Store | None = None) -> WriteResult:
     """Detect, read, validate and store one file. Raises on bad input (nothing is stored then)."""
     path = Path(path)
+    if not path.is_file():  # before the symbol: a typo in the path is the thing to fix first
+        raise FileNotFoundError(f"no such file: {path}")
     named = parse_filename(path.name)
     symbol = symbol or (named.pair if named else None)
     if not symbol:
