@@ -84,6 +84,34 @@ class RBIConfig:
 
 
 # ----- helpers ------------------------------------------------------------------------
+def check_config(cfg: RBIConfig) -> RBIConfig:
+    """``cfg`` if every knob has a value the loop can run with, else ``ValueError`` naming the first that has not.
+
+    Called before any work (by :class:`RBI` and by a batch, before its workers start): a bad value
+    found inside an idea's run would fail every idea the same way.
+
+    >>> check_config(RBIConfig(max_debug=-1))
+    Traceback (most recent call last):
+    ValueError: max_debug must be a whole number >= 0, not -1
+    """
+    if cfg.plot not in PLOT_CHOICES:  # not in the run folder's write, which never fails a run
+        raise ValueError(f"plot must be one of {', '.join(map(repr, PLOT_CHOICES))}, not {cfg.plot!r}")
+    if cfg.confirm not in ("kept", "all"):  # likewise: inside an idea's run it would fail every idea
+        raise ValueError(f"confirm must be 'kept' or 'all', not {cfg.confirm!r}")
+    from ._exact_stats import check_stat
+
+    check_stat(cfg.metric)  # likewise: an unknown metric would rank every run as NaN
+    for name, least in (("max_debug", 0), ("max_optimize", 0), ("max_grid", 1), ("min_trades", 0),
+                        ("walk_forward", 0)):  # a negative loop bound would end every idea in a crash
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+    if not 0 < cfg.train_fraction < 1 or not cfg.timeout > 0:
+        raise ValueError(f"train_fraction must be between 0 and 1 and timeout above 0, not "
+                         f"{cfg.train_fraction!r} and {cfg.timeout!r}")
+    return cfg
+
+
 def _error_signature(kind: str | None, etype: str | None, message: str | None) -> tuple:
     """Identity of an error for the repeated-error check: numbers and quotes normalised away."""
     kind = getattr(kind, "value", kind)
@@ -143,21 +171,7 @@ class RBI:
         from .sandbox import SandboxPool
 
         self.cfg = cfg or RBIConfig()
-        if self.cfg.plot not in PLOT_CHOICES:  # here, not in the run folder's write, which never fails a run
-            raise ValueError(f"plot must be one of {', '.join(map(repr, PLOT_CHOICES))}, not {self.cfg.plot!r}")
-        if self.cfg.confirm not in ("kept", "all"):  # likewise: inside an idea's run it would fail every idea
-            raise ValueError(f"confirm must be 'kept' or 'all', not {self.cfg.confirm!r}")
-        from ._exact_stats import check_stat
-
-        check_stat(self.cfg.metric)  # likewise: an unknown metric would rank every run as NaN
-        for name, least in (("max_debug", 0), ("max_optimize", 0), ("max_grid", 1), ("min_trades", 0),
-                            ("walk_forward", 0)):  # a negative loop bound would end every idea in a crash
-            value = getattr(self.cfg, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
-        if not 0 < self.cfg.train_fraction < 1 or not self.cfg.timeout > 0:
-            raise ValueError(f"train_fraction must be between 0 and 1 and timeout above 0, not "
-                             f"{self.cfg.train_fraction!r} and {self.cfg.timeout!r}")
+        check_config(self.cfg)
         self.factory = factory or ModelFactory()
         self.model = self.factory.get(model) if isinstance(model, str) else model
         self.ledger = ledger or Ledger()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import time
 import urllib.parse
@@ -272,6 +273,17 @@ def _is_url(s: str) -> bool:
     return urllib.parse.urlsplit(s.strip()).scheme in ("http", "https")
 
 
+def _other_url(s: str) -> bool:
+    """A URL of a scheme this module does not fetch: one token ``scheme://...`` (no idea is written so)."""
+    return bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", s.strip())) and not _is_url(s)
+
+
+def _refuse_url(url: str, fetcher: "Fetcher") -> str:
+    scheme = urllib.parse.urlsplit(url).scheme
+    raise SourceUnreadable(f"{url}: {scheme}:// URLs are not read; give an http(s) URL, or download the file and "
+                           "give its path")
+
+
 _YOUTUBE_HOSTS = {"youtube.com", "www.youtube.com", "m.youtube.com", "music.youtube.com", "youtu.be"}
 
 
@@ -312,6 +324,9 @@ def _pdf_text(data: bytes, where: str) -> str:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
+    pdf_log = logging.getLogger("pypdf")
+    level = pdf_log.level
+    pdf_log.setLevel(logging.ERROR)  # its repair notes ("EOF marker not found") are noise: the text, or our error, says it
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
@@ -319,6 +334,8 @@ def _pdf_text(data: bytes, where: str) -> str:
         pages = [p.extract_text() or "" for p in reader.pages[:MAX_PDF_PAGES]]
     except (PyPdfError, ValueError, KeyError, TypeError) as e:
         raise SourceUnreadable(f"{where}: not a readable PDF ({type(e).__name__})") from e
+    finally:
+        pdf_log.setLevel(level)
     return "\n".join(pages)
 
 
@@ -370,6 +387,7 @@ def _load_text_file(path: str, fetcher: Fetcher) -> str:
 
 register_kind(SourceKind("youtube", lambda s: youtube_video_id(s) is not None, _load_youtube, priority=10))
 register_kind(SourceKind("article", _is_url, _load_url, priority=20))  # HTML, or a PDF/text URL
+register_kind(SourceKind("other URL", _other_url, _refuse_url, priority=25))  # ftp://, file://, s3://: refused
 register_kind(SourceKind("pdf", lambda s: _looks_like_path(s) and s.lower().endswith(".pdf"), _load_pdf_file,
                          priority=30))
 register_kind(SourceKind("file", _looks_like_path, _load_text_file, priority=40))

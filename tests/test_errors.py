@@ -196,3 +196,21 @@ def test_paper_trading_on_an_exchange_nobody_registered_is_one_error_line(tmp_pa
                         "    def next(self): pass\n")
     one_error_line(cli("trade", strategy, "--exchange", "binanse", home=tmp_path), "no exchange 'binanse' registered")
     assert not (tmp_path / "s-live").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("source, says", [("broken.pdf", "not a readable PDF"),
+                                          ("ftp://example.com/paper.pdf", "ftp:// URLs are not read"),
+                                          ("file:///tmp/paper.pdf", "file:// URLs are not read")])
+def test_an_unreadable_source_is_one_error_line_with_no_library_log_before_it(tmp_path, source, says):
+    """pypdf logs its repair attempts ("EOF marker not found"); a URL of a scheme we do not fetch is not an idea."""
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\nnot really")
+    arg = str(tmp_path / source) if source.endswith(".pdf") and "://" not in source else source
+    one_error_line(cli("rbi", "--from", arg, home=tmp_path), says)
+
+
+def test_a_batch_refuses_a_bad_loop_setting_before_any_worker_starts(tmp_path):
+    ideas = tmp_path / "ideas.txt"
+    ideas.write_text("buy when RSI(14) < 30, sell when RSI > 70\n")
+    one_error_line(cli("batch", "--max-debug", "-1", "--workers", "1", "--out", tmp_path / "out", ideas,
+                       home=tmp_path), "max_debug must be a whole number >= 0, not -1")
+    assert not (tmp_path / "out").exists()
