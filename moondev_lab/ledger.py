@@ -24,6 +24,7 @@ processes may write one ledger at once: WAL, a busy timeout, and short
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import re
@@ -181,32 +182,75 @@ class Experiment:
         return f"already done {where}; use force=True (--force) to run it again"
 
 
+class LedgerState(enum.Enum):
+    NEW = "new"  # nothing opened yet
+    OPEN = "open"
+    CLOSED = "closed"
+
+
 class Ledger:
-    """Thread- and process-safe SQLite ledger (WAL, busy timeout, short transactions)."""
+    """Thread- and process-safe SQLite ledger (WAL, busy timeout, short transactions).
+
+    The constructor touches no file: :meth:`start` opens (and upgrades) it, or the first call
+    that needs it does; :meth:`close` ends it for good.
+
+    >>> led = Ledger(":memory:")
+    >>> led.state.value, led.start().state.value, led.schema_version == SCHEMA_VERSION
+    ('new', 'open', True)
+    >>> led.close(); led.state.value
+    'closed'
+    """
 
     def __init__(self, path: str | Path | None = None, failure_budget: int = 3, busy_timeout_s: float = 60.0):
         self.path = str(path) if path is not None else str(config.ledger_path())
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.failure_budget = failure_budget
+        self.busy_timeout_s = busy_timeout_s
         # Re-entrant: a transaction() holds it while the calls inside it take it again.
         self._lock = threading.RLock()
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                       timeout=busy_timeout_s)
-        except sqlite3.DatabaseError as e:  # a directory at this path, an unreadable one, ...
-            raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
-        self._db.row_factory = sqlite3.Row
-        try:
-            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            if self.path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._upgrade()
-            self.ledger_id: str = self._one("SELECT value FROM meta WHERE key='ledger_id'")[0]
-        except sqlite3.DatabaseError as e:  # another file at this path, or a damaged one: say which, touch nothing
-            self._db.close()
-            raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
+        self._conn: sqlite3.Connection | None = None
+        self._ledger_id: str | None = None
+        self.state = LedgerState.NEW
+
+    def start(self) -> "Ledger":
+        """Open the file (created if missing) and run the missing migrations; a no-op when open."""
+        with self._lock:
+            if self.state is LedgerState.OPEN:
+                return self
+            if self.state is LedgerState.CLOSED:
+                raise LedgerError(f"{self.path}: this Ledger was closed; open a new one")
+            try:
+                if self.path != ":memory:":
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                             timeout=self.busy_timeout_s)
+                self._conn.row_factory = sqlite3.Row
+                self._conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+                if self.path != ":memory:":
+                    self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA foreign_keys=ON")
+                self._upgrade()
+                self._ledger_id = self._one("SELECT value FROM meta WHERE key='ledger_id'")[0]
+            except (sqlite3.DatabaseError, LedgerError) as e:  # another file here, a damaged one, a directory
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                if isinstance(e, LedgerError):
+                    raise
+                raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
+            self.state = LedgerState.OPEN
+            return self
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        conn = self._conn
+        return conn if conn is not None else self.start()._conn
+
+    @property
+    def ledger_id(self) -> str:
+        """This ledger's own id (a uuid made when the file was created)."""
+        if self._ledger_id is None:
+            self.start()
+        return self._ledger_id
 
     def _upgrade(self) -> None:
         """Run the missing migrations, all in one transaction: an upgrade is complete or absent."""
@@ -225,12 +269,18 @@ class Ledger:
         return self._one("PRAGMA user_version")[0]
 
     def __repr__(self) -> str:
+        if self.state is not LedgerState.OPEN:  # a repr opens no file
+            return f"Ledger({self.path!r}, {self.state.value})"
         n = self._one("SELECT count(*) FROM ideas")[0]
         r = self._one("SELECT count(*) FROM runs")[0]
         return f"Ledger({self.path!r}: {n} ideas, {r} runs)"
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self.state = LedgerState.CLOSED
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -20,12 +20,14 @@ Design points, each answering a known failure of ad-hoc scripts:
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -161,12 +163,25 @@ def param_grid(params: dict[str, int | float], max_size: int) -> dict[str, list]
 
 
 # ----- the loop ------------------------------------------------------------------------
+class RBIState(enum.Enum):
+    NEW = "new"  # configured; no data read yet
+    STARTED = "started"  # the data range read and split
+    CLOSED = "closed"
+
+
 class RBI:
-    """One configured RBI engine: a model, a sandbox pool, a ledger and a data series."""
+    """One configured RBI engine: a model, a sandbox pool, a ledger and a data series.
+
+    The constructor checks the settings and reads nothing; :meth:`start` (``with RBI(...)``, or the
+    first run) reads the data range, :meth:`close` closes a sandbox pool it made.
+
+    >>> rbi = RBI("offline", RBIConfig(), sandbox=object())    # no data read, no worker started
+    >>> rbi.state.value
+    'new'
+    """
 
     def __init__(self, model: Any = "auto", cfg: RBIConfig | None = None, ledger: Ledger | None = None,
                  sandbox: Any = None, factory: Any = None):
-        from .data import default_pool
         from .models import ModelFactory
         from .sandbox import SandboxPool
 
@@ -178,20 +193,38 @@ class RBI:
         self._own_sandbox = sandbox is None
         self.sandbox = SandboxPool() if sandbox is None else sandbox
         self.runs_dir = Path(self.cfg.runs_dir or config.runs_dir())
-        frame = default_pool().get(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source,
-                                   start=self.cfg.start, end=self.cfg.end)
-        if len(frame) < 200:
-            raise ValueError(f"{self.cfg.symbol} {self.cfg.timeframe} has only {len(frame)} bars in the chosen range; "
-                             "the train/test split needs at least 200")
-        cut = int(len(frame) * self.cfg.train_fraction)
-        self.train = self._ref(start=frame.index[0], end=frame.index[cut - 1])
-        self.test = self._ref(start=frame.index[cut], end=frame.index[-1])
-        self.quarters = []
-        if self.cfg.quarters:
-            for q in pd.period_range(frame.index[0].tz_localize(None), frame.index[-1].tz_localize(None), freq="Q"):
-                self.quarters.append((str(q), self._ref(start=max(q.start_time.tz_localize("UTC"), frame.index[0]),
-                                                       end=min(q.end_time.tz_localize("UTC"), frame.index[-1]))))
-        del frame
+        self.train = self.test = None
+        self.quarters: list = []
+        self.state = RBIState.NEW
+        self._start_lock = threading.Lock()
+
+    def start(self) -> "RBI":
+        """Read the data range and split it (train, held-out test, quarters); a no-op once started.
+
+        ``with RBI(...) as rbi`` and the first :meth:`run_one` / :meth:`run_many` call it.
+        """
+        from .data import default_pool
+
+        with self._start_lock:
+            if self.state is RBIState.STARTED:
+                return self
+            if self.state is RBIState.CLOSED:
+                raise ValueError("this RBI was closed; make a new one")
+            frame = default_pool().get(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source,
+                                       start=self.cfg.start, end=self.cfg.end)
+            if len(frame) < 200:
+                raise ValueError(f"{self.cfg.symbol} {self.cfg.timeframe} has only {len(frame)} bars in the chosen "
+                                 "range; the train/test split needs at least 200")
+            cut = int(len(frame) * self.cfg.train_fraction)
+            self.train = self._ref(start=frame.index[0], end=frame.index[cut - 1])
+            self.test = self._ref(start=frame.index[cut], end=frame.index[-1])
+            self.quarters = []
+            if self.cfg.quarters:
+                for q in pd.period_range(frame.index[0].tz_localize(None), frame.index[-1].tz_localize(None), freq="Q"):
+                    self.quarters.append((str(q), self._ref(start=max(q.start_time.tz_localize("UTC"), frame.index[0]),
+                                                           end=min(q.end_time.tz_localize("UTC"), frame.index[-1]))))
+            self.state = RBIState.STARTED
+            return self
 
     def _ref(self, start=None, end=None):
         from .sandbox import DataRef
@@ -199,11 +232,12 @@ class RBI:
         return DataRef(self.cfg.symbol, self.cfg.timeframe, source=self.cfg.source, start=start, end=end)
 
     def close(self) -> None:
+        self.state = RBIState.CLOSED
         if self._own_sandbox:
             self.sandbox.close()
 
     def __enter__(self) -> "RBI":
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -219,6 +253,7 @@ class RBI:
     def run_one(self, text: str, force: bool | None = None) -> IdeaResult:
         """One idea through the whole loop; ``force`` runs it again even when done or given up."""
         force = self.cfg.force if force is None else force
+        self.start()
         exp = self.ledger.experiment(text, self.cfg.symbol, self.cfg.timeframe, self.model.name)
         if not force and not self.ledger.may_run(exp):
             return self._skipped(text, exp)
@@ -498,6 +533,7 @@ class RBI:
                  force: bool | None = None) -> RBIReport:
         """Run ideas concurrently; model calls on threads, backtests on the sandbox pool."""
         ideas = [i.strip() for i in ideas if i and i.strip()]
+        self.start()  # here, not in each idea's thread: a data range too short is one error, not one per idea
         t0 = time.perf_counter()
         # The pool's configured size: len() counts live workers, which is 0 before the first task.
         # One more idea than workers: while every worker confirms (or runs) one idea's backtests, this process

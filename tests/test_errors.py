@@ -70,9 +70,9 @@ def test_a_file_that_is_not_a_ledger_is_one_error_line_and_stays_as_it_was(tmp_p
     from moondev_lab.ledger import Ledger, LedgerError
 
     with pytest.raises(LedgerError, match="file is not a database"):
-        Ledger(bad)
+        Ledger(bad).start()
     with pytest.raises(LedgerError, match="cannot open"):
-        Ledger(tmp_path)  # a directory
+        Ledger(tmp_path).start()  # a directory
 
 
 def test_a_damaged_run_folder_file_is_named(tmp_path):

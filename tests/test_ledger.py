@@ -137,7 +137,7 @@ def test_upgrade_from_the_first_schema_keeps_everything(tmp_path):
     from moondev_lab.ledger import LedgerError
 
     with pytest.raises(LedgerError, match="newer"):
-        Ledger(path)
+        Ledger(path).start()
 
 
 def _writer(path: str, k: int, n: int) -> None:
@@ -155,7 +155,7 @@ def test_several_writer_processes(tmp_path):
     import multiprocessing as mp
 
     path = str(tmp_path / "shared.sqlite")
-    Ledger(path).close()
+    Ledger(path).start().close()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(path, k, 25)) for k in range(4)]
     [p.start() for p in procs]
@@ -190,3 +190,21 @@ def test_upgrade_from_version_2_adds_idea_sources_and_keeps_every_row(tmp_path):
     assert kept["kind"] == "text" and kept["text"] == idea.text and kept["sentences_used"][0]["text"] == idea.text
     led.close()
     assert Ledger(path).idea_sources(idea.id)[0]["source"] == idea.text
+
+
+def test_the_constructor_touches_no_file_and_a_closed_ledger_stays_closed(tmp_path):
+    import pytest
+
+    from moondev_lab.ledger import LedgerError, LedgerState
+
+    path = tmp_path / "deep" / "ledger.sqlite"
+    led = Ledger(path)
+    assert led.state is LedgerState.NEW and not path.parent.exists()
+    assert led.ideas().empty and led.state is LedgerState.OPEN and path.exists()  # the first call opened it
+    assert led.start() is led  # a no-op once open
+    led.close()
+    assert led.state is LedgerState.CLOSED
+    with pytest.raises(LedgerError, match="was closed"):
+        led.runs()
+    Ledger(tmp_path / "never-used.sqlite").close()
+    assert not (tmp_path / "never-used.sqlite").exists()

@@ -119,7 +119,8 @@ def fetch_ohlcv(exchange: str | ccxt.Exchange, symbol: str, timeframe: str, sinc
     except SeriesNotFound:
         pass
     if start is None:
-        raise ValueError("nothing stored yet for this series: pass since= (e.g. '2024-01-01')")
+        raise ValueError("nothing stored yet for this series: pass since= (--since on the command line), "
+                         "e.g. '2024-01-01'")
     now = ex.milliseconds()
     end = min(_to_ms(until) or now, now)
 
