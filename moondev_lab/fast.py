@@ -429,10 +429,9 @@ def grid(idea_or_code: str, params: Mapping[str, Sequence] | None = None, *, sym
     """
     import time
 
+    from ._exact_stats import check_stat
     from .models.offline import class_params
     from .rbi import RBIConfig, param_grid
-
-    from ._exact_stats import check_stat
 
     t0 = time.perf_counter()
     check_stat(maximize, FastGridError)

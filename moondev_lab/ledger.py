@@ -230,13 +230,13 @@ class Ledger:
                 self._conn.execute("PRAGMA foreign_keys=ON")
                 self._upgrade()
                 self._ledger_id = self._one("SELECT value FROM meta WHERE key='ledger_id'")[0]
-            except (sqlite3.DatabaseError, LedgerError) as e:  # another file here, a damaged one, a directory
+            except BaseException as e:  # nothing half-open is kept: the next call tries again, and says why
                 if self._conn is not None:
                     self._conn.close()
-                self._conn = None
-                if isinstance(e, LedgerError):
-                    raise
-                raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
+                    self._conn = None
+                if isinstance(e, (sqlite3.DatabaseError, OSError)):  # another file, a damaged one, a directory
+                    raise LedgerError(f"{self.path}: cannot open it as a moondev_lab ledger ({e})") from None
+                raise
             self.state = LedgerState.OPEN
             return self
 

@@ -326,7 +326,7 @@ def _pdf_text(data: bytes, where: str) -> str:
 
     pdf_log = logging.getLogger("pypdf")
     level = pdf_log.level
-    pdf_log.setLevel(logging.ERROR)  # its repair notes ("EOF marker not found") are noise: the text, or our error, says it
+    pdf_log.setLevel(logging.ERROR)  # its repair notes ("EOF marker not found"): the text, or our error, says it
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
