@@ -787,20 +787,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (MoondevError, DataValidationError, StoreError, FetchError, FileNotFoundError, ValueError,
-            ModelUnavailable) as e:
-        if getattr(args, "json", False):
-            _print_json({"error": type(e).__name__, "message": str(e)})
-        else:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, which it is
         # `moondev-lab runs ls | head`: the reader left. Point stdout at /dev/null so the
         # interpreter's final flush does not raise again, and stop quietly.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (MoondevError, DataValidationError, StoreError, FetchError, OSError, ValueError,
+            ModelUnavailable) as e:  # OSError: a missing file or folder, no permission, a full disk
+        if getattr(args, "json", False):
+            _print_json({"error": type(e).__name__, "message": str(e)})
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -214,3 +214,13 @@ def test_a_batch_refuses_a_bad_loop_setting_before_any_worker_starts(tmp_path):
     one_error_line(cli("batch", "--max-debug", "-1", "--workers", "1", "--out", tmp_path / "out", ideas,
                        home=tmp_path), "max_debug must be a whole number >= 0, not -1")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_os_error_writing_the_output_is_one_error_line(tmp_path):
+    """An OSError from the OS (here a file where a folder must be; elsewhere no permission, a full disk) is not
+    a crash."""
+    imported = cli("data", "import", REPO / "data" / "BTC-USD-15m.csv", "--symbol", "BTC/USD", home=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    (tmp_path / "afile").write_text("")
+    one_error_line(cli("data", "export", "BTC/USD", "15m", "--out", tmp_path / "afile" / "btc.csv", home=tmp_path),
+                   "afile")
