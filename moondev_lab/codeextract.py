@@ -139,21 +139,21 @@ def extract_code(text: str, *, require_strategy: bool = False) -> str:
     'x = 1\\n'
     """
     if not isinstance(text, str) or not text.strip():
-        raise NoCodeFound("empty reply: no code")
+        raise NoCodeFound("empty text: no code")
     body = strip_think(text)
     blocks = [b for b in _fenced_blocks(body) if b.code.strip() and (b.lang in _PY_TAGS or _looks_python(b.code))]
     if not blocks:
         if not body.strip():
-            raise NoCodeFound("the reply is only a <think> block: no code")
+            raise NoCodeFound("the text is only a <think> block: no code")
         err = _parses(body)
         if err is None and _has_statements(body):
             code = body
         elif "```" in body or "~~~" in body:
-            raise NoCodeFound("no Python code block in the reply (only non-Python fences)")
+            raise NoCodeFound("no Python code block in the text (only non-Python fences)")
         elif _looks_python(body):
             raise _syntax_error(body, err or SyntaxError("no statements"), "the unfenced code")
         else:
-            raise NoCodeFound("no code block in the reply (no ``` fence, and the text is not Python)")
+            raise NoCodeFound("no code block in the text (no ``` fence, and it does not read as Python)")
     else:
         good = [b for b in blocks if _parses(b.code) is None]
         if not good:
