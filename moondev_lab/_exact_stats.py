@@ -30,6 +30,7 @@ import pandas as pd
 from . import _bt_compat
 
 _DAY_NS = 86_400 * 10**9
+_RISK_FREE = 0.0  # as _bt_compat.compute_stats passes it
 
 #: ``compute_stats``' stats, in its order (``Commissions [$]`` only in a run that paid some): the names a
 #: grid may maximize and the RBI loop may rank by.
@@ -53,7 +54,6 @@ def check_stat(name: str, error: type[Exception] = ValueError) -> str:
     if name not in STAT_NAMES:
         raise error(f"{name!r} is not one of backtesting.py's stats: {', '.join(STAT_NAMES)}")
     return name
-_RISK_FREE = 0.0  # as _bt_compat.compute_stats passes it
 
 
 def compute_stats(trades: list, equity: np.ndarray, ohlc: pd.DataFrame, warmup_nbars: int,

@@ -380,11 +380,12 @@ def _model_and_cfg(model: Any, cfg: Any) -> tuple[Any, str, dict]:
     """(model object or None, model name, RBIConfig fields): what every worker gets."""
     from .rbi import RBIConfig, check_config
 
+    cfg = cfg or RBIConfig()
     try:
-        check_config(cfg or RBIConfig())  # here, not in every worker: one error line, no failed rows
+        check_config(cfg)  # here, not in every worker: one error line, no failed rows
     except ValueError as e:
         raise BatchError(str(e)) from None
-    cfg_dict = {k: v for k, v in asdict(cfg or RBIConfig()).items() if k != "runs_dir"}
+    cfg_dict = {k: v for k, v in asdict(cfg).items() if k != "runs_dir"}
     if isinstance(model, str):
         from .models import ModelFactory
 

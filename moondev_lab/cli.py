@@ -780,10 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .data import DataValidationError, StoreError
-    from .data.fetch import FetchError
     from .errors import MoondevError
-    from .models import ModelUnavailable
 
     try:
         return args.handler(args)
@@ -794,8 +791,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (MoondevError, DataValidationError, StoreError, FetchError, OSError, ValueError,
-            ModelUnavailable) as e:  # OSError: a missing file or folder, no permission, a full disk
+    except (MoondevError, OSError, ValueError) as e:  # OSError: a missing file or folder, no permission, a full disk
         if getattr(args, "json", False):
             _print_json({"error": type(e).__name__, "message": str(e)})
         else:
