@@ -22,6 +22,7 @@ for stat and frame for frame, on random runs and on the edge cases.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -87,7 +88,9 @@ def _stats(trades: list, equity: np.ndarray, ohlc: pd.DataFrame, warmup_nbars: i
     equity_df = pd.DataFrame({"Equity": equity, "DrawdownPct": dd, "DrawdownDuration": dd_dur.to_numpy()},
                              index=index)
     trades_df = _trades_frame(trades, indicators)
-    commissions = sum(t._commissions for t in trades)
+    # Python's own sum, in trade order (np.sum adds pairwise: another float)
+    commissions = sum(trades.commission.tolist() if isinstance(trades, TradeColumns) else
+                      (t._commissions for t in trades))
     pl, returns, durations = trades_df["PnL"], trades_df["ReturnPct"], trades_df["Duration"]
     resolution = getattr(period, "resolution_string", None) or period.resolution
 
@@ -198,14 +201,92 @@ def _drawdown_periods(dd: np.ndarray, index: pd.DatetimeIndex) -> tuple[pd.Serie
     return pd.Series(durations, index=index), pd.Series(peaks, index=index)
 
 
-def _trades_frame(trades: list, indicators: Sequence) -> pd.DataFrame:
+class _SettledTrade:
+    """A closed trade with the attributes ``compute_stats`` reads from backtesting's ``Trade``."""
+
+    __slots__ = ("size", "entry_bar", "exit_bar", "entry_price", "exit_price", "sl", "tp", "pl", "pl_pct",
+                 "_commissions", "entry_time", "exit_time", "tag")
+
+
+class TradeColumns:
+    """Closed trades as columns (one row a trade, in closing order), with ``Trade.pl``/``pl_pct`` as
+    backtesting computes them: what a settlement hands :func:`compute_stats`.
+
+    A settlement may close thousands of trades; one Python object each, then one frame built from
+    those objects, used to be most of its time. Iterating (or indexing) gives ``Trade``-like
+    objects, made once, for backtesting's own ``compute_stats``.
+
+    >>> idx = pd.date_range("2023-01-01", periods=4, freq="h", tz="UTC")
+    >>> t = TradeColumns(np.array([2.0]), np.array([False]), np.array([1]), np.array([3]), np.array([10.0]),
+    ...                  np.array([11.0]), np.array([np.nan]), np.array([np.nan]), np.array([0.5]),
+    ...                  np.array([-1]), (), idx, last_close=11.0)
+    >>> len(t), float(t.pl[0]), t[0].size, t[0].sl
+    (1, 1.5, 2, None)
+    """
+
+    def __init__(self, size: np.ndarray, is_float: np.ndarray, entry_bar: np.ndarray, exit_bar: np.ndarray,
+                 entry_price: np.ndarray, exit_price: np.ndarray, sl: np.ndarray, tp: np.ndarray,
+                 commission: np.ndarray, tag: np.ndarray, tags: tuple, index: pd.Index, last_close: float):
+        self.size, self.is_float = size, is_float
+        self.entry_bar, self.exit_bar = entry_bar, exit_bar
+        self.entry_price, self.exit_price, self.sl, self.tp = entry_price, exit_price, sl, tp
+        self.commission, self.tag, self.tags, self.index = commission, tag, tags, index
+        price = np.where(exit_price == 0, last_close, exit_price)  # Trade.pl: ``exit_price or last_price``
+        self.pl = size * (price - entry_price) - commission
+        self.pl_pct = np.copysign(1.0, size) * (price / entry_price - 1) - commission / (np.abs(size) * entry_price)
+        self._objects: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    def __iter__(self):
+        return iter(self.objects())
+
+    def __getitem__(self, i: int) -> _SettledTrade:
+        return self.objects()[i]
+
+    def tag_values(self) -> list:
+        return [self.tags[k] if k >= 0 else None for k in self.tag.tolist()]
+
+    def objects(self) -> list[_SettledTrade]:
+        """The trades as ``Trade``-like objects (Python ints and floats, None for an unset SL/TP)."""
+        if self._objects is None:
+            out = []
+            entry_times, exit_times = self.entry_times().tolist(), self.exit_times().tolist()
+            for k, tag in enumerate(self.tag_values()):
+                t = _SettledTrade()
+                size = float(self.size[k])
+                t.size = size if self.is_float[k] else int(size)
+                t.entry_bar, t.exit_bar = int(self.entry_bar[k]), int(self.exit_bar[k])
+                t.entry_price, t.exit_price = float(self.entry_price[k]), float(self.exit_price[k])
+                sl, tp = float(self.sl[k]), float(self.tp[k])
+                t.sl = None if math.isnan(sl) else sl
+                t.tp = None if math.isnan(tp) else tp
+                t._commissions = float(self.commission[k])
+                t.pl, t.pl_pct = float(self.pl[k]), float(self.pl_pct[k])
+                t.entry_time, t.exit_time, t.tag = entry_times[k], exit_times[k], tag
+                out.append(t)
+            self._objects = out
+        return self._objects
+
+    def entry_times(self) -> pd.Index:
+        return self.index[self.entry_bar]
+
+    def exit_times(self) -> pd.Index:
+        return self.index[self.exit_bar]
+
+
+def _trades_frame(trades, indicators: Sequence) -> pd.DataFrame:
     """``_trades`` as ``compute_stats`` builds it from ``Trade`` objects (columns, order, dtypes)."""
-    columns = {"Size": "size", "EntryBar": "entry_bar", "ExitBar": "exit_bar", "EntryPrice": "entry_price",
-               "ExitPrice": "exit_price", "SL": "sl", "TP": "tp", "PnL": "pl", "Commission": "_commissions",
-               "ReturnPct": "pl_pct", "EntryTime": "entry_time", "ExitTime": "exit_time"}
-    df = pd.DataFrame({name: [getattr(t, attr) for t in trades] for name, attr in columns.items()})
-    df["Duration"] = df["ExitTime"] - df["EntryTime"]
-    df["Tag"] = [t.tag for t in trades]
+    if isinstance(trades, TradeColumns) and len(trades) and trades._objects is None:
+        df = _columns_frame(trades)
+    else:
+        columns = {"Size": "size", "EntryBar": "entry_bar", "ExitBar": "exit_bar", "EntryPrice": "entry_price",
+                   "ExitPrice": "exit_price", "SL": "sl", "TP": "tp", "PnL": "pl", "Commission": "_commissions",
+                   "ReturnPct": "pl_pct", "EntryTime": "entry_time", "ExitTime": "exit_time"}
+        df = pd.DataFrame({name: [getattr(t, attr) for t in trades] for name, attr in columns.items()})
+        df["Duration"] = df["ExitTime"] - df["EntryTime"]
+        df["Tag"] = [t.tag for t in trades]
     if len(df):
         for ind in indicators:
             ind = np.atleast_2d(ind)
@@ -213,6 +294,22 @@ def _trades_frame(trades: list, indicators: Sequence) -> pd.DataFrame:
                 suffix = f"_{i}" if len(ind) > 1 else ""
                 df[f"Entry_{ind.name}{suffix}"] = values[df["EntryBar"].values]
                 df[f"Exit_{ind.name}{suffix}"] = values[df["ExitBar"].values]
+    return df
+
+
+def _columns_frame(t: TradeColumns) -> pd.DataFrame:
+    """The frame pandas infers from the objects' lists, built from the columns: a list of ints is int64
+    (of floats, or of both, float64); of None and floats float64 with NaN, of None only object."""
+    def unset_is_none(values):
+        return [None] * len(values) if np.isnan(values).all() else values
+
+    size = t.size if t.is_float.any() else t.size.astype(np.int64)
+    df = pd.DataFrame({"Size": size, "EntryBar": t.entry_bar.astype(np.int64), "ExitBar": t.exit_bar.astype(np.int64),
+                       "EntryPrice": t.entry_price, "ExitPrice": t.exit_price, "SL": unset_is_none(t.sl),
+                       "TP": unset_is_none(t.tp), "PnL": t.pl, "Commission": t.commission, "ReturnPct": t.pl_pct,
+                       "EntryTime": t.entry_times(), "ExitTime": t.exit_times()})
+    df["Duration"] = df["ExitTime"] - df["EntryTime"]
+    df["Tag"] = t.tag_values()  # as a list: pandas infers its dtype (str, object, ...) as from the objects
     return df
 
 

@@ -210,13 +210,6 @@ class Settlement:
                 f"equity_final={s['Equity Final [$]']:.2f}{', out of money' if self.out_of_money else ''})")
 
 
-class _SettledTrade:
-    """A closed trade with the attributes ``compute_stats`` reads from backtesting's ``Trade``."""
-
-    __slots__ = ("size", "entry_bar", "exit_bar", "entry_price", "exit_price", "sl", "tp", "pl", "pl_pct",
-                 "_commissions", "entry_time", "exit_time", "tag")
-
-
 class _StrategyRef:
     """``stats['_strategy']`` of a settlement: the strategy's name and parameters, not its code."""
 
@@ -295,7 +288,7 @@ def settled_score(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings 
     _, curve, trades, _, _ = _replay(log, data, settings)
     if not trades:
         return None
-    return float(_SCORES[key](curve, pd.Series([t.pl for t in trades])))
+    return float(_SCORES[key](curve, pd.Series(trades.pl)))
 
 
 def _replay(log: OrderLog, data: pd.DataFrame, settings: BacktestSettings | None):
@@ -345,36 +338,16 @@ def _check_data(log: OrderLog, data: pd.DataFrame) -> None:
         raise SettlementError("unknown decision kind")
 
 
-def _closed_trades(state: dict, index: pd.Index, close: np.ndarray, tags: tuple) -> list[_SettledTrade]:
-    """``broker.closed_trades``, with ``Trade.pl``/``pl_pct`` computed as backtesting does."""
+def _closed_trades(state: dict, index: pd.Index, close: np.ndarray, tags: tuple) -> _exact_stats.TradeColumns:
+    """``broker.closed_trades`` as columns, with ``Trade.pl``/``pl_pct`` computed as backtesting does."""
     from . import _broker_kernel as K
 
-    n_closed = int(state["cnt"][K.C_NCLOSED])
-    ids = state["closed"][:n_closed]
+    ids = state["closed"][:int(state["cnt"][K.C_NCLOSED])]
     tf, ti = state["tf"][ids], state["ti"][ids]
-    entry_times = index[ti[:, K.T_ENTRY_BAR]].tolist() if n_closed else []  # boxed at once: index[k] is slow
-    exit_times = index[ti[:, K.T_EXIT_BAR]].tolist() if n_closed else []
-    last = float(close[-1]) if len(close) else math.nan
-    out = []
-    for k in range(n_closed):
-        t = _SettledTrade()
-        size = float(tf[k, K.T_SIZE])
-        t.size = size if ti[k, K.T_FLOAT] else int(size)
-        t.entry_bar, t.exit_bar = int(ti[k, K.T_ENTRY_BAR]), int(ti[k, K.T_EXIT_BAR])
-        t.entry_price, t.exit_price = float(tf[k, K.T_ENTRY]), float(tf[k, K.T_EXIT])
-        sl, tp = tf[k, K.T_SL], tf[k, K.T_TP]
-        t.sl = None if math.isnan(sl) else float(sl)
-        t.tp = None if math.isnan(tp) else float(tp)
-        t._commissions = float(tf[k, K.T_COMM])
-        price = t.exit_price or last  # Trade.pl: ``exit_price or last_price``
-        t.pl = (t.size * (price - t.entry_price)) - t._commissions
-        t.pl_pct = (math.copysign(1, t.size) * (price / t.entry_price - 1)
-                    - t._commissions / (abs(t.size) * t.entry_price))
-        t.entry_time, t.exit_time = entry_times[k], exit_times[k]
-        tag = int(ti[k, K.T_TAG])
-        t.tag = tags[tag] if tag >= 0 else None
-        out.append(t)
-    return out
+    return _exact_stats.TradeColumns(
+        tf[:, K.T_SIZE], ti[:, K.T_FLOAT] != 0, ti[:, K.T_ENTRY_BAR], ti[:, K.T_EXIT_BAR], tf[:, K.T_ENTRY],
+        tf[:, K.T_EXIT], tf[:, K.T_SL], tf[:, K.T_TP], tf[:, K.T_COMM], ti[:, K.T_TAG], tags, index,
+        last_close=float(close[-1]) if len(close) else math.nan)
 
 
 # ---------------------------------------------------------------- one bar at a time

@@ -112,7 +112,7 @@ def test_a_trade_losing_everything_makes_the_average_trade_zero():
     data = synthetic_ohlc(300, seed=7)
     trades, equity, warmup = _settled(data, 7, activity=0.9)
     assert trades
-    trades[0].pl_pct = -1.5  # a short trade can lose more than 100%
+    trades[0].pl_pct = -1.5  # a short trade can lose more than 100% (the trades as objects from here on)
     got = _both(trades, equity, data, warmup)
     assert got["Avg. Trade [%]"] == 0
 
@@ -133,3 +133,33 @@ def test_what_it_does_not_mirror_goes_to_backtesting(case):
         data = data.iloc[np.r_[1, 0, 2:120]]
     assert _exact_stats._mirrored_period(equity, data.index, 0) is None
     _both([], equity, data, 0)
+
+
+@pytest.mark.parametrize("case", ["whole units, no stops, no tags", "fractional units, some stops, text tags",
+                                  "both kinds of units, every stop set, number tags"])
+def test_trade_columns_build_the_frame_the_trade_objects_build(case):
+    n = 7
+    rng = np.random.default_rng(len(case))
+    index = pd.date_range("2023-01-01", periods=40, freq="15min", tz="UTC").as_unit("s")
+    is_float = {"whole units, no stops, no tags": np.zeros(n, bool), "fractional units, some stops, text tags":
+                np.ones(n, bool)}.get(case, np.arange(n) % 2 == 0)
+    size = np.where(is_float, rng.uniform(-3, 3, n), rng.integers(1, 9, n) * rng.choice([-1, 1], n)).astype(float)
+    entry = np.sort(rng.integers(0, 30, n))
+    stops = {"whole units, no stops, no tags": np.full(n, np.nan),
+             "fractional units, some stops, text tags": np.where(np.arange(n) % 3 == 0, 95.0, np.nan)}
+    sl = stops.get(case, rng.uniform(90, 99, n))
+    tags, tag = {"whole units, no stops, no tags": ((), np.full(n, -1)),
+                 "fractional units, some stops, text tags": (("a", "b"), np.arange(n) % 3 - 1)}.get(
+        case, ((1, 2.5), np.arange(n) % 2))
+
+    def columns():
+        return _exact_stats.TradeColumns(size, is_float, entry, entry + rng.integers(0, 9, n), rng.uniform(99, 101, n),
+                                         rng.uniform(99, 101, n), sl, np.full(n, np.nan), rng.uniform(0, 1, n),
+                                         tag, tags, index, last_close=100.0)
+
+    rng = np.random.default_rng(0)
+    from_columns = _exact_stats._trades_frame(columns(), ())
+    rng = np.random.default_rng(0)
+    objects = columns().objects()
+    pd.testing.assert_frame_equal(_exact_stats._trades_frame(objects, ()), from_columns, check_exact=True)
+    assert type(objects[0].size) is (float if is_float[0] else int) and objects[0].tp is None
