@@ -213,8 +213,8 @@ class TradeColumns:
     backtesting computes them: what a settlement hands :func:`compute_stats`.
 
     A settlement may close thousands of trades; one Python object each, then one frame built from
-    those objects, used to be most of its time. Iterating (or indexing) gives ``Trade``-like
-    objects, made once, for backtesting's own ``compute_stats``.
+    those objects, used to be most of its time. The columns are the trades: iterating (or indexing)
+    gives ``Trade``-like copies of them, made once, for backtesting's own ``compute_stats``.
 
     >>> idx = pd.date_range("2023-01-01", periods=4, freq="h", tz="UTC")
     >>> t = TradeColumns(np.array([2.0]), np.array([False]), np.array([1]), np.array([3]), np.array([10.0]),
@@ -277,8 +277,9 @@ class TradeColumns:
 
 
 def _trades_frame(trades, indicators: Sequence) -> pd.DataFrame:
-    """``_trades`` as ``compute_stats`` builds it from ``Trade`` objects (columns, order, dtypes)."""
-    if isinstance(trades, TradeColumns) and len(trades) and trades._objects is None:
+    """``_trades`` as ``compute_stats`` builds it from ``Trade`` objects (columns, order, dtypes), from
+    :class:`TradeColumns` or from the objects themselves."""
+    if isinstance(trades, TradeColumns) and len(trades):  # no trades: the empty lists' frame, below
         df = _columns_frame(trades)
     else:
         columns = {"Size": "size", "EntryBar": "entry_bar", "ExitBar": "exit_bar", "EntryPrice": "entry_price",

@@ -112,7 +112,7 @@ def test_a_trade_losing_everything_makes_the_average_trade_zero():
     data = synthetic_ohlc(300, seed=7)
     trades, equity, warmup = _settled(data, 7, activity=0.9)
     assert trades
-    trades[0].pl_pct = -1.5  # a short trade can lose more than 100% (the trades as objects from here on)
+    trades.pl_pct[0] = -1.5  # a short trade can lose more than 100%
     got = _both(trades, equity, data, warmup)
     assert got["Avg. Trade [%]"] == 0
 
@@ -152,14 +152,9 @@ def test_trade_columns_build_the_frame_the_trade_objects_build(case):
                  "fractional units, some stops, text tags": (("a", "b"), np.arange(n) % 3 - 1)}.get(
         case, ((1, 2.5), np.arange(n) % 2))
 
-    def columns():
-        return _exact_stats.TradeColumns(size, is_float, entry, entry + rng.integers(0, 9, n), rng.uniform(99, 101, n),
-                                         rng.uniform(99, 101, n), sl, np.full(n, np.nan), rng.uniform(0, 1, n),
-                                         tag, tags, index, last_close=100.0)
-
-    rng = np.random.default_rng(0)
-    from_columns = _exact_stats._trades_frame(columns(), ())
-    rng = np.random.default_rng(0)
-    objects = columns().objects()
+    args = (size, is_float, entry, entry + rng.integers(0, 9, n), rng.uniform(99, 101, n), rng.uniform(99, 101, n),
+            sl, np.full(n, np.nan), rng.uniform(0, 1, n), tag, tags, index)
+    from_columns = _exact_stats._trades_frame(_exact_stats.TradeColumns(*args, last_close=100.0), ())
+    objects = _exact_stats.TradeColumns(*args, last_close=100.0).objects()
     pd.testing.assert_frame_equal(_exact_stats._trades_frame(objects, ()), from_columns, check_exact=True)
     assert type(objects[0].size) is (float if is_float[0] else int) and objects[0].tp is None
