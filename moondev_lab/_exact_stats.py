@@ -214,7 +214,8 @@ class TradeColumns:
 
     A settlement may close thousands of trades; one Python object each, then one frame built from
     those objects, used to be most of its time. The columns are the trades: iterating (or indexing)
-    gives ``Trade``-like copies of them, made once, for backtesting's own ``compute_stats``.
+    gives ``Trade``-like copies of them, made once, for backtesting's own ``compute_stats``. So the
+    columns are read-only once built: ``pl``, ``pl_pct`` and the copies are computed from them once.
 
     >>> idx = pd.date_range("2023-01-01", periods=4, freq="h", tz="UTC")
     >>> t = TradeColumns(np.array([2.0]), np.array([False]), np.array([1]), np.array([3]), np.array([10.0]),

@@ -154,7 +154,8 @@ def test_trade_columns_build_the_frame_the_trade_objects_build(case):
 
     args = (size, is_float, entry, entry + rng.integers(0, 9, n), rng.uniform(99, 101, n), rng.uniform(99, 101, n),
             sl, np.full(n, np.nan), rng.uniform(0, 1, n), tag, tags, index)
-    from_columns = _exact_stats._trades_frame(_exact_stats.TradeColumns(*args, last_close=100.0), ())
-    objects = _exact_stats.TradeColumns(*args, last_close=100.0).objects()
+    columns = _exact_stats.TradeColumns(*args, last_close=100.0)
+    from_columns = _exact_stats._trades_frame(columns, ())
+    objects = columns.objects()
     pd.testing.assert_frame_equal(_exact_stats._trades_frame(objects, ()), from_columns, check_exact=True)
     assert type(objects[0].size) is (float if is_float[0] else int) and objects[0].tp is None

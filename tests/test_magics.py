@@ -16,6 +16,7 @@ from moondev_lab.magics import get_memwatch
 from moondev_lab.memory import LEDGER_MIME, CellRecord, LeakReport, exact_peak_supported
 
 MIB = 2**20
+RUNAWAY_CAP = 3 * 1024  # MiB: where the runaway cells stop if no interrupt comes
 needs_exact = pytest.mark.skipif(not exact_peak_supported(), reason="/proc/self/clear_refs not writable here")
 MULTILINE = 's = """first\n    indented four\n\ttab\n  two spaces\n"""'
 EXPECTED = "first\n    indented four\n\ttab\n  two spaces\n"
@@ -161,9 +162,11 @@ def test_limit_interrupt_stops_a_runaway_cell_in_process(ip):
     w = get_memwatch(ip)
     w.set_limit(w.meter.rss() + 200 * MIB, interrupt=True)
     t0 = time.monotonic()
-    res, cap = run(ip, "runaway = []\nwhile True:\n    runaway.append(b'x' * 2**20)")
+    # Capped at 3 GiB: a missed interrupt fails the test instead of taking the machine down.
+    res, cap = run(ip, f"runaway = []\nwhile len(runaway) < {RUNAWAY_CAP}:\n    runaway.append(b'x' * 2**20)")
     assert time.monotonic() - t0 < 30
     assert isinstance(res.error_in_exec, KeyboardInterrupt)
+    assert len(ip.user_ns["runaway"]) < RUNAWAY_CAP
     (rec,) = ledger_records(cap)
     assert rec["limit_exceeded"] and "soft limit" in cap.outputs[-1].data["text/plain"]
     # the session lives on; a cell that starts above the limit can still free memory
@@ -171,6 +174,33 @@ def test_limit_interrupt_stops_a_runaway_cell_in_process(ip):
     assert res.success and res.result == 42
     run(ip, "%memwatch --limit off")
     assert w.limit is None
+
+
+@needs_exact
+def test_limit_interrupt_fires_again_when_the_cell_swallows_it(ip):
+    # A broad ``except`` in user or library code eats the first interrupt; the
+    # watchdog interrupts again at every further 10% of the limit.
+    run(ip, "%memwatch on")
+    w = get_memwatch(ip)
+    w.set_limit(w.meter.rss() + 200 * MIB, interrupt=True)
+    cell = (
+        "runaway, swallowed = [], 0\n"
+        f"while len(runaway) < {RUNAWAY_CAP}:\n"
+        "    try:\n"
+        f"        while len(runaway) < {RUNAWAY_CAP}:\n"
+        "            runaway.append(b'x' * 2**20)\n"
+        "    except KeyboardInterrupt:\n"
+        "        swallowed += 1\n"
+        "        if swallowed == 2:\n"
+        "            raise\n"
+    )
+    res, cap = run(ip, cell)
+    assert isinstance(res.error_in_exec, KeyboardInterrupt)
+    assert ip.user_ns["swallowed"] >= 1 and len(ip.user_ns["runaway"]) < RUNAWAY_CAP
+    (rec,) = ledger_records(cap)
+    assert rec["limit_exceeded"]
+    run(ip, "del runaway")
+    run(ip, "%memwatch --limit off")
 
 
 def test_fallback_ledger_is_marked_approximate(ip):

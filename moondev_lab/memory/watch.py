@@ -44,13 +44,22 @@ class _Watchdog:
     thread at its next bytecode, exactly like the Jupyter stop button, so the
     kernel survives. A cell stuck inside one long C call is interrupted when
     that call returns.
+
+    An interrupt can be lost: a cell (or a library it calls) may catch it in
+    a broad ``except``, and Python drops any exception raised inside a
+    ``gc`` callback or a ``__del__``. So while the cell keeps growing, the
+    watchdog interrupts again at every further 10% of the limit.
+
+    The main thread only assigns attributes under a C lock (``arm`` and
+    ``disarm``), never a ``threading.Event``: an interrupt that lands inside
+    ``Event.set()`` can leave the event's Python-level condition locked for
+    good, and the watchdog would then wait on it forever, unnoticed.
     """
 
     def __init__(self, rss, limit: int, interrupt: bool, interval: float = 0.01) -> None:
         self.rss, self.limit, self.interrupt, self.interval = rss, limit, interrupt, interval
         self.fired = False
-        self.trigger = limit
-        self._armed = threading.Event()
+        self.trigger: int | None = None  # the RSS that fires, while a cell is armed
         self._lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="moondev-memwatch-watchdog", daemon=True)
@@ -58,17 +67,22 @@ class _Watchdog:
 
     def _run(self) -> None:
         while not self._stop:
-            self._armed.wait(0.5)
-            if not self._armed.is_set() or self.fired:
+            time.sleep(self.interval)
+            trigger = self.trigger
+            if trigger is None:
                 continue
             rss = self.rss()
-            if rss > self.trigger:
-                with self._lock:
-                    if self._armed.is_set() and not self.fired:
-                        self.fired = True
-                        if self.interrupt:
-                            _thread.interrupt_main()
-            time.sleep(self.interval)
+            if rss <= trigger:
+                continue
+            with self._lock:
+                if self.trigger != trigger:  # disarmed (or re-armed) meanwhile
+                    continue
+                self.fired = True
+                # Flag-only watchdogs are done with this cell; interrupting
+                # ones fire again if the cell grows another 10% of the limit.
+                self.trigger = rss + max(self.limit // 10, 1) if self.interrupt else None
+                if self.interrupt:
+                    _thread.interrupt_main()
 
     def arm(self, start: int | None = None) -> None:
         """Watch the next cell; ``start`` is its starting RSS (read now if not given)."""
@@ -77,18 +91,33 @@ class _Watchdog:
         # another 10% of the limit.
         if start is None:
             start = self.rss()
-        self.trigger = self.limit if start < self.limit else start + self.limit // 10
-        self.fired = False
-        self._armed.set()
+        with self._lock:
+            self.fired = False
+            self.trigger = self.limit if start < self.limit else start + self.limit // 10
 
     def disarm(self) -> bool:
+        """Stop watching; whether the cell crossed the limit."""
         with self._lock:
-            self._armed.clear()
-            return self.fired
+            self.trigger = None
+            fired = self.fired
+        if fired and self.interrupt:
+            # An interrupt sent just as the cell ended is still pending: take
+            # it here (any Python call runs pending signal handlers) rather
+            # than let it break the code that records the cell.
+            try:
+                _no_op()
+            except KeyboardInterrupt:
+                pass
+        return fired
 
     def close(self) -> None:
-        self._stop = True
-        self._armed.clear()
+        with self._lock:
+            self._stop = True
+            self.trigger = None
+
+
+def _no_op() -> None:
+    pass
 
 
 class MemWatch:
