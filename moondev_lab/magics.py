@@ -64,7 +64,9 @@ class MemoryMagics(Magics):
               help="on: start the per-cell ledger; off: stop; report: ledger table and timeline; "
                    "scan: check every variable now")
     @argument("--limit", default=None, help="soft RSS budget such as 4GB or 500MiB ('off' removes it)")
-    @argument("--interrupt", action="store_true", help="with --limit: interrupt a cell that crosses it")
+    @argument("--interrupt", action="store_true",
+              help="with --limit: interrupt a cell that crosses it (and again at every further 10%% of the "
+                   "limit, if the cell catches it)")
     @argument("--autotrace", action="store_true",
               help="after a cell crosses a threshold, trace the next cell's allocations")
     @argument("--no-actions", action="store_true", help="do not run pressure actions on alerts")
