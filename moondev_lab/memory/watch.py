@@ -39,48 +39,56 @@ class _Watchdog:
     """Polls RSS while a cell runs; flags (and optionally interrupts) at the limit.
 
     A cell that starts above the limit is stopped only if it grows by
-    another 10% of the limit, so the user can still free memory.
+    another 10% of the limit (``step``), so the user can still free memory.
     ``_thread.interrupt_main()`` raises ``KeyboardInterrupt`` in the main
     thread at its next bytecode, exactly like the Jupyter stop button, so the
     kernel survives. A cell stuck inside one long C call is interrupted when
-    that call returns.
+    that call returns. An interrupt sent just as a cell ends lands in the
+    post-cell hook instead, as a late stop-button press does: IPython reports
+    it there and the kernel lives on.
 
     An interrupt can be lost: a cell (or a library it calls) may catch it in
     a broad ``except``, and Python drops any exception raised inside a
     ``gc`` callback or a ``__del__``. So while the cell keeps growing, the
-    watchdog interrupts again at every further 10% of the limit.
+    watchdog interrupts again at every further ``step``.
 
-    The main thread only assigns attributes under a C lock (``arm`` and
-    ``disarm``), never a ``threading.Event``: an interrupt that lands inside
-    ``Event.set()`` can leave the event's Python-level condition locked for
-    good, and the watchdog would then wait on it forever, unnoticed.
+    The main thread only assigns attributes under a C lock and wakes the
+    idle thread by releasing another bare C lock, never through a
+    ``threading.Event``: an interrupt that lands inside ``Event.set()`` can
+    leave the event's Python-level condition locked for good, and the
+    watchdog would then wait on it forever, unnoticed.
     """
 
     def __init__(self, rss, limit: int, interrupt: bool, interval: float = 0.01) -> None:
         self.rss, self.limit, self.interrupt, self.interval = rss, limit, interrupt, interval
+        self.step = max(limit // 10, 1)
         self.fired = False
         self.trigger: int | None = None  # the RSS that fires, while a cell is armed
         self._lock = threading.Lock()
+        self._wake = threading.Lock()  # held while no cell is armed; arm() and close() release it
+        self._wake.acquire()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="moondev-memwatch-watchdog", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop:
+            if self.trigger is None:  # between cells: sleep until the next one is armed
+                self._wake.acquire(timeout=0.5)
+                continue
             time.sleep(self.interval)
-            trigger = self.trigger
-            if trigger is None:
-                continue
-            rss = self.rss()
-            if rss <= trigger:
-                continue
+            # Read and fire under the lock: once disarm() or close() returns, the
+            # thread neither interrupts nor reads the (maybe closed) meter.
             with self._lock:
-                if self.trigger != trigger:  # disarmed (or re-armed) meanwhile
+                if self.trigger is None:
+                    continue
+                rss = self.rss()
+                if rss <= self.trigger:
                     continue
                 self.fired = True
                 # Flag-only watchdogs are done with this cell; interrupting
-                # ones fire again if the cell grows another 10% of the limit.
-                self.trigger = rss + max(self.limit // 10, 1) if self.interrupt else None
+                # ones fire again if the cell grows another step.
+                self.trigger = rss + self.step if self.interrupt else None
                 if self.interrupt:
                     _thread.interrupt_main()
 
@@ -88,36 +96,31 @@ class _Watchdog:
         """Watch the next cell; ``start`` is its starting RSS (read now if not given)."""
         # A cell that starts above the limit (say, right after an interrupted
         # one) may still run ``del x``: it is stopped only if it grows by
-        # another 10% of the limit.
+        # another step.
         if start is None:
             start = self.rss()
         with self._lock:
             self.fired = False
-            self.trigger = self.limit if start < self.limit else start + self.limit // 10
+            self.trigger = self.limit if start < self.limit else start + self.step
+        self._wake_up()
 
     def disarm(self) -> bool:
         """Stop watching; whether the cell crossed the limit."""
         with self._lock:
             self.trigger = None
-            fired = self.fired
-        if fired and self.interrupt:
-            # An interrupt sent just as the cell ended is still pending: take
-            # it here (any Python call runs pending signal handlers) rather
-            # than let it break the code that records the cell.
-            try:
-                _no_op()
-            except KeyboardInterrupt:
-                pass
-        return fired
+            return self.fired
 
     def close(self) -> None:
         with self._lock:
             self._stop = True
             self.trigger = None
+        self._wake_up()
 
-
-def _no_op() -> None:
-    pass
+    def _wake_up(self) -> None:
+        try:
+            self._wake.release()
+        except RuntimeError:  # already released, and the thread has not taken it back yet
+            pass
 
 
 class MemWatch:
