@@ -28,10 +28,11 @@ system-deps:
 	  elif [ -n "$$missing" ]; then echo "note: missing$$missing; the tests that need them are skipped"; fi
 
 ## Run the test suite on two pytest-xdist workers, a test file each at a time (module fixtures such as
-## the unprivileged venv are built once). Most tests wait on subprocesses, kernels or servers, so two
-## workers on two cores take about half the time of one.
+## the unprivileged venv are built once), the slowest files first (tests/conftest.py, SLOW_FIRST).
+## Most tests wait on subprocesses, kernels or servers, so two workers on two cores take about half
+## the time of one.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 ## Run the benchmarks (slow; prints ratios against the baselines).
 bench: $(STAMP)

@@ -176,6 +176,27 @@ def test_proc_files_are_read_through_libc_not_the_os_fallback(monkeypatch):
     meter.close()
 
 
+@needs_exact
+def test_another_thread_reads_proc_files_with_pread_and_leaves_the_owner_on_libc(monkeypatch):
+    """Only the opening thread uses the shared libc buffer (no lock, so no lock an interrupt could
+    leave held); the memwatch watchdog's thread reads the same file through os.pread."""
+    import threading
+
+    meter = PeakMeter()
+    backend = meter._backend
+    preads = []
+    real_pread = _peak.os.pread
+    monkeypatch.setattr(_peak.os, "pread", lambda *a: preads.append(a) or real_pread(*a))
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(rss=backend.rss(), status=backend._status.read()))
+    reader.start()
+    reader.join()
+    assert len(preads) == 2 and b"VmHWM:" in got["status"]
+    assert abs(got["rss"] - backend.rss()) < 8 * MIB
+    assert len(preads) == 2  # the owner's read took the libc path
+    meter.close()
+
+
 def test_forced_sampling_fallback_is_labelled_approximate():
     meter = PeakMeter("sampling")
     meter.start()

@@ -261,3 +261,40 @@ def test_temp_dirs_of_dead_processes_are_removed_and_live_ones_kept():
     finally:
         for d in (stale, live, *root.glob(f"moondev_test-kind_{os.getpid()}_*")):
             shutil.rmtree(d, ignore_errors=True)
+
+
+_KERNELS = '''
+import numpy as np
+from backtesting import Strategy
+rng = np.random.default_rng(7)
+a, b = rng.normal(size=(2, 3000)) * 1e-3
+raise ValueError(repr((float(np.dot(a, b)), float(np.cov(a, b)[0, 1]))))
+class Never(Strategy):
+    def init(self): pass
+    def next(self): pass
+'''
+
+
+def test_the_task_child_runs_the_parents_numeric_kernels(store, monkeypatch):
+    """The trusted side compares claimed stats bit for bit, so BLAS must pick the same kernels in the child.
+
+    Machines here set OPENBLAS_CORETYPE=Haswell; dropped by the scrubbed environment, it let
+    OpenBLAS pick SkylakeX kernels in the child, and every run's Beta differed in its last bit.
+    """
+    import numpy as np
+
+    from moondev_lab.sandbox._limits import scrubbed_env
+
+    loaded_with = os.environ.get("OPENBLAS_CORETYPE")  # what this process's OpenBLAS was loaded with
+    monkeypatch.setenv("OPENBLAS_CORETYPE", loaded_with or "Haswell")
+    monkeypatch.setenv("OPENBLAS_SECRET_KEY", "sk-never-copied")
+    env = scrubbed_env()
+    assert env["OPENBLAS_CORETYPE"] == os.environ["OPENBLAS_CORETYPE"] and "OPENBLAS_SECRET_KEY" not in env
+    with SandboxPool(1) as p:
+        res = p.run(_KERNELS, ref(store, 1))
+    assert res.error is not None and res.error.type == "ValueError", res.error
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(2, 3000)) * 1e-3
+    if loaded_with:  # the kernels this process runs: the child's floats must be the same, bit for bit
+        expected = (float(np.dot(a, b)), float(np.cov(a, b)[0, 1]))
+        assert res.error.message.endswith(repr(expected)), res.error.message

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hostile_battery as hb  # noqa: E402
 
 from moondev_lab.sandbox import DataRef, ErrorKind, Limits, SandboxPool  # noqa: E402
+from moondev_lab.sandbox import _isolation  # noqa: E402
 from moondev_lab.sandbox._isolation import SandboxDegradedWarning  # noqa: E402
 
 STRATEGY = hb.STRATEGY
@@ -40,6 +41,7 @@ def pools(data):
 def degraded_pools(data):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOONDEV_LAB_SANDBOX_DISABLE", "userns")
+        mp.setattr(_isolation, "_warned", set())  # it warns once a process: an earlier file may have had it
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pool, other = SandboxPool(1), SandboxPool(1)

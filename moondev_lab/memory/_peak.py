@@ -94,6 +94,7 @@ class PeakReading(RssSpan):
 
 
 # libc's pread/write through PyDLL, which keeps the GIL (see _ProcFile).
+_get_ident = threading.get_ident
 try:
     import ctypes as _ctypes
 
@@ -115,28 +116,26 @@ class _ProcFile:
     ``PyDLL`` calls C without releasing it. The call is made without
     ``argtypes`` (their conversion costs ~0.8 µs), with a buffer and ctypes
     arguments made once, so every argument must be a ctypes object: a bare
-    Python int would be passed as a 32-bit C int. The buffer is shared, so
-    a lock guards it; a thread that finds it busy (the memwatch watchdog)
-    falls back to ``os.pread``.
+    Python int would be passed as a 32-bit C int. Only the thread that
+    opened the file uses the buffer; any other (the memwatch watchdog) reads
+    with ``os.pread``. That needs no lock, which an interrupt landing just
+    after a non-blocking ``acquire`` could leave held for good.
     """
 
     def __init__(self, path: str, flags: int, size: int = 128) -> None:
         self.fd = os.open(path, flags)
         self.size = size
-        self._lock = threading.Lock()
+        self._owner = threading.get_ident()
         self._buf = _ctypes.create_string_buffer(size) if _libc is not None else None
         self._addr = _ctypes.addressof(self._buf) if self._buf is not None else 0
         self._n = _ctypes.c_size_t(size) if self._buf is not None else None
         self._cfd = _ctypes.c_int(self.fd) if _libc is not None else None
 
     def read(self) -> bytes:
-        if self._buf is not None and self._lock.acquire(False):
-            try:
-                got = _c_pread(self._cfd, self._buf, self._n, _OFFSET0)
-                if got >= 0:
-                    return _string_at(self._addr, got)
-            finally:
-                self._lock.release()
+        if self._buf is not None and _get_ident() == self._owner:
+            got = _c_pread(self._cfd, self._buf, self._n, _OFFSET0)
+            if got >= 0:
+                return _string_at(self._addr, got)
         return os.pread(self.fd, self.size, 0)
 
     def write_five(self) -> None:

@@ -39,6 +39,14 @@ from .errors import ErrorKind, SandboxViolation
 
 #: Variables copied from the parent environment, and only if they look harmless.
 ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONHASHSEED", "MOONDEV_LAB_HOME")
+#: Copied as well: they choose the numeric kernels (OpenBLAS's core type and blocking, numpy's SIMD
+#: dispatch, MKL's code path, glibc's libm variant). The trusted side recomputes the stats a task
+#: claims and compares them bit for bit, so the task child must run the parent's kernels: with
+#: ``OPENBLAS_CORETYPE=Haswell`` set here and dropped there, OpenBLAS picks SkylakeX kernels in the
+#: child on an AVX-512 machine, and ``np.cov`` (Beta, Alpha) differs in its last bit.
+NUMERIC_ALLOWLIST = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPY_DISABLE_CPU_FEATURES",
+                     "NPY_ENABLE_CPU_FEATURES", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE",
+                     "GLIBC_TUNABLES")
 #: Never copied, whatever the allowlist says.
 _SECRET_RE = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|PRIVATE|SESSION|COOKIE", re.I)
 #: One BLAS/OpenMP thread per task: the pool already uses every core.
@@ -88,7 +96,7 @@ class Limits:
 def scrubbed_env(environ: dict | None = None, **extra: str) -> dict[str, str]:
     """A minimal environment built from an allowlist; secrets are never copied."""
     environ = os.environ if environ is None else environ
-    env = {k: environ[k] for k in ENV_ALLOWLIST if k in environ and not _SECRET_RE.search(k)}
+    env = {k: environ[k] for k in (*ENV_ALLOWLIST, *NUMERIC_ALLOWLIST) if k in environ and not _SECRET_RE.search(k)}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env.setdefault("LANG", "C.UTF-8")
     env.update(_THREAD_VARS)
